@@ -1,0 +1,171 @@
+//! Adapter tensors as flat, named f32 arrays: what travels between devices and the
+//! aggregator, and what is clipped, quantized and summed.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+/// One tensor: its shape and row-major values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Named tensors in a fixed (sorted) order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterTensors {
+    tensors: BTreeMap<String, FlatTensor>,
+}
+
+/// Errors from combining adapter tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("tensor sets differ: {0}")]
+    Mismatch(String),
+    #[error("tensor {0}: {1}")]
+    Bad(String, String),
+}
+
+impl AdapterTensors {
+    pub fn insert(&mut self, name: String, shape: Vec<usize>, data: Vec<f32>) {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        self.tensors.insert(name, FlatTensor { shape, data });
+    }
+
+    pub fn get(&self, name: &str) -> Option<&FlatTensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &FlatTensor)> {
+        self.tensors.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of values.
+    pub fn num_values(&self) -> usize {
+        self.tensors.values().map(|t| t.data.len()).sum()
+    }
+
+    /// From candle tensors (any float dtype), checking that each is finite.
+    pub fn from_named(named: Vec<(String, Tensor)>) -> Result<Self, DeltaError> {
+        let mut out = AdapterTensors::default();
+        for (name, t) in named {
+            let data = t
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| DeltaError::Bad(name.clone(), e.to_string()))?;
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(DeltaError::Bad(
+                    name,
+                    "contains NaN or infinite values".into(),
+                ));
+            }
+            out.insert(name, t.dims().to_vec(), data);
+        }
+        Ok(out)
+    }
+
+    /// As candle tensors on the CPU, for saving.
+    pub fn into_named_vec(self) -> Vec<(String, Tensor)> {
+        self.tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let tensor = Tensor::from_vec(t.data, t.shape, &candle_core::Device::Cpu)
+                    .expect("shape and data length agree");
+                (n, tensor)
+            })
+            .collect()
+    }
+
+    fn check_same_layout(&self, other: &Self) -> Result<(), DeltaError> {
+        if self.tensors.len() != other.tensors.len() {
+            return Err(DeltaError::Mismatch(format!(
+                "{} tensors vs {}",
+                self.tensors.len(),
+                other.tensors.len()
+            )));
+        }
+        for ((a, ta), (b, tb)) in self.tensors.iter().zip(other.tensors.iter()) {
+            if a != b || ta.shape != tb.shape {
+                return Err(DeltaError::Mismatch(format!(
+                    "{a} {:?} vs {b} {:?}",
+                    ta.shape, tb.shape
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `self - base`, tensor by tensor.
+    pub fn sub(&self, base: &Self) -> Result<Self, DeltaError> {
+        let mut out = self.clone();
+        out.add_scaled(base, -1.0)?;
+        Ok(out)
+    }
+
+    /// `self += factor · other`.
+    pub fn add_scaled(&mut self, other: &Self, factor: f32) -> Result<(), DeltaError> {
+        self.check_same_layout(other)?;
+        for (t, o) in self.tensors.values_mut().zip(other.tensors.values()) {
+            t.data
+                .iter_mut()
+                .zip(&o.data)
+                .for_each(|(x, y)| *x += factor * y);
+        }
+        Ok(())
+    }
+
+    pub fn scale(&mut self, factor: f32) {
+        self.tensors
+            .values_mut()
+            .for_each(|t| t.data.iter_mut().for_each(|x| *x *= factor));
+    }
+
+    /// Global L2 norm over every value (accumulated in f64).
+    pub fn l2_norm(&self) -> f64 {
+        self.tensors
+            .values()
+            .flat_map(|t| t.data.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    pub fn is_finite(&self) -> bool {
+        self.tensors
+            .values()
+            .all(|t| t.data.iter().all(|x| x.is_finite()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_and_layout_checks() {
+        let mut a = AdapterTensors::default();
+        a.insert("x".into(), vec![2], vec![3.0, 4.0]);
+        assert_eq!(a.l2_norm(), 5.0);
+        let mut b = a.clone();
+        b.scale(2.0);
+        let d = b.sub(&a).unwrap();
+        assert_eq!(d.get("x").unwrap().data, vec![3.0, 4.0]);
+        let mut c = AdapterTensors::default();
+        c.insert("y".into(), vec![2], vec![0.0, 0.0]);
+        assert!(a.sub(&c).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! fedpersona's shared library: the LLaMA-family model with LoRA, tokenizers, training and
+//! evaluation, checkpoints in the HF/PEFT layouts, adapter tensors, and the data formats.
+//! It does no network I/O.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod delta;
+pub mod generate;
+pub mod lora;
+pub mod model;
+pub mod tokenizer;
+pub mod train;
+
+pub use checkpoint::BaseModel;
+pub use config::LlamaConfig;
+pub use delta::AdapterTensors;
+pub use lora::{LoraAdapter, LoraConfig, Target};
+pub use model::{KvCache, Llama};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,514 @@
+//! The LLaMA-family decoder: token embedding, RMSNorm, rotary embeddings, grouped-query
+//! attention, SwiGLU MLP, optional tied embeddings, a KV cache for generation.
+//!
+//! Every op on the training path is differentiable (candle's fused `rms_norm`, `softmax_last_dim`
+//! and `rope` kernels have no backward and would silently stop gradients). LoRA adapters are not
+//! part of the model: `forward` takes one, so many users share one copy of the frozen weights.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::LlamaConfig;
+use crate::lora::{LoraAdapter, Target};
+
+/// Errors from building or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("missing tensor {0} in the checkpoint")]
+    MissingTensor(String),
+    #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor {0} contains NaN or infinite values")]
+    NonFinite(String),
+    #[error("sequence of {needed} positions exceeds max_position_embeddings ({max})")]
+    TooLong { needed: usize, max: usize },
+    #[error("token id {id} is outside the vocabulary ({vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the adapter does not fit this model: {0}")]
+    AdapterMismatch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// One decoder block's weights. Projections are indexed by [`Target`].
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    proj: [Tensor; Target::COUNT],
+}
+
+/// Precomputed rotary tables, `[max_positions, head_dim]`, in the HF `rotate_half` layout.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let d = cfg.head_dim;
+        let mut inv_freq: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        if let Some(s) = &cfg.rope_scaling {
+            let factor = s.factor.unwrap_or(1.0);
+            match s.rope_type.as_str() {
+                "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
+                "llama3" => {
+                    let low = s.low_freq_factor.unwrap_or(1.0);
+                    let high = s.high_freq_factor.unwrap_or(4.0);
+                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                    let (low_wl, high_wl) = (old / low, old / high);
+                    for f in inv_freq.iter_mut() {
+                        let wl = 2.0 * std::f64::consts::PI / *f;
+                        if wl > low_wl {
+                            *f /= factor;
+                        } else if wl >= high_wl {
+                            let smooth = (old / wl - low) / (high - low);
+                            *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * d);
+        let mut sin = Vec::with_capacity(n * d);
+        for p in 0..n {
+            // HF layout: the table is cat(freqs, freqs).
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let a = p as f64 * f;
+                    cos.push(a.cos() as f32);
+                    sin.push(a.sin() as f32);
+                }
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (n, d), device)?,
+            sin: Tensor::from_vec(sin, (n, d), device)?,
+        })
+    }
+
+    /// `x`: `[B, H, T, D]` at positions `start..start + T`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// Keys and values of past positions, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A LLaMA decoder. Cloning is cheap: tensors are reference-counted.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    device: Device,
+}
+
+/// HF tensor name of a projection weight.
+pub fn proj_name(layer: usize, target: Target) -> String {
+    format!("model.layers.{layer}.{}.weight", target.hf_module())
+}
+
+/// The HF names and shapes of every base tensor of a config.
+pub fn tensor_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for l in 0..cfg.num_hidden_layers {
+        out.push((format!("model.layers.{l}.input_layernorm.weight"), vec![h]));
+        out.push((
+            format!("model.layers.{l}.post_attention_layernorm.weight"),
+            vec![h],
+        ));
+        for t in Target::ALL {
+            let (o, i) = t.shape(cfg);
+            out.push((proj_name(l, t), vec![o, i]));
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    out
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension; the max is detached (it cancels in the gradient).
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `x @ w.T` for `x: [.., in]`, `w: [out, in]`.
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("rank >= 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+impl Llama {
+    /// Builds the model from tensors with HF names. Tensors are converted to f32. If they
+    /// are `Var`s, the model trains them (pretraining); plain tensors are frozen.
+    pub fn from_tensors(
+        cfg: LlamaConfig,
+        mut tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut take = |name: &str, shape: Vec<usize>| -> Result<Tensor> {
+            let t = tensors
+                .remove(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+            if t.dims() != shape.as_slice() {
+                return Err(ModelError::Shape {
+                    name: name.to_string(),
+                    actual: t.dims().to_vec(),
+                    expected: shape,
+                });
+            }
+            let t = if t.dtype() == DType::F32 {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            let t = t.to_device(device)?;
+            if !t.is_variable() {
+                let finite = t
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .all(|v| v.is_finite());
+                if !finite {
+                    return Err(ModelError::NonFinite(name.to_string()));
+                }
+            }
+            Ok(t)
+        };
+        let h = cfg.hidden_size;
+        let embed = take("model.embed_tokens.weight", vec![cfg.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let input_norm = take(&format!("model.layers.{l}.input_layernorm.weight"), vec![h])?;
+            let post_attention_norm = take(
+                &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                vec![h],
+            )?;
+            let mut proj = Vec::with_capacity(Target::COUNT);
+            for t in Target::ALL {
+                let (o, i) = t.shape(&cfg);
+                proj.push(take(&proj_name(l, t), vec![o, i])?);
+            }
+            blocks.push(Block {
+                input_norm,
+                post_attention_norm,
+                proj: proj.try_into().expect("one weight per target"),
+            });
+        }
+        let norm = take("model.norm.weight", vec![h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // HF checkpoints with tied embeddings sometimes still carry the head: ignore it.
+            tensors.remove("lm_head.weight");
+            embed.clone()
+        } else {
+            take("lm_head.weight", vec![cfg.vocab_size, h])?
+        };
+        if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
+            tracing::warn!(tensor = %extra, "ignoring unexpected tensor in checkpoint");
+        }
+        let rope = Rope::new(&cfg, device)?;
+        Ok(Llama {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            device: device.clone(),
+        })
+    }
+
+    /// Random weights as HF initializes them (normal, std 0.02; norms one), from a seed.
+    pub fn random_tensors(cfg: &LlamaConfig, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("valid std");
+        tensor_shapes(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data = if name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else {
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                };
+                (name, shape, data)
+            })
+            .collect()
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every base tensor with its HF name (the head is omitted when tied).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (l, b) in self.blocks.iter().enumerate() {
+            out.push((
+                format!("model.layers.{l}.input_layernorm.weight"),
+                b.input_norm.clone(),
+            ));
+            out.push((
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                b.post_attention_norm.clone(),
+            ));
+            for t in Target::ALL {
+                out.push((proj_name(l, t), b.proj[t as usize].clone()));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// The weight of one projection.
+    pub fn proj_weight(&self, layer: usize, target: Target) -> &Tensor {
+        &self.blocks[layer].proj[target as usize]
+    }
+
+    /// A copy with the adapter folded into the base weights: `W + scale · B·A`.
+    pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self> {
+        adapter.check_fits(&self.cfg)?;
+        let mut out = self.clone();
+        for (l, block) in out.blocks.iter_mut().enumerate() {
+            for t in Target::ALL {
+                if let Some(pair) = adapter.pair(l, t) {
+                    let delta = (pair.b.matmul(&pair.a)? * adapter.scale())?;
+                    block.proj[t as usize] = (&block.proj[t as usize] + delta)?.detach();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn proj(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let y = matmul_t(x, &self.blocks[layer].proj[target as usize])?;
+        match adapter.and_then(|a| a.pair(layer, target).map(|p| (a.scale(), p))) {
+            Some((scale, pair)) => {
+                let low = matmul_t(&matmul_t(x, &pair.a)?, &pair.b)?;
+                Ok((y + (low * scale)?)?)
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn check_tokens(&self, tokens: &Tensor) -> Result<()> {
+        let vocab = self.cfg.vocab_size;
+        if let Some(&id) = tokens
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(ModelError::TokenOutOfRange { id, vocab });
+        }
+        Ok(())
+    }
+
+    /// Logits `[B, T, vocab]` for token ids `[B, T]` (u32). With a cache, the tokens continue
+    /// the cached positions and their keys/values are appended.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        adapter: Option<&LoraAdapter>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(tokens, adapter, cache)?;
+        matmul_t(&hidden, &self.lm_head)
+    }
+
+    /// Final normalized hidden states `[B, T, hidden]`.
+    pub fn hidden_states(
+        &self,
+        tokens: &Tensor,
+        adapter: Option<&LoraAdapter>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        if let Some(a) = adapter {
+            a.check_fits(&self.cfg)?;
+        }
+        self.check_tokens(tokens)?;
+        let (b, t) = tokens.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        if start + t > self.cfg.max_position_embeddings {
+            return Err(ModelError::TooLong {
+                needed: start + t,
+                max: self.cfg.max_position_embeddings,
+            });
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.blocks.len() {
+                c.layers = vec![None; self.blocks.len()];
+            }
+        }
+        let mask = if t > 1 {
+            let s = start + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| {
+                        if j > start + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (t, s), &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        for l in 0..self.blocks.len() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let h = rms_norm(&x, &self.blocks[l].input_norm, self.cfg.rms_norm_eps)?;
+            let a = self.attention(l, &h, start, mask.as_ref(), adapter, layer_cache)?;
+            x = (x + a)?;
+            let h = rms_norm(
+                &x,
+                &self.blocks[l].post_attention_norm,
+                self.cfg.rms_norm_eps,
+            )?;
+            let gate = self.proj(l, Target::Gate, &h, adapter)?;
+            let up = self.proj(l, Target::Up, &h, adapter)?;
+            let m = self.proj(l, Target::Down, &(gate.silu()? * up)?, adapter)?;
+            x = (x + m)?;
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    fn attention(
+        &self,
+        l: usize,
+        x: &Tensor,
+        start: usize,
+        mask: Option<&Tensor>,
+        adapter: Option<&LoraAdapter>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.proj(l, Target::Q, x, adapter)?, nh)?;
+        let k = heads(self.proj(l, Target::K, x, adapter)?, nkv)?;
+        let v = heads(self.proj(l, Target::V, x, adapter)?, nkv)?;
+        let q = self.rope.apply(&q, start)?;
+        let mut k = self.rope.apply(&k, start)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let rep = nh / nkv;
+        let (k, v) = if rep == 1 {
+            (k, v)
+        } else {
+            let s = k.dim(2)?;
+            let expand = |y: Tensor| -> Result<Tensor> {
+                Ok(y.unsqueeze(2)?
+                    .expand((b, nkv, rep, s, hd))?
+                    .reshape((b, nh, s, hd))?)
+            };
+            (expand(k)?, expand(v)?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = softmax_last(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.proj(l, Target::O, &out, adapter)
+    }
+}

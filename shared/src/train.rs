@@ -1,0 +1,332 @@
+//! Training and evaluation: examples as token windows with per-token loss masks and
+//! per-example weights, the causal LM loss, AdamW over trainable vars with gradient-norm
+//! clipping, and evaluation (loss, bits per byte, next-token accuracy).
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use crate::lora::LoraAdapter;
+use crate::model::{Llama, ModelError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// What separates a context from the text that answers it, and ends the text. The shipped
+/// corpus renders a scene as speeches separated by a blank line, so an example is
+/// `context + SEP + text + SEP` with the loss on `text + SEP`.
+pub const SEP: &str = "\n\n";
+
+/// A training or evaluation example: the user's text, what it answered, and a weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub context: Option<String>,
+    pub text: String,
+    pub weight: f32,
+}
+
+impl Example {
+    pub fn new(context: Option<String>, text: impl Into<String>) -> Self {
+        Example {
+            context,
+            text: text.into(),
+            weight: 1.0,
+        }
+    }
+}
+
+/// A tokenized example: `tokens[target_start..]` are the positions the loss covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedExample {
+    pub tokens: Vec<u32>,
+    pub target_start: usize,
+    pub weight: f32,
+}
+
+/// Encodes `[bos] context SEP | text SEP` (the loss starts at `|`).
+pub fn tokenize(
+    tok: &Tokenizer,
+    bos: Option<u32>,
+    ex: &Example,
+) -> Result<TokenizedExample, TokenizerError> {
+    let mut tokens: Vec<u32> = bos.into_iter().collect();
+    if let Some(c) = ex.context.as_deref().filter(|c| !c.is_empty()) {
+        tokens.extend(tok.encode(c)?);
+    }
+    tokens.extend(tok.encode(SEP)?);
+    let target_start = tokens.len();
+    tokens.extend(tok.encode(&ex.text)?);
+    tokens.extend(tok.encode(SEP)?);
+    Ok(TokenizedExample {
+        tokens,
+        target_start,
+        weight: ex.weight,
+    })
+}
+
+/// A slice of an example that fits the model: `tokens` (at most `max_len + 1`), and the
+/// range of target positions (indices into `tokens`, ≥ 1) the loss covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    pub tokens: Vec<u32>,
+    pub targets: std::ops::Range<usize>,
+    pub weight: f32,
+}
+
+/// Cuts an example into windows of at most `max_len` inputs so that every target position
+/// is scored exactly once, each with as much preceding context as fits. A long text is split
+/// into chunks of `max_len / 2` targets.
+pub fn windows(ex: &TokenizedExample, max_len: usize) -> Vec<Window> {
+    assert!(max_len >= 2, "max_len must be at least 2");
+    let n = ex.tokens.len();
+    let first = ex.target_start.max(1);
+    if first >= n {
+        return Vec::new();
+    }
+    let chunk = if n <= max_len + 1 {
+        max_len
+    } else {
+        max_len / 2
+    };
+    let mut out = Vec::new();
+    let mut a = first;
+    while a < n {
+        let b = (a + chunk).min(n);
+        let w = (b - 1).saturating_sub(max_len);
+        out.push(Window {
+            tokens: ex.tokens[w..b].to_vec(),
+            targets: (a - w)..(b - w),
+            weight: ex.weight,
+        });
+        a = b;
+    }
+    out
+}
+
+/// A padded batch: inputs and targets `[B, T]` (u32) and loss weights `[B, T]` (f32, zero
+/// where no loss is taken).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Tensor,
+    pub targets: Tensor,
+    pub weights: Tensor,
+}
+
+impl Batch {
+    pub fn new(windows: &[&Window], device: &Device) -> candle_core::Result<Self> {
+        let t = windows
+            .iter()
+            .map(|w| w.tokens.len() - 1)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let b = windows.len();
+        let mut inputs = vec![0u32; b * t];
+        let mut targets = vec![0u32; b * t];
+        let mut weights = vec![0f32; b * t];
+        for (i, w) in windows.iter().enumerate() {
+            let len = w.tokens.len() - 1;
+            inputs[i * t..i * t + len].copy_from_slice(&w.tokens[..len]);
+            targets[i * t..i * t + len].copy_from_slice(&w.tokens[1..]);
+            for p in w.targets.clone() {
+                weights[i * t + p - 1] = w.weight;
+            }
+        }
+        Ok(Batch {
+            inputs: Tensor::from_vec(inputs, (b, t), device)?,
+            targets: Tensor::from_vec(targets, (b, t), device)?,
+            weights: Tensor::from_vec(weights, (b, t), device)?,
+        })
+    }
+}
+
+/// Per-token negative log-likelihood `[B, T]` and whether the argmax was right.
+fn token_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logits = logits.reshape((b * t, v))?;
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&targets.reshape((b * t, 1))?, 1)?;
+    (lse - picked)?.reshape((b, t))
+}
+
+/// The weighted mean causal-LM loss of a batch (example weights are relative within it).
+pub fn loss(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+) -> Result<Tensor, ModelError> {
+    let logits = model.forward(&batch.inputs, adapter, None)?;
+    let nll = token_nll(&logits, &batch.targets)?;
+    let total = batch.weights.sum_all()?.to_scalar::<f32>()?;
+    if total <= 0.0 {
+        return Err(ModelError::Candle(candle_core::Error::Msg(
+            "batch has no target tokens".into(),
+        )));
+    }
+    Ok(((nll * &batch.weights)?.sum_all()? / total as f64)?)
+}
+
+/// Evaluation figures over a set of windows.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    /// Mean NLL per target token, in nats.
+    pub loss: f64,
+    pub bits_per_byte: f64,
+    /// Next-token accuracy (argmax).
+    pub accuracy: f64,
+    pub tokens: usize,
+}
+
+/// Scores windows (unweighted: every target token counts once).
+pub fn evaluate(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tok: &Tokenizer,
+    windows: &[Window],
+    batch_size: usize,
+) -> Result<EvalReport, ModelError> {
+    let mut nll_sum = 0f64;
+    let mut correct = 0usize;
+    let mut count = 0usize;
+    let mut bytes = 0usize;
+    for chunk in windows.chunks(batch_size.max(1)) {
+        let refs: Vec<&Window> = chunk.iter().collect();
+        let batch = Batch::new(&refs, model.device())?;
+        let logits = model.forward(&batch.inputs, adapter, None)?;
+        let nll = token_nll(&logits, &batch.targets)?.to_vec2::<f32>()?;
+        let pred = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        for (i, w) in chunk.iter().enumerate() {
+            for p in w.targets.clone() {
+                nll_sum += nll[i][p - 1] as f64;
+                correct += usize::from(pred[i][p - 1] == w.tokens[p]);
+                count += 1;
+            }
+            bytes += tok
+                .byte_len(&w.tokens[w.targets.clone()])
+                .map_err(|e| ModelError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        }
+    }
+    let n = count.max(1) as f64;
+    Ok(EvalReport {
+        loss: nll_sum / n,
+        bits_per_byte: nll_sum / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        accuracy: correct as f64 / n,
+        tokens: count,
+    })
+}
+
+/// Optimizer settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Clip the global gradient norm to this (none if `None`).
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// AdamW over a fixed set of vars, with gradient-norm clipping.
+#[derive(Debug)]
+pub struct Trainer {
+    vars: Vec<Var>,
+    opt: AdamW,
+    config: TrainConfig,
+    checked: bool,
+}
+
+impl Trainer {
+    pub fn new(vars: Vec<Var>, config: TrainConfig) -> Result<Self, ModelError> {
+        let opt = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: config.lr,
+                beta1: config.beta1,
+                beta2: config.beta2,
+                eps: 1e-8,
+                weight_decay: config.weight_decay,
+            },
+        )?;
+        Ok(Trainer {
+            vars,
+            opt,
+            config,
+            checked: false,
+        })
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.opt.set_learning_rate(lr);
+    }
+
+    /// Backpropagates `loss` and applies one AdamW step. The first step checks that every
+    /// var received a gradient (a kernel without backward would silently freeze it).
+    pub fn step(&mut self, loss: &Tensor) -> Result<StepStats, ModelError> {
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "loss is {loss_value}; refusing to update"
+            ))));
+        }
+        let mut grads = loss.backward()?;
+        if !self.checked {
+            if let Some(i) = self.vars.iter().position(|v| grads.get(v).is_none()) {
+                return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                    "trainable tensor #{i} {:?} received no gradient",
+                    self.vars[i].dims()
+                ))));
+            }
+            self.checked = true;
+        }
+        let mut sq = 0f64;
+        for v in &self.vars {
+            if let Some(g) = grads.get(v) {
+                sq += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(ModelError::Candle(candle_core::Error::Msg(
+                "gradient is not finite; refusing to update".into(),
+            )));
+        }
+        if let Some(max) = self.config.max_grad_norm {
+            if grad_norm > max {
+                let f = max / (grad_norm + 1e-6);
+                for v in &self.vars {
+                    if let Some(g) = grads.remove(v) {
+                        grads.insert(v, (g * f)?);
+                    }
+                }
+            }
+        }
+        self.opt.step(&grads)?;
+        Ok(StepStats {
+            loss: loss_value,
+            grad_norm,
+        })
+    }
+}
