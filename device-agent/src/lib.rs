@@ -1,1 +1,58 @@
+//! The device agent: on-device LoRA training, evaluation and generation on a frozen base
+//! model. Federation, the profiling layer and the local API build on these commands.
 
+pub mod adapt;
+pub mod dataset;
+pub mod evaluate;
+pub mod generate;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use fedpersona_shared::{checkpoint, BaseModel, LoraAdapter};
+
+/// Flags naming the model: the base folder and an optional adapter.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Base model folder in the HF layout (default: the shipped byte-level model).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// LoRA adapter folder in the PEFT layout.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load_base(&self) -> anyhow::Result<BaseModel> {
+        let dir = self
+            .base
+            .clone()
+            .unwrap_or_else(checkpoint::default_model_dir);
+        BaseModel::load(&dir, &Device::Cpu)
+            .with_context(|| format!("loading base model {}", dir.display()))
+    }
+
+    pub fn load_adapter(&self, base: &BaseModel) -> anyhow::Result<Option<LoraAdapter>> {
+        self.adapter
+            .as_ref()
+            .map(|dir| {
+                LoraAdapter::load(dir, base.model.config(), &Device::Cpu)
+                    .with_context(|| format!("loading adapter {}", dir.display()))
+            })
+            .transpose()
+    }
+}
+
+/// Chooses how many threads candle's kernels use. Must run before any tensor work: data
+/// parallel training runs one single-threaded worker per core; decoding is fastest on one.
+pub fn set_kernel_threads(n: usize) {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+}
+
+/// Cores available to this process.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

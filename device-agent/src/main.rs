@@ -1,1 +1,96 @@
-fn main() {}
+//! `device-agent`: the fedpersona edge binary.
+
+use clap::{Parser, Subcommand};
+use device_agent::{adapt, evaluate, generate};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "device-agent", version, about = "fedpersona device agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a LoRA adapter on the user's own text.
+    Train(adapt::TrainArgs),
+    /// Continue a prompt (prints only the continuation).
+    Generate(generate::GenerateArgs),
+    /// Loss, bits per byte and next-token accuracy on a data file.
+    Eval(evaluate::EvalArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let workers = args.threads.unwrap_or_else(device_agent::available_cores);
+            device_agent::set_kernel_threads(if workers > 1 { 1 } else { workers });
+            let s = adapt::run(&args)?;
+            let fmt = |r: Option<fedpersona_shared::train::EvalReport>| {
+                r.map_or("-".to_string(), |r| {
+                    format!(
+                        "loss {:.4}, bits/byte {:.4}, accuracy {:.4}",
+                        r.loss, r.bits_per_byte, r.accuracy
+                    )
+                })
+            };
+            println!(
+                "trained on {} examples in {:.1} s (final train loss {:.4}); wrote {}",
+                s.train_examples,
+                s.seconds,
+                s.final_train_loss,
+                args.out.display()
+            );
+            if s.held_out_examples > 0 {
+                println!(
+                    "held-out ({} examples) before: {}",
+                    s.held_out_examples,
+                    fmt(s.before)
+                );
+                println!(
+                    "held-out ({} examples) after:  {}",
+                    s.held_out_examples,
+                    fmt(s.after)
+                );
+            }
+        }
+        Command::Generate(args) => {
+            device_agent::set_kernel_threads(1);
+            generate::run(&args)?;
+            // Only the continuation goes to a pipe; a terminal also gets a final newline.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                println!();
+            }
+        }
+        Command::Eval(args) => {
+            let r = evaluate::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "loss {:.4}  bits/byte {:.4}  accuracy {:.4}  ({} tokens)",
+                    r.loss, r.bits_per_byte, r.accuracy, r.tokens
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -154,6 +154,19 @@ impl BaseModel {
     }
 }
 
+/// The shipped base model (`models/shakespeare-base` in the repository), found relative to
+/// the source tree or the working directory; `FEDPERSONA_MODEL` overrides.
+pub fn default_model_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("FEDPERSONA_MODEL") {
+        return PathBuf::from(p);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shakespeare-base");
+    if repo.exists() {
+        return repo;
+    }
+    PathBuf::from("models/shakespeare-base")
+}
+
 /// Writes a model folder in the HF layout (`config.json` + `model.safetensors`), storing
 /// weights as `dtype` (f16 keeps shipped checkpoints small).
 pub fn save_model(dir: &Path, model: &Llama, dtype: DType) -> Result<(), CheckpointError> {

@@ -9,6 +9,7 @@ pub mod delta;
 pub mod generate;
 pub mod lora;
 pub mod model;
+pub mod pretrain;
 pub mod tokenizer;
 pub mod train;
 

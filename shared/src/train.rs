@@ -2,6 +2,7 @@
 //! per-example weights, the causal LM loss, AdamW over trainable vars with gradient-norm
 //! clipping, and evaluation (loss, bits per byte, next-token accuracy).
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
@@ -154,15 +155,11 @@ pub fn loss(
     adapter: Option<&LoraAdapter>,
     batch: &Batch,
 ) -> Result<Tensor, ModelError> {
-    let logits = model.forward(&batch.inputs, adapter, None)?;
-    let nll = token_nll(&logits, &batch.targets)?;
     let total = batch.weights.sum_all()?.to_scalar::<f32>()?;
     if total <= 0.0 {
-        return Err(ModelError::Candle(candle_core::Error::Msg(
-            "batch has no target tokens".into(),
-        )));
+        return Err(no_targets());
     }
-    Ok(((nll * &batch.weights)?.sum_all()? / total as f64)?)
+    loss_part(model, adapter, batch, total as f64)
 }
 
 /// Evaluation figures over a set of windows.
@@ -278,16 +275,74 @@ impl Trainer {
         self.opt.set_learning_rate(lr);
     }
 
-    /// Backpropagates `loss` and applies one AdamW step. The first step checks that every
-    /// var received a gradient (a kernel without backward would silently freeze it).
+    /// Backpropagates `loss` and applies one AdamW step.
     pub fn step(&mut self, loss: &Tensor) -> Result<StepStats, ModelError> {
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        if !loss_value.is_finite() {
-            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "loss is {loss_value}; refusing to update"
-            ))));
+        let value = finite_loss(loss)?;
+        let grads = loss.backward()?;
+        self.apply(grads, value)
+    }
+
+    /// One step over a batch split into parts, each part's forward and backward on its own
+    /// thread (data parallelism: one single-threaded worker per core beats intra-op threads
+    /// for these small matrices). `part_loss(part, total_weight)` must return the part's
+    /// weighted NLL sum divided by `total_weight`, so the gradients add up exactly.
+    pub fn step_parallel<F>(
+        &mut self,
+        parts: &[Batch],
+        part_loss: F,
+    ) -> Result<StepStats, ModelError>
+    where
+        F: Fn(&Batch, f64) -> Result<Tensor, ModelError> + Sync,
+    {
+        let total: f64 = parts
+            .iter()
+            .map(|p| p.weights.sum_all()?.to_scalar::<f32>().map(f64::from))
+            .sum::<candle_core::Result<f64>>()?;
+        if total <= 0.0 {
+            return Err(no_targets());
         }
-        let mut grads = loss.backward()?;
+        let run = |p: &Batch| -> Result<(f64, GradStore), ModelError> {
+            let l = part_loss(p, total)?;
+            let v = finite_loss(&l)?;
+            Ok((v, l.backward()?))
+        };
+        let results: Vec<Result<(f64, GradStore), ModelError>> = if parts.len() == 1 {
+            vec![run(&parts[0])]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = parts.iter().map(|p| s.spawn(|| run(p))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("training worker panicked"))
+                    .collect()
+            })
+        };
+        let mut loss = 0.0;
+        let mut sum: Option<GradStore> = None;
+        for r in results {
+            let (v, mut g) = r?;
+            loss += v;
+            match sum.as_mut() {
+                None => sum = Some(g),
+                Some(acc) => {
+                    for var in &self.vars {
+                        if let Some(x) = g.remove(var) {
+                            let y = match acc.remove(var) {
+                                Some(y) => (y + x)?,
+                                None => x,
+                            };
+                            acc.insert(var, y);
+                        }
+                    }
+                }
+            }
+        }
+        self.apply(sum.ok_or_else(no_targets)?, loss)
+    }
+
+    /// Checks (first step: every var got a gradient; a kernel without backward would silently
+    /// freeze it), clips the global gradient norm, and applies AdamW.
+    fn apply(&mut self, mut grads: GradStore, loss_value: f64) -> Result<StepStats, ModelError> {
         if !self.checked {
             if let Some(i) = self.vars.iter().position(|v| grads.get(v).is_none()) {
                 return Err(ModelError::Candle(candle_core::Error::Msg(format!(
@@ -329,4 +384,101 @@ impl Trainer {
             grad_norm,
         })
     }
+}
+
+fn no_targets() -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg("batch has no target tokens".into()))
+}
+
+fn finite_loss(loss: &Tensor) -> Result<f64, ModelError> {
+    let v = loss.to_scalar::<f32>()? as f64;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(ModelError::Candle(candle_core::Error::Msg(format!(
+            "loss is {v}; refusing to update"
+        ))))
+    }
+}
+
+/// The weighted NLL sum of a batch divided by `total_weight` (for [`Trainer::step_parallel`]).
+pub fn loss_part(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+    total_weight: f64,
+) -> Result<Tensor, ModelError> {
+    let logits = model.forward(&batch.inputs, adapter, None)?;
+    let nll = token_nll(&logits, &batch.targets)?;
+    Ok(((nll * &batch.weights)?.sum_all()? / total_weight)?)
+}
+
+/// Splits windows into at most `parts` batches of nearly equal size (for data-parallel steps).
+pub fn split_batches(
+    windows: &[&Window],
+    parts: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<Batch>> {
+    let per = windows.len().div_ceil(parts.max(1)).max(1);
+    windows.chunks(per).map(|c| Batch::new(c, device)).collect()
+}
+
+/// Settings of a local fine-tuning run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FitConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub optimizer: TrainConfig,
+    /// Data-parallel workers per step.
+    pub workers: usize,
+    pub seed: u64,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            steps: 100,
+            batch_size: 16,
+            optimizer: TrainConfig {
+                lr: 2e-3,
+                ..TrainConfig::default()
+            },
+            workers: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// Trains the adapter on windows for `cfg.steps` steps, visiting the windows in a seeded
+/// random order, epoch after epoch. `on_step` sees each step's statistics.
+pub fn fit(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    windows: &[Window],
+    cfg: &FitConfig,
+    mut on_step: impl FnMut(usize, StepStats),
+) -> Result<(), ModelError> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    if windows.is_empty() {
+        return Err(no_targets());
+    }
+    let mut trainer = Trainer::new(adapter.trainable_vars().to_vec(), cfg.optimizer)?;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = Vec::new();
+    for step in 0..cfg.steps {
+        let mut picked = Vec::with_capacity(cfg.batch_size);
+        while picked.len() < cfg.batch_size.min(windows.len()) {
+            if order.is_empty() {
+                order = (0..windows.len()).collect();
+                order.shuffle(&mut rng);
+            }
+            picked.push(&windows[order.pop().expect("refilled above")]);
+        }
+        let parts = split_batches(&picked, cfg.workers, model.device())?;
+        let stats =
+            trainer.step_parallel(&parts, |p, total| loss_part(model, Some(adapter), p, total))?;
+        on_step(step, stats);
+    }
+    Ok(())
 }

@@ -311,3 +311,76 @@ fn out_of_range_tokens_are_an_error() {
     let e = model.forward(&ids, None, None).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
 }
+
+/// `tests/fixtures/peft-adapter-tiny` was written by `device-agent train` on the HF fixture
+/// (rank 4, alpha 8, every projection, 20 steps on macbeth/MACBETH at lr 1e-2, seed 5), then
+/// loaded with PEFT 0.21.2 on transformers 5.23.0:
+///
+/// ```python
+/// base = LlamaForCausalLM.from_pretrained("hf-tiny-llama").eval()
+/// model = PeftModel.from_pretrained(base, "peft-adapter-tiny").eval()
+/// ids = torch.tensor([list(b"Good morrow, ")])
+/// print(model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist())
+/// logits = model(input_ids=ids).logits[0, -1]
+/// print([round(x, 5) for x in logits[:8].tolist()], [round(x, 5) for x in logits[[32, 116, 101]].tolist()])
+/// ```
+#[test]
+fn adapter_written_by_train_matches_peft() {
+    let base = BaseModel::load(fixture_dir(), &Device::Cpu).unwrap();
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/peft-adapter-tiny"
+    ));
+    let adapter = LoraAdapter::load(dir, base.model.config(), &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = b"Good morrow, ".iter().map(|&b| b as u32).collect();
+    let peft_greedy = [
+        32, 32, 32, 32, 32, 32, 32, 32, 32, 116, 32, 116, 32, 32, 32, 116, 32, 116, 32, 32, 32, 32,
+        116, 32,
+    ];
+    let out = generate(
+        &base.model,
+        Some(&adapter),
+        &prompt,
+        24,
+        Sampling::default(),
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(out, peft_greedy);
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = base.model.forward(&ids, Some(&adapter), None).unwrap();
+    let last: Vec<f32> = logits
+        .get(0)
+        .unwrap()
+        .get(prompt.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let peft = [
+        (0, -5.7776),
+        (1, -0.7409),
+        (2, -1.75065),
+        (3, -4.2434),
+        (4, -0.27426),
+        (5, 0.32302),
+        (6, -0.5562),
+        (7, -0.79528),
+        (32, 6.61513),
+        (116, 4.15543),
+        (101, 5.00368),
+    ];
+    for (i, want) in peft {
+        assert!(
+            (last[i] - want).abs() < 1e-3,
+            "logit {i}: {} vs PEFT {want}",
+            last[i]
+        );
+    }
+    // The merged model agrees with the adapter applied on the side.
+    let merged = base.model.merged(&adapter).unwrap();
+    let out = generate(&merged, None, &prompt, 24, Sampling::default(), |_| true).unwrap();
+    assert_eq!(out, peft_greedy);
+}

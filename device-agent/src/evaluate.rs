@@ -1,0 +1,69 @@
+//! `device-agent eval`: loss, bits per byte and next-token accuracy of a model (with an
+//! optional adapter) on a data file.
+
+use anyhow::bail;
+use fedpersona_shared::data::split_ordered;
+use fedpersona_shared::train::{evaluate, EvalReport};
+
+use crate::adapt::to_windows;
+use crate::dataset::DataArgs;
+use crate::ModelArgs;
+
+/// Which part of the data is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    /// Every example.
+    All,
+    /// The first 80% (what `train` learns from).
+    Train,
+    /// The last 20% (what `train` holds out).
+    Test,
+}
+
+/// Flags of `device-agent eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[arg(long, value_enum, default_value_t = Split::All)]
+    pub split: Split,
+    /// Tokens per evaluation window.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
+    let base = args.model.load_base()?;
+    let adapter = args.model.load_adapter(&base)?;
+    let max = base.model.config().max_position_embeddings;
+    if args.seq_len < 2 || args.seq_len > max {
+        bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
+    }
+    let examples = args.data.load()?;
+    let examples = match args.split {
+        Split::All => examples,
+        Split::Train => split_ordered(examples, 0.8).0,
+        Split::Test => split_ordered(examples, 0.8).1,
+    };
+    let bos = base
+        .model
+        .config()
+        .bos_token_id
+        .filter(|_| !base.tokenizer.is_bytes());
+    let windows = to_windows(&base.tokenizer, bos, &examples, args.seq_len)?;
+    if windows.is_empty() {
+        bail!("nothing to evaluate in the selected split");
+    }
+    Ok(evaluate(
+        &base.model,
+        adapter.as_ref(),
+        &base.tokenizer,
+        &windows,
+        16,
+    )?)
+}
