@@ -45,8 +45,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     /// Tokens per training window.
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
+    /// (default: 256, or the model's limit if smaller)
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Fraction of the examples (the last ones) held out to report loss before and after.
     #[arg(long, default_value_t = 0.2)]
     pub holdout: f64,
@@ -115,7 +116,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     let base = BaseModel::load(&base_dir, &Device::Cpu)
         .with_context(|| format!("loading base model {}", base_dir.display()))?;
     let max = base.model.config().max_position_embeddings;
-    if args.seq_len < 2 || args.seq_len > max {
+    let seq_len = args.seq_len.unwrap_or(256.min(max));
+    if seq_len < 2 || seq_len > max {
         bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
     }
     let examples = args.data.load()?;
@@ -129,8 +131,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         .config()
         .bos_token_id
         .filter(|_| !base.tokenizer.is_bytes());
-    let train_w = to_windows(&base.tokenizer, bos, &train, args.seq_len)?;
-    let test_w = to_windows(&base.tokenizer, bos, &held_out, args.seq_len)?;
+    let train_w = to_windows(&base.tokenizer, bos, &train, seq_len)?;
+    let test_w = to_windows(&base.tokenizer, bos, &held_out, seq_len)?;
     if train_w.is_empty() {
         bail!("the training data holds no text to learn");
     }

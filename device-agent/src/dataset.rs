@@ -31,13 +31,13 @@ impl DataArgs {
             let examples = data::user_examples(&speeches, user);
             if examples.is_empty() {
                 let play = user.split('/').next().unwrap_or_default();
-                let mut roles: Vec<String> = speeches
-                    .iter()
-                    .filter(|s| s.play == play)
-                    .map(data::user_key)
-                    .collect();
-                roles.sort();
-                roles.dedup();
+                let mut counts = std::collections::BTreeMap::<String, usize>::new();
+                for s in speeches.iter().filter(|s| s.play == play) {
+                    *counts.entry(data::user_key(s)).or_default() += 1;
+                }
+                let mut ranked: Vec<(String, usize)> = counts.into_iter().collect();
+                ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                let mut roles: Vec<String> = ranked.into_iter().map(|(k, _)| k).collect();
                 roles.truncate(8);
                 bail!(
                     "no speeches for user {user:?} in {}{}",
@@ -45,7 +45,7 @@ impl DataArgs {
                     if roles.is_empty() {
                         String::new()
                     } else {
-                        format!(" (users of that play include: {})", roles.join(", "))
+                        format!(" (its most active users: {})", roles.join(", "))
                     }
                 );
             }

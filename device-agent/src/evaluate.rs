@@ -30,8 +30,9 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = Split::All)]
     pub split: Split,
     /// Tokens per evaluation window.
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
+    /// (default: 256, or the model's limit if smaller)
+    #[arg(long)]
+    pub seq_len: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -41,7 +42,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let base = args.model.load_base()?;
     let adapter = args.model.load_adapter(&base)?;
     let max = base.model.config().max_position_embeddings;
-    if args.seq_len < 2 || args.seq_len > max {
+    let seq_len = args.seq_len.unwrap_or(256.min(max));
+    if seq_len < 2 || seq_len > max {
         bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
     }
     let examples = args.data.load()?;
@@ -55,7 +57,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
         .config()
         .bos_token_id
         .filter(|_| !base.tokenizer.is_bytes());
-    let windows = to_windows(&base.tokenizer, bos, &examples, args.seq_len)?;
+    let windows = to_windows(&base.tokenizer, bos, &examples, seq_len)?;
     if windows.is_empty() {
         bail!("nothing to evaluate in the selected split");
     }

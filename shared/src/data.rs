@@ -246,6 +246,31 @@ pub fn default_corpus_dir() -> PathBuf {
     PathBuf::from("data/shakespeare")
 }
 
+/// A user's key in a plays corpus: `play/ROLE` (the play's file stem).
+pub fn user_key(s: &Speech) -> String {
+    format!("{}/{}", s.play, s.role)
+}
+
+/// The speeches of one user (`play/ROLE`, role matched exactly, play by file stem) as
+/// examples in order.
+pub fn user_examples(speeches: &[Speech], user: &str) -> Vec<Example> {
+    speeches
+        .iter()
+        .filter(|s| user_key(s) == user)
+        .map(|s| Example::new(s.context.clone(), s.text.clone()))
+        .collect()
+}
+
+/// Splits a user's examples in order: the first `fraction` is support/train data, the rest
+/// query/test data (McMahan et al. 2017's per-user split).
+pub fn split_ordered(examples: Vec<Example>, fraction: f64) -> (Vec<Example>, Vec<Example>) {
+    let n = examples.len();
+    let cut = ((n as f64 * fraction).round() as usize).min(n);
+    let mut train = examples;
+    let test = train.split_off(cut);
+    (train, test)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,29 +316,4 @@ mod tests {
         std::fs::write(&t, "\n\n").unwrap();
         assert!(load_examples(&t).is_err());
     }
-}
-
-/// A user's key in a plays corpus: `play/ROLE` (the play's file stem).
-pub fn user_key(s: &Speech) -> String {
-    format!("{}/{}", s.play, s.role)
-}
-
-/// The speeches of one user (`play/ROLE`, role matched exactly, play by file stem) as
-/// examples in order.
-pub fn user_examples(speeches: &[Speech], user: &str) -> Vec<Example> {
-    speeches
-        .iter()
-        .filter(|s| user_key(s) == user)
-        .map(|s| Example::new(s.context.clone(), s.text.clone()))
-        .collect()
-}
-
-/// Splits a user's examples in order: the first `fraction` is support/train data, the rest
-/// query/test data (McMahan et al. 2017's per-user split).
-pub fn split_ordered(examples: Vec<Example>, fraction: f64) -> (Vec<Example>, Vec<Example>) {
-    let n = examples.len();
-    let cut = ((n as f64 * fraction).round() as usize).min(n);
-    let mut train = examples;
-    let test = train.split_off(cut);
-    (train, test)
 }

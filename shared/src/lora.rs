@@ -230,7 +230,7 @@ impl LoraAdapter {
             .map(|_| Default::default())
             .collect();
         let mut vars = Vec::new();
-        for l in 0..model.num_hidden_layers {
+        for (l, slot) in slots.iter_mut().enumerate() {
             for &t in &config.targets {
                 let mut load = |which: &str, trainable: bool| -> Result<Tensor, LoraError> {
                     let name = peft_name(l, t, which);
@@ -259,7 +259,7 @@ impl LoraAdapter {
                 };
                 let a = load("A", !config.freeze_a)?;
                 let b = load("B", true)?;
-                slots[l][t as usize] = Some(LoraPair { a, b });
+                slot[t as usize] = Some(LoraPair { a, b });
             }
         }
         Ok(LoraAdapter {

@@ -384,3 +384,45 @@ fn adapter_written_by_train_matches_peft() {
     let out = generate(&merged, None, &prompt, 24, Sampling::default(), |_| true).unwrap();
     assert_eq!(out, peft_greedy);
 }
+
+#[test]
+fn sharded_checkpoints_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let all =
+        fedpersona_shared::checkpoint::load_safetensors(&fixture_dir().join("model.safetensors"))
+            .unwrap();
+    let (first, second) = all.split_at(all.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        fedpersona_shared::checkpoint::save_safetensors(&dir.path().join(file), part).unwrap();
+        for (name, _) in part {
+            map.insert(name.clone(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let sharded = BaseModel::load(dir.path(), &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = b"Good morrow, ".iter().map(|&b| b as u32).collect();
+    let out = generate(
+        &sharded.model,
+        None,
+        &prompt,
+        24,
+        Sampling::default(),
+        |_| true,
+    )
+    .unwrap();
+    assert_eq!(out, HF_GREEDY);
+}

@@ -131,3 +131,24 @@ fn masked_positions_do_not_contribute_and_weights_matter() {
     .unwrap();
     assert!((mixed.to_scalar::<f32>().unwrap() - la.to_scalar::<f32>().unwrap()).abs() < 1e-5);
 }
+
+proptest::proptest! {
+    /// Windows fit the model, and together score each target token exactly once, in order.
+    #[test]
+    fn windows_cover_targets_exactly_once(
+        tokens in proptest::collection::vec(0u32..256, 1..300),
+        start_frac in 0.0f64..1.0,
+        max_len in 2usize..80,
+    ) {
+        let target_start = ((tokens.len() as f64) * start_frac) as usize;
+        let ex = fedpersona_shared::train::TokenizedExample { tokens: tokens.clone(), target_start, weight: 1.0 };
+        let ws = windows(&ex, max_len);
+        let mut covered = Vec::new();
+        for w in &ws {
+            proptest::prop_assert!(w.tokens.len() <= max_len + 1);
+            proptest::prop_assert!(w.targets.start >= 1 && w.targets.end <= w.tokens.len());
+            covered.extend(w.targets.clone().map(|p| w.tokens[p]));
+        }
+        proptest::prop_assert_eq!(covered, tokens[target_start.max(1).min(tokens.len())..].to_vec());
+    }
+}
