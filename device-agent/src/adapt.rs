@@ -69,7 +69,7 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
-fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
+pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
     let mut out = Vec::new();
     for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match Target::parse(name) {

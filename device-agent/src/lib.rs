@@ -2,6 +2,7 @@
 //! model. Federation, the profiling layer and the local API build on these commands.
 
 pub mod adapt;
+pub mod bench;
 pub mod dataset;
 pub mod evaluate;
 pub mod generate;

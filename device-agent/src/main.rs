@@ -1,6 +1,7 @@
 //! `device-agent`: the fedpersona edge binary.
 
 use clap::{Parser, Subcommand};
+use device_agent::bench::{self, BenchCommand};
 use device_agent::{adapt, evaluate, generate};
 
 #[global_allocator]
@@ -21,6 +22,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Loss, bits per byte and next-token accuracy on a data file.
     Eval(evaluate::EvalArgs),
+    /// Time training steps or decoding (prints medians after warm-up).
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 fn main() {
@@ -78,6 +82,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Only the continuation goes to a pipe; a terminal also gets a final newline.
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                 println!();
+            }
+        }
+        Command::Bench(cmd) => {
+            let (r, args) = match &cmd {
+                BenchCommand::Train(a) => {
+                    device_agent::set_kernel_threads(if a.threads > 1 { 1 } else { a.threads });
+                    (bench::train(a)?, a)
+                }
+                BenchCommand::Generate(a) => {
+                    device_agent::set_kernel_threads(a.threads);
+                    (bench::generate_bench(a)?, a)
+                }
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "median step {:.1} ms  tokens/s {:.0}  peak RSS {:.0} MB{}",
+                    r.median_step_ms,
+                    r.tokens_per_s,
+                    r.peak_rss_mb,
+                    match (r.loss_first, r.loss_last) {
+                        (Some(a), Some(b)) => format!("  loss {a:.4} -> {b:.4}"),
+                        _ => String::new(),
+                    }
+                );
             }
         }
         Command::Eval(args) => {

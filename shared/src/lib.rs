@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod delta;
 pub mod generate;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod pretrain;

@@ -1,17 +1,19 @@
 //! The LLaMA-family decoder: token embedding, RMSNorm, rotary embeddings, grouped-query
 //! attention, SwiGLU MLP, optional tied embeddings, a KV cache for generation.
 //!
-//! Every op on the training path is differentiable (candle's fused `rms_norm`, `softmax_last_dim`
-//! and `rope` kernels have no backward and would silently stop gradients). LoRA adapters are not
-//! part of the model: `forward` takes one, so many users share one copy of the frozen weights.
+//! Every op on the training path has a backward: the fused kernels of `kernels` are used
+//! (candle's own fused `rms_norm`, `softmax_last_dim` and `rope` have none and would silently
+//! stop gradients). LoRA adapters are not part of the model: `forward` takes one, so many
+//! users share one copy of the frozen weights.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::LlamaConfig;
+use crate::kernels::{self, RopeTables};
 use crate::lora::{LoraAdapter, Target};
 
 /// Errors from building or running the model.
@@ -47,70 +49,48 @@ struct Block {
     proj: [Tensor; Target::COUNT],
 }
 
-/// Precomputed rotary tables, `[max_positions, head_dim]`, in the HF `rotate_half` layout.
-#[derive(Debug, Clone)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
-        let d = cfg.head_dim;
-        let mut inv_freq: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-            .collect();
-        if let Some(s) = &cfg.rope_scaling {
-            let factor = s.factor.unwrap_or(1.0);
-            match s.rope_type.as_str() {
-                "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
-                "llama3" => {
-                    let low = s.low_freq_factor.unwrap_or(1.0);
-                    let high = s.high_freq_factor.unwrap_or(4.0);
-                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                    let (low_wl, high_wl) = (old / low, old / high);
-                    for f in inv_freq.iter_mut() {
-                        let wl = 2.0 * std::f64::consts::PI / *f;
-                        if wl > low_wl {
-                            *f /= factor;
-                        } else if wl >= high_wl {
-                            let smooth = (old / wl - low) / (high - low);
-                            *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                        }
+/// The rotary tables of a config, `[max_positions, head_dim]` in the HF `rotate_half` layout.
+fn rope_tables(cfg: &LlamaConfig) -> RopeTables {
+    let d = cfg.head_dim;
+    let mut inv_freq: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    if let Some(s) = &cfg.rope_scaling {
+        let factor = s.factor.unwrap_or(1.0);
+        match s.rope_type.as_str() {
+            "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            "llama3" => {
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+                let (low_wl, high_wl) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wl = 2.0 * std::f64::consts::PI / *f;
+                    if wl > low_wl {
+                        *f /= factor;
+                    } else if wl >= high_wl {
+                        let smooth = (old / wl - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
                     }
                 }
-                _ => {}
+            }
+            _ => {}
+        }
+    }
+    let n = cfg.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * d);
+    let mut sin = Vec::with_capacity(n * d);
+    for p in 0..n {
+        // HF layout: the table is cat(freqs, freqs).
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
             }
         }
-        let n = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(n * d);
-        let mut sin = Vec::with_capacity(n * d);
-        for p in 0..n {
-            // HF layout: the table is cat(freqs, freqs).
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    let a = p as f64 * f;
-                    cos.push(a.cos() as f32);
-                    sin.push(a.sin() as f32);
-                }
-            }
-        }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (n, d), device)?,
-            sin: Tensor::from_vec(sin, (n, d), device)?,
-        })
     }
-
-    /// `x`: `[B, H, T, D]` at positions `start..start + T`.
-    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, t)?;
-        let sin = self.sin.narrow(0, start, t)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
-    }
+    RopeTables::new(cos, sin, d)
 }
 
 /// Keys and values of past positions, per layer, for incremental decoding.
@@ -141,7 +121,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
-    rope: Rope,
+    rope: RopeTables,
     device: Device,
 }
 
@@ -175,25 +155,12 @@ pub fn tensor_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
-}
-
-/// Softmax over the last dimension; the max is detached (it cancels in the gradient).
-pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-/// `x @ w.T` for `x: [.., in]`, `w: [out, in]`.
+/// `x @ w.T` for `x: [.., in]`, `w: [out, in]` (see [`kernels::linear`]).
 fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inner = *dims.last().expect("rank >= 1");
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let y = kernels::linear(&x.reshape((rows, inner))?, w)?;
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
     Ok(y.reshape(out_dims)?)
@@ -267,7 +234,7 @@ impl Llama {
         if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
             tracing::warn!(tensor = %extra, "ignoring unexpected tensor in checkpoint");
         }
-        let rope = Rope::new(&cfg, device)?;
+        let rope = rope_tables(&cfg);
         Ok(Llama {
             cfg,
             embed,
@@ -414,46 +381,29 @@ impl Llama {
                 c.layers = vec![None; self.blocks.len()];
             }
         }
-        let mask = if t > 1 {
-            let s = start + t;
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| {
-                        if j > start + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (t, s), &self.device)?)
-        } else {
-            None
-        };
         let mut x = self
             .embed
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
         for l in 0..self.blocks.len() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let h = rms_norm(&x, &self.blocks[l].input_norm, self.cfg.rms_norm_eps)?;
-            let a = self.attention(l, &h, start, mask.as_ref(), adapter, layer_cache)?;
+            let h = kernels::rms_norm(&x, &self.blocks[l].input_norm, self.cfg.rms_norm_eps)?;
+            let a = self.attention(l, &h, start, adapter, layer_cache)?;
             x = (x + a)?;
-            let h = rms_norm(
+            let h = kernels::rms_norm(
                 &x,
                 &self.blocks[l].post_attention_norm,
                 self.cfg.rms_norm_eps,
             )?;
             let gate = self.proj(l, Target::Gate, &h, adapter)?;
             let up = self.proj(l, Target::Up, &h, adapter)?;
-            let m = self.proj(l, Target::Down, &(gate.silu()? * up)?, adapter)?;
+            let m = self.proj(l, Target::Down, &kernels::swiglu(&gate, &up)?, adapter)?;
             x = (x + m)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+        Ok(kernels::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
     fn attention(
@@ -461,7 +411,6 @@ impl Llama {
         l: usize,
         x: &Tensor,
         start: usize,
-        mask: Option<&Tensor>,
         adapter: Option<&LoraAdapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -499,12 +448,8 @@ impl Llama {
             };
             (expand(k)?, expand(v)?)
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = softmax_last(&scores)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = kernels::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), start)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?

@@ -138,15 +138,10 @@ impl Batch {
     }
 }
 
-/// Per-token negative log-likelihood `[B, T]` and whether the argmax was right.
+/// Per-token negative log-likelihood `[B, T]`.
 fn token_nll(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logits = logits.reshape((b * t, v))?;
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.reshape((b * t, 1))?, 1)?;
-    (lse - picked)?.reshape((b, t))
+    crate::kernels::cross_entropy(&logits.reshape((b * t, v))?, targets)?.reshape((b, t))
 }
 
 /// The weighted mean causal-LM loss of a batch (example weights are relative within it).

@@ -1,0 +1,663 @@
+//! Fused CPU kernels with hand-written backward passes for the training path: a linear layer
+//! through a frozen weight (no weight gradient), RMSNorm, rotary embeddings, causal softmax,
+//! SwiGLU and the token cross-entropy. Each replaces a chain of candle ops that would
+//! allocate and traverse memory once per op; the tests below check values and gradients
+//! against that plain chain.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
+};
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on a tensor's contiguous f32 values without copying when already contiguous.
+fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => f(slice(c, l, op)?),
+        _ => bail!("{op}: only the CPU is supported"),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+// ---------------------------------------------------------------------------------------
+// Linear through a frozen weight.
+
+struct FrozenLinear {
+    /// `[out, in]`.
+    w: Tensor,
+    /// `w.t()`: a view with the transposed layout.
+    wt: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = self.w.dim(0)?;
+        let (ws, wl) = self.wt.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            bail!("frozen-linear: only the CPU is supported")
+        };
+        let out = s.matmul(ws, (1, m, n, k), l, wl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// `x @ w.T` for `x: [rows, in]`, `w: [out, in]`. When `w` is not trainable, the backward
+/// pass computes only the input gradient (candle's matmul would also compute `w`'s, which
+/// LoRA training throws away: a third of the step's matmul work).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.is_variable() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return x.matmul(&w.t()?);
+    }
+    let x = x.contiguous()?;
+    x.apply_op1(FrozenLinear {
+        w: w.clone(),
+        wt: w.t()?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm.
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn rms_inv(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, "rms-norm")?;
+        let w = slice(s2, l2, "rms-norm")?;
+        let h = w.len();
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let inv = rms_inv(row, self.eps);
+            for ((o, &v), &g) in o.iter_mut().zip(row).zip(w) {
+                *o = v * inv * g;
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let want_w = w.track_op();
+        let (dx, dw) = read(x, "rms-norm", |x| {
+            read(w, "rms-norm", |w| {
+                read(grad, "rms-norm", |dy| {
+                    let h = w.len();
+                    let mut dx = vec![0f32; x.len()];
+                    let mut dw = vec![0f32; if want_w { h } else { 0 }];
+                    for ((row, dyr), dxr) in x
+                        .chunks_exact(h)
+                        .zip(dy.chunks_exact(h))
+                        .zip(dx.chunks_exact_mut(h))
+                    {
+                        let inv = rms_inv(row, self.eps);
+                        // g = dy·w; dx = inv·(g − x·inv²·mean(g·x))
+                        let mut dot = 0f32;
+                        for i in 0..h {
+                            dot += dyr[i] * w[i] * row[i];
+                        }
+                        let c = inv * inv * dot / h as f32;
+                        for i in 0..h {
+                            dxr[i] = inv * (dyr[i] * w[i] - row[i] * c);
+                        }
+                        if want_w {
+                            for i in 0..h {
+                                dw[i] += dyr[i] * row[i] * inv;
+                            }
+                        }
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dx = tensor(dx, x.shape())?;
+        let dw = if want_w {
+            Some(tensor(dw, w.shape())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary embeddings (HF rotate_half layout).
+
+struct Rope {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    start: usize,
+}
+
+impl Rope {
+    /// `y = x·cos + rotate_half(x)·sin`, or its transpose when `sign` is −1.
+    fn apply(&self, x: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
+        let half = d / 2;
+        let mut out = vec![0f32; x.len()];
+        for (r, (xr, or)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+            let p = self.start + r % t;
+            let c = &self.cos[p * d..p * d + half];
+            let s = &self.sin[p * d..p * d + half];
+            for i in 0..half {
+                let (a, b) = (xr[i], xr[i + half]);
+                or[i] = a * c[i] - sign * b * s[i];
+                or[i + half] = b * c[i] + sign * a * s[i];
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, d) = l.shape().dims4()?;
+        let x = slice(s, l, "rope")?;
+        Ok((CpuStorage::F32(self.apply(x, t, d, 1.0)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, t, d) = x.dims4()?;
+        let dx = read(grad, "rope", |g| Ok(self.apply(g, t, d, -1.0)))?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// Rotary tables shared by every call: `[positions, head_dim]`, `cat(freqs, freqs)` layout.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    head_dim: usize,
+}
+
+impl RopeTables {
+    pub fn new(cos: Vec<f32>, sin: Vec<f32>, head_dim: usize) -> Self {
+        RopeTables {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+            head_dim,
+        }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.head_dim
+    }
+
+    /// Rotates `x: [B, H, T, D]` at positions `start..start + T`.
+    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, t, d) = x.dims4()?;
+        if d != self.head_dim || start + t > self.positions() {
+            bail!("rope: {t} positions from {start} with head_dim {d} do not fit the tables");
+        }
+        x.contiguous()?.apply_op1(Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            start,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal softmax of attention scores.
+
+struct CausalSoftmax {
+    scale: f32,
+    /// Position of the first query (keys before it are all visible).
+    start: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, t, s) = l.shape().dims4()?;
+        let x = slice(st, l, "causal-softmax")?;
+        let mut out = vec![0f32; x.len()];
+        for (r, (xr, or)) in x.chunks_exact(s).zip(out.chunks_exact_mut(s)).enumerate() {
+            let visible = (self.start + r % t + 1).min(s);
+            let xr = &xr[..visible];
+            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max) * self.scale;
+            let mut sum = 0f32;
+            for (o, &v) in or.iter_mut().zip(xr) {
+                *o = (v * self.scale - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            or[..visible].iter_mut().for_each(|o| *o *= inv);
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, t, s) = x.dims4()?;
+        let dx = read(res, "causal-softmax", |y| {
+            read(grad, "causal-softmax", |dy| {
+                let mut dx = vec![0f32; y.len()];
+                for (r, ((yr, dyr), dxr)) in y
+                    .chunks_exact(s)
+                    .zip(dy.chunks_exact(s))
+                    .zip(dx.chunks_exact_mut(s))
+                    .enumerate()
+                {
+                    let visible = (self.start + r % t + 1).min(s);
+                    let dot: f32 = yr[..visible]
+                        .iter()
+                        .zip(&dyr[..visible])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    for j in 0..visible {
+                        dxr[j] = self.scale * yr[j] * (dyr[j] - dot);
+                    }
+                }
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `softmax(scale · x)` over the last dimension of `x: [B, H, T, S]`, where query `i` sees
+/// keys `0..=start + i` (the others get probability zero).
+pub fn causal_softmax(x: &Tensor, scale: f64, start: usize) -> Result<Tensor> {
+    let (_, _, t, s) = x.dims4()?;
+    if start + t != s {
+        bail!(
+            "causal-softmax: {t} queries from {start} need {} keys, got {s}",
+            start + t
+        );
+    }
+    x.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+        start,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU.
+
+struct SwiGlu;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s1, l1, "swiglu")?;
+        let u = slice(s2, l2, "swiglu")?;
+        if g.len() != u.len() {
+            bail!("swiglu: gate and up differ in size");
+        }
+        let out = g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect();
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = read(g, "swiglu", |g| {
+            read(u, "swiglu", |u| {
+                read(grad, "swiglu", |dy| {
+                    let mut dg = vec![0f32; g.len()];
+                    let mut du = vec![0f32; g.len()];
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        du[i] = dy[i] * g[i] * s;
+                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    }
+                    Ok((dg, du))
+                })
+            })
+        })?;
+        Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
+    }
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------
+// Token cross-entropy.
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l.shape().dims2()?;
+        let x = slice(s, l, "cross-entropy")?;
+        let mut out = vec![0f32; n];
+        for ((row, o), &t) in x.chunks_exact(v).zip(out.iter_mut()).zip(&self.targets) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = row.iter().map(|&z| (z - max).exp()).sum::<f32>().ln() + max;
+            *o = lse - row[t as usize];
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, v) = x.dims2()?;
+        let dx = read(x, "cross-entropy", |x| {
+            read(grad, "cross-entropy", |g| {
+                let mut dx = vec![0f32; x.len()];
+                for (((row, d), &t), &g) in x
+                    .chunks_exact(v)
+                    .zip(dx.chunks_exact_mut(v))
+                    .zip(&self.targets)
+                    .zip(g)
+                {
+                    if g == 0.0 {
+                        continue;
+                    }
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (d, &z) in d.iter_mut().zip(row) {
+                        *d = (z - max).exp();
+                        sum += *d;
+                    }
+                    let f = g / sum;
+                    d.iter_mut().for_each(|d| *d *= f);
+                    d[t as usize] -= g;
+                }
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// Negative log-likelihood of each target under `logits: [N, V]`, shape `[N]`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    let targets = targets.flatten_all()?.to_vec1::<u32>()?;
+    if targets.len() != n {
+        bail!("cross-entropy: {n} rows but {} targets", targets.len());
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("cross-entropy: target {t} outside the vocabulary ({v})");
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy { targets })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each fused kernel against the plain chain of differentiable candle ops it replaces:
+    //! values and gradients.
+
+    use candle_core::{Var, D};
+
+    use super::*;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i as f64 * 0.7311 + seed as f64 * 1.37).sin() * 1.5) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        assert!(d < tol, "max difference {d}");
+    }
+
+    /// Checks `fused` against `plain` on values, and on gradients of a weighted sum.
+    fn check(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        plain: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let a = fused(&ts);
+        let b = plain(&ts);
+        close(&a, &b, 1e-4);
+        let w = rand(a.dims(), 99);
+        let ga = (&a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in &vars {
+            close(
+                ga.get(v).expect("fused gradient"),
+                gb.get(v).expect("plain gradient"),
+                1e-3,
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_plain() {
+        check(
+            &[rand(&[2, 3, 16], 1), rand(&[16], 2)],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| {
+                let inv = (t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap() + 1e-5)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .recip()
+                    .unwrap();
+                t[0].broadcast_mul(&inv)
+                    .unwrap()
+                    .broadcast_mul(&t[1])
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn causal_softmax_matches_plain() {
+        for start in [0usize, 3] {
+            let (t, s) = (5, 5 + start);
+            check(
+                &[rand(&[2, 2, t, s], 3)],
+                |x| causal_softmax(&x[0], 0.5, start).unwrap(),
+                |x| {
+                    let m: Vec<f32> = (0..t)
+                        .flat_map(|i| {
+                            (0..s).map(move |j| {
+                                if j > start + i {
+                                    f32::NEG_INFINITY
+                                } else {
+                                    0.0
+                                }
+                            })
+                        })
+                        .collect();
+                    let m = Tensor::from_vec(m, (t, s), &Device::Cpu).unwrap();
+                    let z = (&x[0] * 0.5).unwrap().broadcast_add(&m).unwrap();
+                    candle_nn::ops::softmax(&z, D::Minus1).unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn rope_matches_plain() {
+        let (t, d, start) = (4usize, 8usize, 2usize);
+        let n = start + t;
+        let cos: Vec<f32> = (0..n * d).map(|i| ((i % 7) as f32 * 0.3).cos()).collect();
+        let sin: Vec<f32> = (0..n * d).map(|i| ((i % 7) as f32 * 0.3).sin()).collect();
+        let tables = RopeTables::new(cos.clone(), sin.clone(), d);
+        let cos = Tensor::from_vec(cos, (n, d), &Device::Cpu)
+            .unwrap()
+            .narrow(0, start, t)
+            .unwrap();
+        let sin = Tensor::from_vec(sin, (n, d), &Device::Cpu)
+            .unwrap()
+            .narrow(0, start, t)
+            .unwrap();
+        // The fused kernel assumes cat(freqs, freqs) tables: build them so.
+        let cos = Tensor::cat(
+            &[
+                &cos.narrow(1, 0, d / 2).unwrap(),
+                &cos.narrow(1, 0, d / 2).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let sin = Tensor::cat(
+            &[
+                &sin.narrow(1, 0, d / 2).unwrap(),
+                &sin.narrow(1, 0, d / 2).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        check(
+            &[rand(&[2, 3, t, d], 4)],
+            |x| tables.apply(&x[0], start).unwrap(),
+            |x| {
+                let x1 = x[0].narrow(D::Minus1, 0, d / 2).unwrap();
+                let x2 = x[0].narrow(D::Minus1, d / 2, d / 2).unwrap();
+                let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                (x[0].broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_plain() {
+        check(
+            &[rand(&[3, 10], 5), rand(&[3, 10], 6)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn cross_entropy_matches_plain() {
+        let targets = Tensor::new(&[3u32, 0, 7, 7, 1], &Device::Cpu).unwrap();
+        check(
+            &[rand(&[5, 8], 7)],
+            |t| cross_entropy(&t[0], &targets).unwrap(),
+            |t| {
+                let ls = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
+                ls.gather(&targets.unsqueeze(1).unwrap(), 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+                    .neg()
+                    .unwrap()
+            },
+        );
+        assert!(cross_entropy(
+            &rand(&[5, 8], 7),
+            &Tensor::new(&[8u32, 0, 0, 0, 0], &Device::Cpu).unwrap()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_skips_the_weight_gradient() {
+        let x = Var::from_tensor(&rand(&[6, 5], 8)).unwrap();
+        let w = rand(&[4, 5], 9);
+        let a = linear(x.as_tensor(), &w).unwrap();
+        let b = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        close(&a, &b, 1e-5);
+        let ga = a.sum_all().unwrap().backward().unwrap();
+        let gb = b.sum_all().unwrap().backward().unwrap();
+        close(
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+            1e-5,
+        );
+        // A trainable weight still gets its gradient (plain matmul path).
+        let wv = Var::from_tensor(&w).unwrap();
+        let c = linear(x.as_tensor(), wv.as_tensor()).unwrap();
+        assert!(c
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(wv.as_tensor())
+            .is_some());
+    }
+}
