@@ -64,11 +64,11 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// `x @ w.T` for `x: [rows, in]`, `w: [out, in]`. When `w` is not trainable, the backward
+/// `x @ w.T` for `x: [rows, in]`, `w: [out, in]`. When no gradient can reach `w`, the backward
 /// pass computes only the input gradient (candle's matmul would also compute `w`'s, which
 /// LoRA training throws away: a third of the step's matmul work).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.is_variable() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if w.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return x.matmul(&w.t()?);
     }
     let x = x.contiguous()?;

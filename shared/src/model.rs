@@ -325,8 +325,10 @@ impl Llama {
         let y = matmul_t(x, &self.blocks[layer].proj[target as usize])?;
         match adapter.and_then(|a| a.pair(layer, target).map(|p| (a.scale(), p))) {
             Some((scale, pair)) => {
-                let low = matmul_t(&matmul_t(x, &pair.a)?, &pair.b)?;
-                Ok((y + (low * scale)?)?)
+                // Scaling the small B instead of the [rows, out] product saves a full-size
+                // elementwise op forward and backward.
+                let low = matmul_t(&matmul_t(x, &pair.a)?, &(&pair.b * scale)?)?;
+                Ok((y + low)?)
             }
             None => Ok(y),
         }
