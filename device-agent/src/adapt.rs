@@ -10,7 +10,7 @@ use fedpersona_shared::data::split_ordered;
 use fedpersona_shared::train::{
     evaluate, fit, tokenize, windows, EvalReport, Example, FitConfig, TrainConfig, Window,
 };
-use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target, Tokenizer};
+use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
 
 use crate::dataset::DataArgs;
 
@@ -85,18 +85,30 @@ pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
     Ok(out)
 }
 
-/// Tokenized windows of examples.
+/// Tokenized windows of examples for a model.
 pub fn to_windows(
-    tok: &Tokenizer,
-    bos: Option<u32>,
+    base: &BaseModel,
     examples: &[Example],
     seq_len: usize,
 ) -> anyhow::Result<Vec<Window>> {
     let mut out = Vec::new();
     for ex in examples {
-        out.extend(windows(&tokenize(tok, bos, ex)?, seq_len));
+        out.extend(windows(
+            &tokenize(&base.tokenizer, base.bos(), ex)?,
+            seq_len,
+        ));
     }
     Ok(out)
+}
+
+/// The window length: the flag, else 256 or the model's limit if smaller.
+pub fn resolve_seq_len(flag: Option<usize>, base: &BaseModel) -> anyhow::Result<usize> {
+    let max = base.model.config().max_position_embeddings;
+    let seq_len = flag.unwrap_or(256.min(max));
+    if seq_len < 2 || seq_len > max {
+        bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
+    }
+    Ok(seq_len)
 }
 
 pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
@@ -115,24 +127,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
         .unwrap_or_else(fedpersona_shared::checkpoint::default_model_dir);
     let base = BaseModel::load(&base_dir, &Device::Cpu)
         .with_context(|| format!("loading base model {}", base_dir.display()))?;
-    let max = base.model.config().max_position_embeddings;
-    let seq_len = args.seq_len.unwrap_or(256.min(max));
-    if seq_len < 2 || seq_len > max {
-        bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
-    }
+    let seq_len = resolve_seq_len(args.seq_len, &base)?;
     let examples = args.data.load()?;
     let (train, held_out) = if args.holdout > 0.0 && examples.len() >= 5 {
         split_ordered(examples, 1.0 - args.holdout)
     } else {
         (examples, Vec::new())
     };
-    let bos = base
-        .model
-        .config()
-        .bos_token_id
-        .filter(|_| !base.tokenizer.is_bytes());
-    let train_w = to_windows(&base.tokenizer, bos, &train, seq_len)?;
-    let test_w = to_windows(&base.tokenizer, bos, &held_out, seq_len)?;
+    let train_w = to_windows(&base, &train, seq_len)?;
+    let test_w = to_windows(&base, &held_out, seq_len)?;
     if train_w.is_empty() {
         bail!("the training data holds no text to learn");
     }

@@ -5,7 +5,7 @@ use anyhow::bail;
 use fedpersona_shared::data::split_ordered;
 use fedpersona_shared::train::{evaluate, EvalReport};
 
-use crate::adapt::to_windows;
+use crate::adapt::{resolve_seq_len, to_windows};
 use crate::dataset::DataArgs;
 use crate::ModelArgs;
 
@@ -41,23 +41,14 @@ pub struct EvalArgs {
 pub fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let base = args.model.load_base()?;
     let adapter = args.model.load_adapter(&base)?;
-    let max = base.model.config().max_position_embeddings;
-    let seq_len = args.seq_len.unwrap_or(256.min(max));
-    if seq_len < 2 || seq_len > max {
-        bail!("--seq-len must be between 2 and the model's max_position_embeddings ({max})");
-    }
+    let seq_len = resolve_seq_len(args.seq_len, &base)?;
     let examples = args.data.load()?;
     let examples = match args.split {
         Split::All => examples,
         Split::Train => split_ordered(examples, 0.8).0,
         Split::Test => split_ordered(examples, 0.8).1,
     };
-    let bos = base
-        .model
-        .config()
-        .bos_token_id
-        .filter(|_| !base.tokenizer.is_bytes());
-    let windows = to_windows(&base.tokenizer, bos, &examples, seq_len)?;
+    let windows = to_windows(&base, &examples, seq_len)?;
     if windows.is_empty() {
         bail!("nothing to evaluate in the selected split");
     }

@@ -75,10 +75,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let base = args.model.load_base()?;
     let adapter = args.model.load_adapter(&base)?;
     let cfg = base.model.config();
-    let mut prompt = Vec::new();
-    if let Some(b) = cfg.bos_token_id.filter(|_| !base.tokenizer.is_bytes()) {
-        prompt.push(b);
-    }
+    let mut prompt: Vec<u32> = base.bos().into_iter().collect();
     prompt.extend(base.tokenizer.encode(&args.prompt)?);
     if prompt.is_empty() {
         bail!("--prompt is empty");

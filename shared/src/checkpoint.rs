@@ -152,6 +152,14 @@ impl BaseModel {
             })?;
         Ok(BaseModel { model, tokenizer })
     }
+
+    /// The id that starts every sequence: the config's BOS for HF tokenizers; none for bytes.
+    pub fn bos(&self) -> Option<u32> {
+        self.model
+            .config()
+            .bos_token_id
+            .filter(|_| !self.tokenizer.is_bytes())
+    }
 }
 
 /// The shipped base model (`models/shakespeare-base` in the repository), found relative to
