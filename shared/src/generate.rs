@@ -126,3 +126,40 @@ pub fn generate(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_top_p() {
+        let logits = [0.1f32, 2.0, 1.9, -1.0];
+        assert_eq!(Sampler::new(Sampling::default()).pick(&logits), 1);
+        // A tiny nucleus keeps only the most likely token.
+        let mut s = Sampler::new(Sampling {
+            temperature: 1.0,
+            top_p: 0.01,
+            seed: 3,
+        });
+        assert!((0..50).all(|_| s.pick(&logits) == 1));
+        // The full distribution samples the two likely tokens, reproducibly by seed.
+        let draw = |seed| {
+            let mut s = Sampler::new(Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                seed,
+            });
+            (0..200).map(|_| s.pick(&logits)).collect::<Vec<_>>()
+        };
+        let a = draw(7);
+        assert_eq!(a, draw(7));
+        assert!(a.contains(&1) && a.contains(&2));
+        // top_p 0.9 excludes the unlikely tail (token 3 has probability ~2%).
+        let mut s = Sampler::new(Sampling {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: 1,
+        });
+        assert!((0..300).all(|_| s.pick(&logits) != 3));
+    }
+}
