@@ -171,49 +171,140 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Rotary embeddings (HF rotate_half layout).
+// Splitting heads (with rotary embeddings) and merging them back.
 
-struct Rope {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
-    start: usize,
-}
-
-impl Rope {
-    /// `y = x·cos + rotate_half(x)·sin`, or its transpose when `sign` is −1.
-    fn apply(&self, x: &[f32], t: usize, d: usize, sign: f32) -> Vec<f32> {
-        let half = d / 2;
-        let mut out = vec![0f32; x.len()];
-        for (r, (xr, or)) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-            let p = self.start + r % t;
-            let c = &self.cos[p * d..p * d + half];
-            let s = &self.sin[p * d..p * d + half];
-            for i in 0..half {
-                let (a, b) = (xr[i], xr[i + half]);
-                or[i] = a * c[i] - sign * b * s[i];
-                or[i + half] = b * c[i] + sign * a * s[i];
-            }
-        }
-        out
+/// Rotates one head vector at position `p` (HF rotate_half layout), or applies the transpose
+/// of that rotation when `sign` is −1 (the backward pass).
+fn rotate(x: &[f32], out: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        out[i] = a * cos[i] - sign * b * sin[i];
+        out[i + half] = b * cos[i] + sign * a * sin[i];
     }
 }
 
-impl CustomOp1 for Rope {
+/// `[B, T, H·D]` → `[B, H, T, D]`, rotating each head at positions `start..start + T` when
+/// tables are given. One pass instead of reshape + transpose + copy + rotate, each of which
+/// would also accumulate its own gradient.
+struct SplitHeads {
+    heads: usize,
+    rope: Option<(RopeTables, usize)>,
+}
+
+/// Moves rows between the two layouts: `to_heads` picks the direction; `sign` as in `rotate`.
+#[allow(clippy::too_many_arguments)]
+fn shuffle(
+    src: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    to_heads: bool,
+    rope: Option<&(RopeTables, usize)>,
+    sign: f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    for bi in 0..b {
+        for ti in 0..t {
+            for hi in 0..h {
+                let merged = ((bi * t + ti) * h + hi) * d;
+                let split = ((bi * h + hi) * t + ti) * d;
+                let (from, to) = if to_heads {
+                    (merged, split)
+                } else {
+                    (split, merged)
+                };
+                let x = &src[from..from + d];
+                let o = &mut out[to..to + d];
+                match rope {
+                    Some((tables, start)) => {
+                        let p = (start + ti) * d;
+                        rotate(
+                            x,
+                            o,
+                            &tables.cos[p..p + d / 2],
+                            &tables.sin[p..p + d / 2],
+                            sign,
+                        );
+                    }
+                    None => o.copy_from_slice(x),
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp1 for SplitHeads {
     fn name(&self) -> &'static str {
-        "rope"
+        "split-heads"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, _, t, d) = l.shape().dims4()?;
-        let x = slice(s, l, "rope")?;
-        Ok((CpuStorage::F32(self.apply(x, t, d, 1.0)), l.shape().clone()))
+        let (b, t, hd) = l.shape().dims3()?;
+        let (h, d) = (self.heads, hd / self.heads);
+        let x = slice(s, l, "split-heads")?;
+        let out = shuffle(x, b, t, h, d, true, self.rope.as_ref(), 1.0);
+        Ok((CpuStorage::F32(out), Shape::from((b, h, t, d))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, t, d) = x.dims4()?;
-        let dx = read(grad, "rope", |g| Ok(self.apply(g, t, d, -1.0)))?;
+        let (b, t, hd) = x.dims3()?;
+        let (h, d) = (self.heads, hd / self.heads);
+        let dx = read(grad, "split-heads", |g| {
+            Ok(shuffle(g, b, t, h, d, false, self.rope.as_ref(), -1.0))
+        })?;
         Ok(Some(tensor(dx, x.shape())?))
     }
+}
+
+/// `[B, T, H·D]` → `[B, H, T, D]`, with rotary embeddings at positions `start..` if given.
+pub fn split_heads(x: &Tensor, heads: usize, rope: Option<(&RopeTables, usize)>) -> Result<Tensor> {
+    let (_, t, hd) = x.dims3()?;
+    if heads == 0 || hd % heads != 0 {
+        bail!("split-heads: {hd} features do not split into {heads} heads");
+    }
+    if let Some((tables, start)) = rope {
+        if hd / heads != tables.head_dim || start + t > tables.positions() {
+            bail!("split-heads: {t} positions from {start} with head_dim {} do not fit the rope tables", hd / heads);
+        }
+    }
+    x.contiguous()?.apply_op1(SplitHeads {
+        heads,
+        rope: rope.map(|(r, s)| (r.clone(), s)),
+    })
+}
+
+/// `[B, H, T, D]` → `[B, T, H·D]`.
+struct MergeHeads;
+
+impl CustomOp1 for MergeHeads {
+    fn name(&self) -> &'static str {
+        "merge-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = l.shape().dims4()?;
+        let x = slice(s, l, "merge-heads")?;
+        Ok((
+            CpuStorage::F32(shuffle(x, b, t, h, d, false, None, 1.0)),
+            Shape::from((b, t, h * d)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, h, t, d) = x.dims4()?;
+        let dx = read(grad, "merge-heads", |g| {
+            Ok(shuffle(g, b, t, h, d, true, None, 1.0))
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `[B, H, T, D]` → `[B, T, H·D]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(MergeHeads)
 }
 
 /// Rotary tables shared by every call: `[positions, head_dim]`, `cat(freqs, freqs)` layout.
@@ -235,19 +326,6 @@ impl RopeTables {
 
     pub fn positions(&self) -> usize {
         self.cos.len() / self.head_dim
-    }
-
-    /// Rotates `x: [B, H, T, D]` at positions `start..start + T`.
-    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, t, d) = x.dims4()?;
-        if d != self.head_dim || start + t > self.positions() {
-            bail!("rope: {t} positions from {start} with head_dim {d} do not fit the tables");
-        }
-        x.contiguous()?.apply_op1(Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            start,
-        })
     }
 }
 
@@ -560,11 +638,20 @@ mod tests {
     }
 
     #[test]
-    fn rope_matches_plain() {
-        let (t, d, start) = (4usize, 8usize, 2usize);
+    fn split_and_merge_heads_match_plain() {
+        let (b, t, h, d, start) = (2usize, 4usize, 3usize, 8usize, 2usize);
         let n = start + t;
-        let cos: Vec<f32> = (0..n * d).map(|i| ((i % 7) as f32 * 0.3).cos()).collect();
-        let sin: Vec<f32> = (0..n * d).map(|i| ((i % 7) as f32 * 0.3).sin()).collect();
+        let freqs: Vec<f32> = (0..n * d / 2)
+            .map(|i| (i % 7) as f32 * 0.3 + (i / 7) as f32 * 0.1)
+            .collect();
+        // Tables in the cat(freqs, freqs) layout.
+        let table = |f: fn(f32) -> f32| -> Vec<f32> {
+            (0..n)
+                .flat_map(|p| (0..d).map(move |i| (p, i % (d / 2))))
+                .map(|(p, i)| f(freqs[p * d / 2 + i]))
+                .collect()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
         let tables = RopeTables::new(cos.clone(), sin.clone(), d);
         let cos = Tensor::from_vec(cos, (n, d), &Device::Cpu)
             .unwrap()
@@ -574,33 +661,41 @@ mod tests {
             .unwrap()
             .narrow(0, start, t)
             .unwrap();
-        // The fused kernel assumes cat(freqs, freqs) tables: build them so.
-        let cos = Tensor::cat(
-            &[
-                &cos.narrow(1, 0, d / 2).unwrap(),
-                &cos.narrow(1, 0, d / 2).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
-        let sin = Tensor::cat(
-            &[
-                &sin.narrow(1, 0, d / 2).unwrap(),
-                &sin.narrow(1, 0, d / 2).unwrap(),
-            ],
-            1,
-        )
-        .unwrap();
+        let plain_split = |x: &Tensor| {
+            x.reshape((b, t, h, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
         check(
-            &[rand(&[2, 3, t, d], 4)],
-            |x| tables.apply(&x[0], start).unwrap(),
+            &[rand(&[b, t, h * d], 4)],
+            |x| split_heads(&x[0], h, Some((&tables, start))).unwrap(),
             |x| {
-                let x1 = x[0].narrow(D::Minus1, 0, d / 2).unwrap();
-                let x2 = x[0].narrow(D::Minus1, d / 2, d / 2).unwrap();
+                let x = plain_split(&x[0]);
+                let x1 = x.narrow(D::Minus1, 0, d / 2).unwrap();
+                let x2 = x.narrow(D::Minus1, d / 2, d / 2).unwrap();
                 let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-                (x[0].broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+                (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
             },
         );
+        check(
+            &[rand(&[b, t, h * d], 5)],
+            |x| split_heads(&x[0], h, None).unwrap(),
+            |x| plain_split(&x[0]),
+        );
+        check(
+            &[rand(&[b, h, t, d], 6)],
+            |x| merge_heads(&x[0]).unwrap(),
+            |x| {
+                x[0].transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, t, h * d))
+                    .unwrap()
+            },
+        );
+        assert!(split_heads(&rand(&[b, t, h * d], 4), h, Some((&tables, n))).is_err());
     }
 
     #[test]

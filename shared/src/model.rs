@@ -416,20 +416,16 @@ impl Llama {
         adapter: Option<&LoraAdapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let b = x.dim(0)?;
         let (nh, nkv, hd) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(self.proj(l, Target::Q, x, adapter)?, nh)?;
-        let k = heads(self.proj(l, Target::K, x, adapter)?, nkv)?;
-        let v = heads(self.proj(l, Target::V, x, adapter)?, nkv)?;
-        let q = self.rope.apply(&q, start)?;
-        let mut k = self.rope.apply(&k, start)?;
+        let rope = Some((&self.rope, start));
+        let q = kernels::split_heads(&self.proj(l, Target::Q, x, adapter)?, nh, rope)?;
+        let mut k = kernels::split_heads(&self.proj(l, Target::K, x, adapter)?, nkv, rope)?;
+        let v = kernels::split_heads(&self.proj(l, Target::V, x, adapter)?, nkv, None)?;
         let mut v = v;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -452,10 +448,7 @@ impl Llama {
         };
         let scores = q.matmul(&k.t()?)?;
         let probs = kernels::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), start)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let out = kernels::merge_heads(&probs.matmul(&v)?)?;
         self.proj(l, Target::O, &out, adapter)
     }
 }
