@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage,
+    Tensor,
 };
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -76,6 +77,96 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         w: w.clone(),
         wt: w.t()?,
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// A LoRA-adapted linear layer in one node.
+
+struct LoraLinear {
+    /// Frozen `[out, in]` and its transposed view.
+    w: Tensor,
+    wt: Tensor,
+    scale: f32,
+}
+
+fn storage_matmul(a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<CpuStorage> {
+    let (m, k) = al.shape().dims2()?;
+    let (k2, n) = bl.shape().dims2()?;
+    if k != k2 {
+        bail!("lora-linear: inner dimensions {k} and {k2} differ");
+    }
+    a.matmul(b, (1, m, n, k), al, bl)
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, _) = lx.shape().dims2()?;
+        let n = self.w.dim(0)?;
+        let (ws, wl) = self.wt.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else {
+            bail!("lora-linear: only the CPU is supported")
+        };
+        let main = storage_matmul(sx, lx, ws, wl)?;
+        let xa = storage_matmul(sx, lx, sa, &la.transpose(0, 1)?)?;
+        let r = la.shape().dims2()?.0;
+        let low = storage_matmul(&xa, &Layout::contiguous((m, r)), sb, &lb.transpose(0, 1)?)?;
+        let (CpuStorage::F32(mut y), CpuStorage::F32(low)) = (main, low) else {
+            bail!("lora-linear: only f32 is supported")
+        };
+        y.iter_mut()
+            .zip(&low)
+            .for_each(|(y, l)| *y += self.scale * l);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let s = self.scale as f64;
+        // dy·B: [rows, rank]
+        let gb = grad.matmul(&b)?;
+        let dx = (grad.matmul(&self.w)? + (gb.matmul(&a)? * s)?)?;
+        let da = (gb.t()?.matmul(&x)? * s)?;
+        let db = (grad.t()?.matmul(&x.matmul(&a.t()?)?)? * s)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x @ w.T + scale · (x @ a.T) @ b.T` for `x: [rows, in]`, a frozen `w: [out, in]`,
+/// `a: [rank, in]`, `b: [out, rank]`: one graph node instead of five (two matmuls, the
+/// scaling, the sum and the frozen matmul), so the backward pass accumulates one gradient.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    if w.track_op() || !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        let low = x.matmul(&a.t()?)?.matmul(&(b * scale)?.t()?)?;
+        return x.matmul(&w.t()?)? + low;
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.clone(),
+            wt: w.t()?,
+            scale: scale as f32,
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -728,6 +819,64 @@ mod tests {
             &Tensor::new(&[8u32, 0, 0, 0, 0], &Device::Cpu).unwrap()
         )
         .is_err());
+    }
+
+    #[test]
+    fn lora_linear_matches_plain() {
+        let w = rand(&[6, 5], 10);
+        for frozen_a in [false, true] {
+            let x = Var::from_tensor(&rand(&[7, 5], 11)).unwrap();
+            let a = Var::from_tensor(&rand(&[2, 5], 12)).unwrap();
+            let b = Var::from_tensor(&rand(&[6, 2], 13)).unwrap();
+            let a_t = if frozen_a {
+                a.as_tensor().detach()
+            } else {
+                a.as_tensor().clone()
+            };
+            let fused = lora_linear(x.as_tensor(), &w, &a_t, b.as_tensor(), 1.5).unwrap();
+            let plain = (x.as_tensor().matmul(&w.t().unwrap()).unwrap()
+                + (x.as_tensor()
+                    .matmul(&a_t.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.as_tensor().t().unwrap())
+                    .unwrap()
+                    * 1.5)
+                    .unwrap())
+            .unwrap();
+            close(&fused, &plain, 1e-4);
+            let wts = rand(fused.dims(), 14);
+            let gf = (&fused * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            close(
+                gf.get(x.as_tensor()).unwrap(),
+                gp.get(x.as_tensor()).unwrap(),
+                1e-3,
+            );
+            close(
+                gf.get(b.as_tensor()).unwrap(),
+                gp.get(b.as_tensor()).unwrap(),
+                1e-3,
+            );
+            if frozen_a {
+                assert!(gf.get(a.as_tensor()).is_none());
+            } else {
+                close(
+                    gf.get(a.as_tensor()).unwrap(),
+                    gp.get(a.as_tensor()).unwrap(),
+                    1e-3,
+                );
+            }
+        }
     }
 
     #[test]

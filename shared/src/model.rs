@@ -322,15 +322,19 @@ impl Llama {
         x: &Tensor,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
-        let y = matmul_t(x, &self.blocks[layer].proj[target as usize])?;
+        let w = &self.blocks[layer].proj[target as usize];
         match adapter.and_then(|a| a.pair(layer, target).map(|p| (a.scale(), p))) {
             Some((scale, pair)) => {
-                // Scaling the small B instead of the [rows, out] product saves a full-size
-                // elementwise op forward and backward.
-                let low = matmul_t(&matmul_t(x, &pair.a)?, &(&pair.b * scale)?)?;
-                Ok((y + low)?)
+                let dims = x.dims().to_vec();
+                let inner = *dims.last().expect("rank >= 1");
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let y =
+                    kernels::lora_linear(&x.reshape((rows, inner))?, w, &pair.a, &pair.b, scale)?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+                Ok(y.reshape(out_dims)?)
             }
-            None => Ok(y),
+            None => matmul_t(x, w),
         }
     }
 
