@@ -29,6 +29,9 @@ struct Cli {
 enum Command {
     /// Train the byte-level base model on the public plays (the shipped checkpoint).
     Pretrain(aggregator::pretrain::PretrainArgs),
+    /// Privacy accounting: epsilon of a plan, or the noise a target epsilon needs.
+    #[command(subcommand)]
+    Privacy(aggregator::privacy::PrivacyCommand),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
             }
             aggregator::pretrain::run(args)
         }
+        Command::Privacy(cmd) => aggregator::privacy::run(cmd).map(|line| println!("{line}")),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,6 +2,7 @@
 //! evaluation, checkpoints in the HF/PEFT layouts, adapter tensors, and the data formats.
 //! It does no network I/O.
 
+pub mod accountant;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
