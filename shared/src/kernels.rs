@@ -558,6 +558,110 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------
+// The SwiGLU MLP through frozen weights, in one node.
+
+struct FrozenMlp {
+    /// `[inter, hidden]`, `[inter, hidden]`, `[hidden, inter]`, and the transposed views.
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    gate_t: Tensor,
+    up_t: Tensor,
+    down_t: Tensor,
+    /// The forward pass's gate and up activations, for the backward pass (the graph holds
+    /// this op, so they live exactly as long as the activations of an unfused MLP would).
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+fn matmul_with(x: &CpuStorage, xl: &Layout, w_t: &Tensor) -> Result<Vec<f32>> {
+    let (ws, wl) = w_t.storage_and_layout();
+    let Storage::Cpu(ws) = &*ws else {
+        bail!("frozen-mlp: only the CPU is supported")
+    };
+    match storage_matmul(x, xl, ws, wl)? {
+        CpuStorage::F32(v) => Ok(v),
+        _ => bail!("frozen-mlp: only f32 is supported"),
+    }
+}
+
+impl CustomOp1 for FrozenMlp {
+    fn name(&self) -> &'static str {
+        "frozen-mlp"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, h) = l.shape().dims2()?;
+        let inter = self.gate.dim(0)?;
+        let g = matmul_with(s, l, &self.gate_t)?;
+        let u = matmul_with(s, l, &self.up_t)?;
+        let act: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| g * sigmoid(g) * u)
+            .collect();
+        let y = matmul_with(
+            &CpuStorage::F32(act),
+            &Layout::contiguous((m, inter)),
+            &self.down_t,
+        )?;
+        *self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-mlp: poisoned".into()))? = Some((g, u));
+        Ok((CpuStorage::F32(y), Shape::from((m, h))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (m, _) = x.dims2()?;
+        let inter = self.gate.dim(0)?;
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-mlp: poisoned".into()))?;
+        let Some((g, u)) = saved.as_ref() else {
+            bail!("frozen-mlp: backward before forward")
+        };
+        let ds = grad.matmul(&self.down)?;
+        let (dg, du) = read(&ds, "frozen-mlp", |ds| {
+            let mut dg = vec![0f32; ds.len()];
+            let mut du = vec![0f32; ds.len()];
+            for i in 0..ds.len() {
+                let s = sigmoid(g[i]);
+                du[i] = ds[i] * g[i] * s;
+                dg[i] = ds[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+            Ok((dg, du))
+        })?;
+        let dg = Tensor::from_vec(dg, (m, inter), &Device::Cpu)?;
+        let du = Tensor::from_vec(du, (m, inter), &Device::Cpu)?;
+        Ok(Some((dg.matmul(&self.gate)? + du.matmul(&self.up)?)?))
+    }
+}
+
+/// `down(silu(gate(x)) · up(x))` for `x: [rows, hidden]` through frozen weights, as one graph
+/// node: the three `[rows, intermediate]` activations accumulate no gradients of their own.
+/// Falls back to the separate ops when a gradient can reach a weight.
+pub fn frozen_mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    if gate.track_op()
+        || up.track_op()
+        || down.track_op()
+        || !x.device().is_cpu()
+        || x.dtype() != candle_core::DType::F32
+    {
+        return linear(&swiglu(&linear(x, gate)?, &linear(x, up)?)?, down);
+    }
+    x.contiguous()?.apply_op1(FrozenMlp {
+        gate: gate.clone(),
+        up: up.clone(),
+        down: down.clone(),
+        gate_t: gate.t()?,
+        up_t: up.t()?,
+        down_t: down.t()?,
+        saved: std::sync::Mutex::new(None),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // Token cross-entropy.
 
 struct CrossEntropy {
@@ -795,6 +899,23 @@ mod tests {
             &[rand(&[3, 10], 5), rand(&[3, 10], 6)],
             |t| swiglu(&t[0], &t[1]).unwrap(),
             |t| (t[0].silu().unwrap() * &t[1]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn frozen_mlp_matches_plain() {
+        let (gate, up, down) = (rand(&[7, 4], 20), rand(&[7, 4], 21), rand(&[4, 7], 22));
+        check(
+            &[rand(&[5, 4], 23)],
+            |x| frozen_mlp(&x[0], &gate, &up, &down).unwrap(),
+            |x| {
+                let g = x[0].matmul(&gate.t().unwrap()).unwrap();
+                let u = x[0].matmul(&up.t().unwrap()).unwrap();
+                (g.silu().unwrap() * u)
+                    .unwrap()
+                    .matmul(&down.t().unwrap())
+                    .unwrap()
+            },
         );
     }
 

@@ -338,6 +338,28 @@ impl Llama {
         }
     }
 
+    fn mlp(&self, l: usize, h: &Tensor, adapter: Option<&LoraAdapter>) -> Result<Tensor> {
+        let adapted = adapter.is_some_and(|a| {
+            [Target::Gate, Target::Up, Target::Down]
+                .iter()
+                .any(|&t| a.pair(l, t).is_some())
+        });
+        if adapted {
+            let gate = self.proj(l, Target::Gate, h, adapter)?;
+            let up = self.proj(l, Target::Up, h, adapter)?;
+            return self.proj(l, Target::Down, &kernels::swiglu(&gate, &up)?, adapter);
+        }
+        let p = &self.blocks[l].proj;
+        let (b, t, hidden) = h.dims3()?;
+        let y = kernels::frozen_mlp(
+            &h.reshape((b * t, hidden))?,
+            &p[Target::Gate as usize],
+            &p[Target::Up as usize],
+            &p[Target::Down as usize],
+        )?;
+        Ok(y.reshape((b, t, hidden))?)
+    }
+
     fn check_tokens(&self, tokens: &Tensor) -> Result<()> {
         let vocab = self.cfg.vocab_size;
         if let Some(&id) = tokens
@@ -401,10 +423,7 @@ impl Llama {
                 &self.blocks[l].post_attention_norm,
                 self.cfg.rms_norm_eps,
             )?;
-            let gate = self.proj(l, Target::Gate, &h, adapter)?;
-            let up = self.proj(l, Target::Up, &h, adapter)?;
-            let m = self.proj(l, Target::Down, &kernels::swiglu(&gate, &up)?, adapter)?;
-            x = (x + m)?;
+            x = (x + self.mlp(l, &h, adapter)?)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
