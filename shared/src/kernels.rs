@@ -423,78 +423,158 @@ impl RopeTables {
 // ---------------------------------------------------------------------------------------
 // Causal softmax of attention scores.
 
-struct CausalSoftmax {
-    scale: f32,
-    /// Position of the first query (keys before it are all visible).
-    start: usize,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, _, t, s) = l.shape().dims4()?;
-        let x = slice(st, l, "causal-softmax")?;
-        let mut out = vec![0f32; x.len()];
-        for (r, (xr, or)) in x.chunks_exact(s).zip(out.chunks_exact_mut(s)).enumerate() {
-            let visible = (self.start + r % t + 1).min(s);
-            let xr = &xr[..visible];
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max) * self.scale;
-            let mut sum = 0f32;
-            for (o, &v) in or.iter_mut().zip(xr) {
-                *o = (v * self.scale - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            or[..visible].iter_mut().for_each(|o| *o *= inv);
+/// Row-wise causal softmax of `[.., T, S]` scores: row `r` sees keys `0..=start + r % T`.
+fn causal_softmax_rows(x: &[f32], t: usize, s: usize, start: usize, scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (r, (xr, or)) in x.chunks_exact(s).zip(out.chunks_exact_mut(s)).enumerate() {
+        let visible = (start + r % t + 1).min(s);
+        let xr = &xr[..visible];
+        let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
+        let mut sum = 0f32;
+        for (o, &v) in or.iter_mut().zip(xr) {
+            *o = (v * scale - max).exp();
+            sum += *o;
         }
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        let inv = 1.0 / sum;
+        or[..visible].iter_mut().for_each(|o| *o *= inv);
     }
+    out
+}
 
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, t, s) = x.dims4()?;
-        let dx = read(res, "causal-softmax", |y| {
-            read(grad, "causal-softmax", |dy| {
-                let mut dx = vec![0f32; y.len()];
-                for (r, ((yr, dyr), dxr)) in y
-                    .chunks_exact(s)
-                    .zip(dy.chunks_exact(s))
-                    .zip(dx.chunks_exact_mut(s))
-                    .enumerate()
-                {
-                    let visible = (self.start + r % t + 1).min(s);
-                    let dot: f32 = yr[..visible]
-                        .iter()
-                        .zip(&dyr[..visible])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for j in 0..visible {
-                        dxr[j] = self.scale * yr[j] * (dyr[j] - dot);
-                    }
-                }
-                Ok(dx)
-            })
-        })?;
-        Ok(Some(tensor(dx, x.shape())?))
+/// The gradient of the scores from the probabilities `y` and their gradient `dy`.
+fn causal_softmax_rows_bwd(
+    y: &[f32],
+    dy: &[f32],
+    t: usize,
+    s: usize,
+    start: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; y.len()];
+    for (r, ((yr, dyr), dxr)) in y
+        .chunks_exact(s)
+        .zip(dy.chunks_exact(s))
+        .zip(dx.chunks_exact_mut(s))
+        .enumerate()
+    {
+        let visible = (start + r % t + 1).min(s);
+        let dot: f32 = yr[..visible]
+            .iter()
+            .zip(&dyr[..visible])
+            .map(|(a, b)| a * b)
+            .sum();
+        for j in 0..visible {
+            dxr[j] = scale * yr[j] * (dyr[j] - dot);
+        }
+    }
+    dx
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal attention in one node.
+
+struct Attention {
+    scale: f32,
+    start: usize,
+    /// The probabilities of the forward pass, for the backward pass.
+    probs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+fn f32_vec(s: CpuStorage) -> Result<Vec<f32>> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => bail!("attention: only f32 is supported"),
     }
 }
 
-/// `softmax(scale · x)` over the last dimension of `x: [B, H, T, S]`, where query `i` sees
-/// keys `0..=start + i` (the others get probability zero).
-pub fn causal_softmax(x: &Tensor, scale: f64, start: usize) -> Result<Tensor> {
-    let (_, _, t, s) = x.dims4()?;
-    if start + t != s {
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, t, d) = lq.shape().dims4()?;
+        let s = lk.shape().dims4()?.2;
+        let scores = f32_vec(sq.matmul(sk, (b * h, t, s, d), lq, &lk.transpose(2, 3)?)?)?;
+        let probs = causal_softmax_rows(&scores, t, s, self.start, self.scale);
+        let p = CpuStorage::F32(probs);
+        let out = p.matmul(sv, (b * h, t, d, s), &Layout::contiguous((b, h, t, s)), lv)?;
+        let CpuStorage::F32(probs) = p else {
+            unreachable!("built above")
+        };
+        *self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))? = Some(probs);
+        Ok((out, lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, t, _) = q.dims4()?;
+        let s = k.dim(2)?;
+        let probs = self
+            .probs
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned".into()))?
+            .take();
+        let Some(probs) = probs else {
+            bail!("attention: backward before forward")
+        };
+        let wanted = (q.track_op(), k.track_op(), v.track_op());
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let dp = grad.matmul(&v.t()?)?;
+        let ds = read(&dp, "attention", |dp| {
+            Ok(causal_softmax_rows_bwd(
+                &probs, dp, t, s, self.start, self.scale,
+            ))
+        })?;
+        let ds = Tensor::from_vec(ds, (b, h, t, s), &Device::Cpu)?;
+        let p = Tensor::from_vec(probs, (b, h, t, s), &Device::Cpu)?;
+        let dq = wanted.0.then(|| ds.matmul(&k)).transpose()?;
+        let dk = wanted.1.then(|| ds.t()?.matmul(&q)).transpose()?;
+        let dv = wanted.2.then(|| p.t()?.matmul(grad)).transpose()?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// `softmax(scale · q kᵀ, causal) v` for `q: [B, H, T, D]`, `k, v: [B, H, S, D]` with
+/// `S = start + T`: one graph node instead of a transpose, two matmuls and the softmax, so
+/// the `[B, H, T, S]` scores and probabilities accumulate no gradients of their own.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, start: usize) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let s = k.dim(2)?;
+    if k.dims() != [b, h, s, d] || v.dims() != [b, h, s, d] || start + t != s {
         bail!(
-            "causal-softmax: {t} queries from {start} need {} keys, got {s}",
-            start + t
+            "attention: q {:?}, k {:?}, v {:?} from position {start} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
         );
     }
-    x.contiguous()?.apply_op1(CausalSoftmax {
-        scale: scale as f32,
-        start,
-    })
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            scale: scale as f32,
+            start,
+            probs: std::sync::Mutex::new(None),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -806,33 +886,6 @@ mod tests {
     }
 
     #[test]
-    fn causal_softmax_matches_plain() {
-        for start in [0usize, 3] {
-            let (t, s) = (5, 5 + start);
-            check(
-                &[rand(&[2, 2, t, s], 3)],
-                |x| causal_softmax(&x[0], 0.5, start).unwrap(),
-                |x| {
-                    let m: Vec<f32> = (0..t)
-                        .flat_map(|i| {
-                            (0..s).map(move |j| {
-                                if j > start + i {
-                                    f32::NEG_INFINITY
-                                } else {
-                                    0.0
-                                }
-                            })
-                        })
-                        .collect();
-                    let m = Tensor::from_vec(m, (t, s), &Device::Cpu).unwrap();
-                    let z = (&x[0] * 0.5).unwrap().broadcast_add(&m).unwrap();
-                    candle_nn::ops::softmax(&z, D::Minus1).unwrap()
-                },
-            );
-        }
-    }
-
-    #[test]
     fn split_and_merge_heads_match_plain() {
         let (b, t, h, d, start) = (2usize, 4usize, 3usize, 8usize, 2usize);
         let n = start + t;
@@ -891,6 +944,40 @@ mod tests {
             },
         );
         assert!(split_heads(&rand(&[b, t, h * d], 4), h, Some((&tables, n))).is_err());
+    }
+
+    #[test]
+    fn attention_matches_plain() {
+        for start in [0usize, 2] {
+            let (t, s, d) = (5usize, 5 + start, 4usize);
+            check(
+                &[
+                    rand(&[2, 3, t, d], 30),
+                    rand(&[2, 3, s, d], 31),
+                    rand(&[2, 3, s, d], 32),
+                ],
+                |x| attention(&x[0], &x[1], &x[2], 0.5, start).unwrap(),
+                |x| {
+                    let m: Vec<f32> = (0..t)
+                        .flat_map(|i| {
+                            (0..s).map(move |j| {
+                                if j > start + i {
+                                    f32::NEG_INFINITY
+                                } else {
+                                    0.0
+                                }
+                            })
+                        })
+                        .collect();
+                    let m = Tensor::from_vec(m, (t, s), &Device::Cpu).unwrap();
+                    let scores = (x[0].matmul(&x[1].t().unwrap()).unwrap() * 0.5).unwrap();
+                    let probs =
+                        candle_nn::ops::softmax(&scores.broadcast_add(&m).unwrap(), D::Minus1)
+                            .unwrap();
+                    probs.matmul(&x[2]).unwrap()
+                },
+            );
+        }
     }
 
     #[test]

@@ -469,9 +469,13 @@ impl Llama {
             };
             (expand(k)?, expand(v)?)
         };
-        let scores = q.matmul(&k.t()?)?;
-        let probs = kernels::causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), start)?;
-        let out = kernels::merge_heads(&probs.matmul(&v)?)?;
+        let out = kernels::merge_heads(&kernels::attention(
+            &q,
+            &k,
+            &v,
+            1.0 / (hd as f64).sqrt(),
+            start,
+        )?)?;
         self.proj(l, Target::O, &out, adapter)
     }
 }
