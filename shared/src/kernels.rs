@@ -139,14 +139,22 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The first layer's input needs no gradient: skip its (full-size) matmul.
+        let wanted = (x.track_op(), a.track_op(), b.track_op());
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let s = self.scale as f64;
         // dy·B: [rows, rank]
         let gb = grad.matmul(&b)?;
-        let dx = (grad.matmul(&self.w)? + (gb.matmul(&a)? * s)?)?;
-        let da = (gb.t()?.matmul(&x)? * s)?;
-        let db = (grad.t()?.matmul(&x.matmul(&a.t()?)?)? * s)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        let dx = wanted
+            .0
+            .then(|| grad.matmul(&self.w)? + (gb.matmul(&a)? * s)?)
+            .transpose()?;
+        let da = wanted.1.then(|| gb.t()?.matmul(&x)? * s).transpose()?;
+        let db = wanted
+            .2
+            .then(|| grad.t()?.matmul(&x.matmul(&a.t()?)?)? * s)
+            .transpose()?;
+        Ok((dx, da, db))
     }
 }
 
