@@ -594,6 +594,18 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
+/// Gradients of `silu(g) · u` with respect to `g` and `u`, given the output's gradient.
+fn swiglu_bwd(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    for i in 0..g.len() {
+        let s = sigmoid(g[i]);
+        du[i] = dy[i] * g[i] * s;
+        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+    }
+    (dg, du)
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -624,16 +636,7 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = read(g, "swiglu", |g| {
             read(u, "swiglu", |u| {
-                read(grad, "swiglu", |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    for i in 0..g.len() {
-                        let s = sigmoid(g[i]);
-                        du[i] = dy[i] * g[i] * s;
-                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    }
-                    Ok((dg, du))
-                })
+                read(grad, "swiglu", |dy| Ok(swiglu_bwd(g, u, dy)))
             })
         })?;
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
@@ -710,16 +713,7 @@ impl CustomOp1 for FrozenMlp {
             bail!("frozen-mlp: backward before forward")
         };
         let ds = grad.matmul(&self.down)?;
-        let (dg, du) = read(&ds, "frozen-mlp", |ds| {
-            let mut dg = vec![0f32; ds.len()];
-            let mut du = vec![0f32; ds.len()];
-            for i in 0..ds.len() {
-                let s = sigmoid(g[i]);
-                du[i] = ds[i] * g[i] * s;
-                dg[i] = ds[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-            }
-            Ok((dg, du))
-        })?;
+        let (dg, du) = read(&ds, "frozen-mlp", |ds| Ok(swiglu_bwd(g, u, ds)))?;
         let dg = Tensor::from_vec(dg, (m, inter), &Device::Cpu)?;
         let du = Tensor::from_vec(du, (m, inter), &Device::Cpu)?;
         Ok(Some((dg.matmul(&self.gate)? + du.matmul(&self.up)?)?))
