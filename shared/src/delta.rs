@@ -53,11 +53,6 @@ impl AdapterTensors {
         self.tensors.is_empty()
     }
 
-    /// Total number of values.
-    pub fn num_values(&self) -> usize {
-        self.tensors.values().map(|t| t.data.len()).sum()
-    }
-
     /// From candle tensors (any float dtype), checking that each is finite.
     pub fn from_named(named: Vec<(String, Tensor)>) -> Result<Self, DeltaError> {
         let mut out = AdapterTensors::default();
@@ -142,12 +137,6 @@ impl AdapterTensors {
             .map(|&x| (x as f64) * (x as f64))
             .sum::<f64>()
             .sqrt()
-    }
-
-    pub fn is_finite(&self) -> bool {
-        self.tensors
-            .values()
-            .all(|t| t.data.iter().all(|x| x.is_finite()))
     }
 }
 

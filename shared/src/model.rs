@@ -295,11 +295,6 @@ impl Llama {
         out
     }
 
-    /// The weight of one projection.
-    pub fn proj_weight(&self, layer: usize, target: Target) -> &Tensor {
-        &self.blocks[layer].proj[target as usize]
-    }
-
     /// A copy with the adapter folded into the base weights: `W + scale · B·A`.
     pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self> {
         adapter.check_fits(&self.cfg)?;
@@ -386,7 +381,7 @@ impl Llama {
     }
 
     /// Final normalized hidden states `[B, T, hidden]`.
-    pub fn hidden_states(
+    fn hidden_states(
         &self,
         tokens: &Tensor,
         adapter: Option<&LoraAdapter>,
