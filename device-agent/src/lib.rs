@@ -45,14 +45,6 @@ impl ModelArgs {
     }
 }
 
-/// Chooses how many threads candle's kernels use. Must run before any tensor work: data
-/// parallel training runs one single-threaded worker per core; decoding is fastest on one.
-pub fn set_kernel_threads(n: usize) {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-    }
-}
-
 /// Cores available to this process.
 pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

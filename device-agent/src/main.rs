@@ -7,19 +7,6 @@ use device_agent::{adapt, evaluate, generate};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps freed memory mapped instead of returning it to the OS: training allocates and frees
-/// the same sizes every step, and re-faulting (zeroing) those pages cost about a quarter of a
-/// step. Same as `MIMALLOC_PURGE_DELAY=-1`, which still overrides it when set.
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: sets one integer option; mimalloc reads options atomically.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    }
-}
-
 #[derive(Debug, Parser)]
 #[command(name = "device-agent", version, about = "fedpersona device agent")]
 struct Cli {
@@ -41,15 +28,9 @@ enum Command {
 }
 
 fn main() {
-    keep_freed_memory();
+    fedpersona_shared::runtime::keep_freed_memory();
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    fedpersona_shared::runtime::init_logging();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(2);
@@ -59,8 +40,7 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
-            let workers = args.threads.unwrap_or_else(device_agent::available_cores);
-            device_agent::set_kernel_threads(if workers > 1 { 1 } else { workers });
+            fedpersona_shared::runtime::set_kernel_threads(1);
             let s = adapt::run(&args)?;
             let fmt = |r: Option<fedpersona_shared::train::EvalReport>| {
                 r.map_or("-".to_string(), |r| {
@@ -91,7 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Generate(args) => {
-            device_agent::set_kernel_threads(1);
+            fedpersona_shared::runtime::set_kernel_threads(1);
             generate::run(&args)?;
             // Only the continuation goes to a pipe; a terminal also gets a final newline.
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -101,11 +81,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => {
             let (r, args) = match &cmd {
                 BenchCommand::Train(a) => {
-                    device_agent::set_kernel_threads(if a.threads > 1 { 1 } else { a.threads });
+                    fedpersona_shared::runtime::set_kernel_threads(if a.threads > 1 {
+                        1
+                    } else {
+                        a.threads
+                    });
                     (bench::train(a)?, a)
                 }
                 BenchCommand::Generate(a) => {
-                    device_agent::set_kernel_threads(a.threads);
+                    fedpersona_shared::runtime::set_kernel_threads(a.threads);
                     (bench::generate_bench(a)?, a)
                 }
             };

@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod pretrain;
+pub mod runtime;
 pub mod tokenizer;
 pub mod train;
 
