@@ -1,6 +1,19 @@
-//! The aggregator: the server side of fedpersona. For now it owns producing the shipped base
-//! model (`aggregator pretrain`) and privacy planning (`aggregator privacy`); federated rounds
-//! build on them.
+//! The aggregator: the server side of fedpersona. It runs federated rounds over gRPC
+//! (`serve`), keeps the meta-learned shared adapter initialization, and owns producing the
+//! shipped base model (`pretrain`) and privacy planning (`privacy`).
 
+pub mod aggregate;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod meta;
+pub mod metrics;
 pub mod pretrain;
 pub mod privacy;
+pub mod round;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;
+pub mod versions;

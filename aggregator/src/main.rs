@@ -14,6 +14,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run federated rounds over gRPC (TLS) with the given config.
+    Serve(aggregator::cli::ServeArgs),
+    /// Current round, model version and counts, from the journal.
+    Status(aggregator::cli::StatusArgs),
+    /// Revoke a device: its requests are refused from now on.
+    Revoke(aggregator::cli::RevokeArgs),
+    /// Write a self-signed CA and a server certificate for a test deployment.
+    TlsCert(aggregator::cli::TlsCertArgs),
     /// Train the byte-level base model on the public plays (the shipped checkpoint).
     Pretrain(aggregator::pretrain::PretrainArgs),
     /// Privacy accounting: epsilon of a plan, or the noise a target epsilon needs.
@@ -25,7 +33,14 @@ fn main() {
     fedpersona_shared::runtime::keep_freed_memory();
     let cli = Cli::parse();
     fedpersona_shared::runtime::init_logging();
+    let print = |r: anyhow::Result<String>| r.map(|line| println!("{line}"));
     let result = match &cli.command {
+        Command::Serve(args) => {
+            tokio_runtime().and_then(|rt| rt.block_on(aggregator::cli::serve(args)))
+        }
+        Command::Status(args) => print(aggregator::cli::status(args)),
+        Command::Revoke(args) => print(aggregator::cli::revoke(args)),
+        Command::TlsCert(args) => print(aggregator::cli::tls_cert(args)),
         Command::Pretrain(args) => {
             // Data-parallel workers each run single-threaded kernels.
             if args.workers > 1 {
@@ -33,10 +48,16 @@ fn main() {
             }
             aggregator::pretrain::run(args)
         }
-        Command::Privacy(cmd) => aggregator::privacy::run(cmd).map(|line| println!("{line}")),
+        Command::Privacy(cmd) => print(aggregator::privacy::run(cmd)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

@@ -1,8 +1,11 @@
 //! The device agent: on-device LoRA training, evaluation and generation on a frozen base
-//! model. Federation, the profiling layer and the local API build on these commands.
+//! model, and federated participation (`run`). The profiling layer and the local API build on
+//! these.
 
 pub mod adapt;
+pub mod agent;
 pub mod bench;
+pub mod client;
 pub mod dataset;
 pub mod evaluate;
 pub mod generate;

@@ -22,6 +22,11 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Loss, bits per byte and next-token accuracy on a data file.
     Eval(evaluate::EvalArgs),
+    /// Take part in federated rounds with the given config (see deploy/agent.toml).
+    Run {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// Time training steps or decoding (prints medians after warm-up).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -107,6 +112,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 );
             }
+        }
+        Command::Run { config } => {
+            fedpersona_shared::runtime::set_kernel_threads(1);
+            let summary = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(device_agent::agent::run_from_config(&config))?;
+            println!(
+                "reported in {} rounds ({} failed attempts)",
+                summary.rounds_reported, summary.tasks_failed
+            );
         }
         Command::Eval(args) => {
             let r = evaluate::run(&args)?;

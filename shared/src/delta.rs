@@ -73,6 +73,13 @@ impl AdapterTensors {
         Ok(out)
     }
 
+    /// Parses a safetensors file's bytes (any float dtype; values must be finite).
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, DeltaError> {
+        let map = candle_core::safetensors::load_buffer(bytes, &candle_core::Device::Cpu)
+            .map_err(|e| DeltaError::Bad("safetensors".into(), e.to_string()))?;
+        Self::from_named(map.into_iter().collect())
+    }
+
     /// As candle tensors on the CPU, for saving.
     pub fn into_named_vec(self) -> Vec<(String, Tensor)> {
         self.tensors
@@ -127,6 +134,59 @@ impl AdapterTensors {
         self.tensors
             .values_mut()
             .for_each(|t| t.data.iter_mut().for_each(|x| *x *= factor));
+    }
+
+    /// Applies `f` to every value.
+    pub fn map_values(&mut self, f: impl Fn(f32) -> f32) {
+        self.tensors
+            .values_mut()
+            .for_each(|t| t.data.iter_mut().for_each(|x| *x = f(*x)));
+    }
+
+    /// `self[i] = f(self[i], other[i])` over the same layout.
+    pub fn zip_map(&mut self, other: &Self, f: impl Fn(f32, f32) -> f32) -> Result<(), DeltaError> {
+        self.check_same_layout(other)?;
+        for (t, o) in self.tensors.values_mut().zip(other.tensors.values()) {
+            t.data
+                .iter_mut()
+                .zip(&o.data)
+                .for_each(|(x, y)| *x = f(*x, *y));
+        }
+        Ok(())
+    }
+
+    /// Adds `values` to the tensor `name` (same length).
+    pub fn add_to(&mut self, name: &str, values: &[f32]) -> Result<(), DeltaError> {
+        let t = self
+            .tensors
+            .get_mut(name)
+            .ok_or_else(|| DeltaError::Mismatch(format!("no tensor {name}")))?;
+        if t.data.len() != values.len() {
+            return Err(DeltaError::Mismatch(format!(
+                "{name}: {} values vs {}",
+                t.data.len(),
+                values.len()
+            )));
+        }
+        t.data.iter_mut().zip(values).for_each(|(x, y)| *x += y);
+        Ok(())
+    }
+
+    /// The tensors whose names satisfy `keep`.
+    pub fn filter(&self, keep: impl Fn(&str) -> bool) -> Self {
+        AdapterTensors {
+            tensors: self
+                .tensors
+                .iter()
+                .filter(|(n, _)| keep(n))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+        }
+    }
+
+    /// Number of values over all tensors.
+    pub fn num_values(&self) -> usize {
+        self.tensors.values().map(|t| t.data.len()).sum()
     }
 
     /// Global L2 norm over every value (accumulated in f64).

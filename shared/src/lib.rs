@@ -4,6 +4,7 @@
 
 pub mod accountant;
 pub mod checkpoint;
+pub mod codec;
 pub mod config;
 pub mod data;
 pub mod delta;
@@ -12,6 +13,7 @@ pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod pretrain;
+pub mod privacy;
 pub mod runtime;
 pub mod tokenizer;
 pub mod train;

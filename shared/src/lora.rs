@@ -131,6 +131,12 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// Whether the tensor `name` trains, and so travels in federation: every tensor, or
+    /// only B under FFA-LoRA.
+    pub fn trains(&self, name: &str) -> bool {
+        !self.freeze_a || name.ends_with(".lora_B.weight")
+    }
+
     /// Output scaling of the low-rank path, as PEFT: `alpha / rank`.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
@@ -268,6 +274,14 @@ impl LoraAdapter {
             slots,
             vars,
         })
+    }
+
+    /// Names and shapes of the tensors that train (see [`LoraConfig::trains`]).
+    pub fn trained_shapes(model: &LlamaConfig, config: &LoraConfig) -> Vec<(String, Vec<usize>)> {
+        Self::expected_shapes(model, config)
+            .into_iter()
+            .filter(|(n, _)| config.trains(n))
+            .collect()
     }
 
     fn expected_shapes(model: &LlamaConfig, config: &LoraConfig) -> BTreeMap<String, Vec<usize>> {

@@ -1,4 +1,6 @@
-//! The `aggregator` binary end to end.
+//! The `aggregator` binary end to end, and the federation service over TLS on loopback.
+
+mod federation;
 
 use std::path::Path;
 use std::process::Command;

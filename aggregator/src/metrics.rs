@@ -1,0 +1,173 @@
+//! Prometheus metrics of the aggregator (rounds, reports, rejects by reason, bytes, round
+//! durations) and the `/metrics` HTTP endpoint.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The aggregator's metrics, in a registry of their own (several aggregators may share a
+/// process in tests and simulations).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    rounds: IntCounterVec,
+    reports: IntCounter,
+    rejects: IntCounterVec,
+    upload_bytes: IntCounter,
+    download_bytes: IntCounter,
+    round_seconds: Histogram,
+    checkins: IntCounterVec,
+    enrollments: IntCounter,
+    current_round: IntGauge,
+    model_version: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry =
+            Registry::new_custom(Some("fedpersona".into()), None).expect("valid registry prefix");
+        let rounds = IntCounterVec::new(
+            Opts::new("rounds_total", "Rounds closed, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let reports = IntCounter::new("reports_total", "Updates accepted into a round")
+            .expect("valid metric");
+        let rejects = IntCounterVec::new(
+            Opts::new("rejects_total", "Requests refused, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let upload_bytes = IntCounter::new("upload_bytes_total", "Bytes of accepted updates")
+            .expect("valid metric");
+        let download_bytes = IntCounter::new("download_bytes_total", "Bytes of adapters sent")
+            .expect("valid metric");
+        let round_seconds = Histogram::with_opts(
+            HistogramOpts::new("round_duration_seconds", "From opening to closing a round")
+                .buckets(prometheus::exponential_buckets(0.5, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let checkins = IntCounterVec::new(
+            Opts::new("checkins_total", "Check-ins, by answer"),
+            &["answer"],
+        )
+        .expect("valid metric");
+        let enrollments =
+            IntCounter::new("enrollments_total", "Successful enrollments").expect("valid metric");
+        let current_round =
+            IntGauge::new("current_round", "Id of the round being run").expect("valid metric");
+        let model_version = IntGauge::new("model_version", "Published global adapter version")
+            .expect("valid metric");
+        for c in [
+            Box::new(rounds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reports.clone()),
+            Box::new(rejects.clone()),
+            Box::new(upload_bytes.clone()),
+            Box::new(download_bytes.clone()),
+            Box::new(round_seconds.clone()),
+            Box::new(checkins.clone()),
+            Box::new(enrollments.clone()),
+            Box::new(current_round.clone()),
+            Box::new(model_version.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            rounds,
+            reports,
+            rejects,
+            upload_bytes,
+            download_bytes,
+            round_seconds,
+            checkins,
+            enrollments,
+            current_round,
+            model_version,
+        }
+    }
+
+    pub fn report(&self, bytes: usize) {
+        self.reports.inc();
+        self.upload_bytes.inc_by(bytes as u64);
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejects.with_label_values(&[reason]).inc();
+    }
+
+    pub fn rejects(&self, reason: &str) -> u64 {
+        self.rejects.with_label_values(&[reason]).get()
+    }
+
+    pub fn reports(&self) -> u64 {
+        self.reports.get()
+    }
+
+    pub fn download(&self, bytes: usize) {
+        self.download_bytes.inc_by(bytes as u64);
+    }
+
+    pub fn checkin(&self, answer: &'static str) {
+        self.checkins.with_label_values(&[answer]).inc();
+    }
+
+    pub fn enrolled(&self) {
+        self.enrollments.inc();
+    }
+
+    pub fn round_closed(&self, committed: bool, took: Duration) {
+        let outcome = if committed { "committed" } else { "abandoned" };
+        self.rounds.with_label_values(&[outcome]).inc();
+        self.round_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_round(&self, round: u64, version: u64) {
+        self.current_round.set(round as i64);
+        self.model_version.set(version as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to memory");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+
+    /// Serves `GET /metrics` on `listener` until `shutdown`.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = self.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}

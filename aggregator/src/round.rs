@@ -1,0 +1,653 @@
+//! The round state machine: assign checked-in devices to the open round (with over-selection),
+//! accept validated uploads into a running sum until the round has its reports or its deadline
+//! passes, then commit (server step, new version, journal) or abandon, and open the next round.
+//!
+//! Lifecycle of round r: opened (journal row `open`, no deadline) → the first assignment fixes
+//! the deadline → uploads → closing (no more uploads) → committed or abandoned → round r+1
+//! opens. Uploads of a round that was open at a crash are discarded at restart (the round is
+//! abandoned; its devices take part in the next one), so no update is ever counted twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fedpersona_shared::codec::{self, DecodeLimits};
+use fedpersona_shared::lora::LoraAdapter;
+use tokio::sync::Notify;
+
+use crate::aggregate::{RunningSum, UpdateSpec};
+use crate::auth::{now_ms, DeviceId};
+use crate::config::{Config, Weighting};
+use crate::error::{FedError, Kind};
+use crate::meta::MetaState;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::versions::{sha256, Published, Versions};
+
+/// What a checked-in device is told.
+#[derive(Debug, Clone)]
+pub enum CheckIn {
+    Task(Assignment),
+    Later {
+        retry_after: Duration,
+        reason: &'static str,
+    },
+}
+
+/// A device's part in a round.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub round: u64,
+    pub version: u64,
+    pub adapter_sha256: [u8; 32],
+    pub adapter_bytes: u64,
+    pub deadline: SystemTime,
+}
+
+/// An upload whose header passed every check; its data follows.
+#[derive(Debug)]
+pub struct UploadTicket {
+    device: DeviceId,
+    round: u64,
+    nonce: Vec<u8>,
+    total_bytes: u64,
+    sha256: Vec<u8>,
+    num_examples: u32,
+}
+
+impl UploadTicket {
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+}
+
+/// The header fields of an upload.
+#[derive(Debug, Clone)]
+pub struct UploadHeader {
+    pub round: u64,
+    pub nonce: Vec<u8>,
+    pub total_bytes: u64,
+    pub sha256: Vec<u8>,
+    pub num_examples: u32,
+}
+
+/// The public view of the current round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundView {
+    pub round: u64,
+    pub state: &'static str,
+    pub version: u64,
+    pub reports: u32,
+    pub target_reports: u32,
+    pub deadline: Option<SystemTime>,
+    pub rounds_committed: u64,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    id: u64,
+    opened: Instant,
+    /// Set by the first assignment.
+    deadline: Option<(Instant, SystemTime)>,
+    /// Assigned devices and whether they reported.
+    cohort: HashMap<DeviceId, bool>,
+    sum: RunningSum,
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    meta: MetaState,
+    published: Published,
+    round: Option<OpenRound>,
+    rounds_committed: u64,
+    finished: bool,
+}
+
+/// How a closed round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed {
+        round: u64,
+        version: u64,
+        reports: u64,
+    },
+    Abandoned {
+        round: u64,
+        reports: u64,
+    },
+}
+
+/// The aggregator's round logic over its journal and adapter versions.
+#[derive(Debug)]
+pub struct Coordinator {
+    config: Arc<Config>,
+    store: Arc<Store>,
+    versions: Versions,
+    spec: UpdateSpec,
+    metrics: Metrics,
+    state: Mutex<State>,
+    /// Woken when the open round has its target reports.
+    round_full: Notify,
+    /// Woken whenever a round's deadline is first set.
+    deadline_set: Notify,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> FedError {
+    FedError::internal(what, e)
+}
+
+impl Coordinator {
+    /// Recovers from the journal (abandoning a round left open by a crash), loads the latest
+    /// committed adapter (or creates version 0) and opens the next round.
+    pub fn start(config: Arc<Config>, store: Arc<Store>, metrics: Metrics) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let versions = Versions::new(
+            &config.state_dir,
+            config.model.clone(),
+            config.adapter.clone(),
+        );
+        let rec = store.recover(now_ms())?;
+        if !rec.abandoned.is_empty() {
+            tracing::warn!(rounds = ?rec.abandoned, "abandoned rounds left open by the previous run; their uploads are discarded");
+        }
+        let (meta, published) = match &rec.latest {
+            Some(v) => versions
+                .load(v.version, &v.sha256)
+                .with_context(|| format!("loading committed adapter version {}", v.version))?,
+            None => {
+                let meta = versions.initial()?;
+                let published = versions.save(0, &meta)?;
+                store.record_initial_version(&published.sha256, now_ms())?;
+                (meta, published)
+            }
+        };
+        let spec = UpdateSpec::new(
+            LoraAdapter::trained_shapes(&config.model, &config.adapter),
+            f64::from(config.update.clip_norm),
+        );
+        let finished = config
+            .rounds
+            .max_rounds
+            .is_some_and(|m| rec.rounds_committed >= m);
+        let round = if finished {
+            None
+        } else {
+            store.open_round(rec.next_round, published.version, now_ms())?;
+            Some(OpenRound::new(rec.next_round, spec.clone()))
+        };
+        tracing::info!(
+            version = published.version,
+            round = rec.next_round,
+            committed = rec.rounds_committed,
+            "aggregator state recovered"
+        );
+        metrics.set_round(rec.next_round, published.version);
+        Ok(Coordinator {
+            config,
+            store,
+            versions,
+            spec,
+            metrics,
+            state: Mutex::new(State {
+                meta,
+                published,
+                round,
+                rounds_committed: rec.rounds_committed,
+                finished,
+            }),
+            round_full: Notify::new(),
+            deadline_set: Notify::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn spec(&self) -> &UpdateSpec {
+        &self.spec
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The currently published global adapter.
+    pub fn published(&self) -> Published {
+        self.lock().published.clone()
+    }
+
+    /// θ as the server holds it now.
+    pub fn theta(&self) -> MetaState {
+        self.lock().meta.clone()
+    }
+
+    pub fn view(&self) -> RoundView {
+        let st = self.lock();
+        let target = self.config.rounds.target_reports.get();
+        match &st.round {
+            Some(r) => RoundView {
+                round: r.id,
+                state: if r.closing { "closing" } else { "open" },
+                version: st.published.version,
+                reports: r.sum.count() as u32,
+                target_reports: target,
+                deadline: r.deadline.map(|d| d.1),
+                rounds_committed: st.rounds_committed,
+            },
+            None => RoundView {
+                round: 0,
+                state: if st.finished { "finished" } else { "idle" },
+                version: st.published.version,
+                reports: 0,
+                target_reports: target,
+                deadline: None,
+                rounds_committed: st.rounds_committed,
+            },
+        }
+    }
+
+    /// Assigns the device to the open round if there is room and time.
+    pub fn check_in(&self, device: &DeviceId) -> CheckIn {
+        let policy = &self.config.rounds;
+        let mut st = self.lock();
+        let later = |reason| CheckIn::Later {
+            retry_after: policy.retry_after,
+            reason,
+        };
+        if st.finished {
+            return later("training finished");
+        }
+        let (version, sha, len) = (
+            st.published.version,
+            st.published.sha256,
+            st.published.bytes.len() as u64,
+        );
+        let Some(round) = st.round.as_mut() else {
+            return later("no round open");
+        };
+        if round.closing {
+            return later("round closing");
+        }
+        let deadline = match round.cohort.get(device) {
+            Some(true) => {
+                return CheckIn::Later {
+                    retry_after: round
+                        .deadline
+                        .map_or(policy.retry_after, |d| {
+                            d.0.saturating_duration_since(Instant::now())
+                        })
+                        .max(Duration::from_millis(100)),
+                    reason: "already reported in this round",
+                }
+            }
+            // Assigned before (e.g. the device restarted): the same task again.
+            Some(false) => round.deadline.expect("set at the first assignment"),
+            None => {
+                if round.cohort.len() >= policy.max_assigned.get() as usize {
+                    return later("cohort full");
+                }
+                let deadline = *round.deadline.get_or_insert_with(|| {
+                    (
+                        Instant::now() + policy.round_timeout,
+                        SystemTime::now() + policy.round_timeout,
+                    )
+                });
+                if deadline.0.saturating_duration_since(Instant::now()) < policy.min_task_time {
+                    return later("too little time left in this round");
+                }
+                if round.cohort.is_empty() {
+                    self.deadline_set.notify_one();
+                }
+                round.cohort.insert(device.clone(), false);
+                deadline
+            }
+        };
+        CheckIn::Task(Assignment {
+            round: round.id,
+            version,
+            adapter_sha256: sha,
+            adapter_bytes: len,
+            deadline: deadline.1,
+        })
+    }
+
+    /// Checks an upload's header against the round before any data is read.
+    pub fn begin_upload(
+        &self,
+        device: DeviceId,
+        h: UploadHeader,
+    ) -> Result<UploadTicket, FedError> {
+        let wrong = |reason, msg: String| FedError::new(Kind::WrongRound, reason, msg);
+        if h.nonce.len() != fedpersona_proto::auth::NONCE_LEN {
+            return Err(FedError::invalid(
+                "bad_header",
+                "upload nonce must be 16 bytes",
+            ));
+        }
+        if h.sha256.len() != 32 {
+            return Err(FedError::invalid(
+                "bad_header",
+                "upload sha256 must be 32 bytes",
+            ));
+        }
+        if h.total_bytes == 0 {
+            return Err(FedError::invalid("bad_header", "upload is empty"));
+        }
+        if h.total_bytes > self.config.update.max_upload_bytes {
+            return Err(FedError::invalid(
+                "oversized",
+                format!(
+                    "upload of {} bytes exceeds the limit of {} bytes",
+                    h.total_bytes, self.config.update.max_upload_bytes
+                ),
+            ));
+        }
+        {
+            let st = self.lock();
+            self.check_round(&st, &device, h.round)
+                .map_err(|(reason, msg)| wrong(reason, msg))?;
+        }
+        if self.store.nonce_seen(&h.nonce)? {
+            return Err(FedError::new(
+                Kind::Duplicate,
+                "replay",
+                "upload nonce was already used",
+            ));
+        }
+        Ok(UploadTicket {
+            device,
+            round: h.round,
+            nonce: h.nonce,
+            total_bytes: h.total_bytes,
+            sha256: h.sha256,
+            num_examples: h.num_examples,
+        })
+    }
+
+    fn check_round(
+        &self,
+        st: &State,
+        device: &DeviceId,
+        round_id: u64,
+    ) -> Result<(), (&'static str, String)> {
+        let Some(round) = st.round.as_ref().filter(|r| r.id == round_id) else {
+            let current = st.round.as_ref().map_or(0, |r| r.id);
+            return Err((
+                "wrong_round",
+                format!("round {round_id} is not open (current round: {current})"),
+            ));
+        };
+        if round.closing {
+            return Err(("round_closed", format!("round {round_id} is closing")));
+        }
+        if let Some((at, _)) = round.deadline {
+            if Instant::now() > at {
+                return Err(("late", format!("round {round_id} deadline has passed")));
+            }
+        }
+        match round.cohort.get(device) {
+            None => Err((
+                "not_in_cohort",
+                format!("device is not in the cohort of round {round_id}"),
+            )),
+            Some(true) => Err((
+                "already_reported",
+                format!("device already reported in round {round_id}"),
+            )),
+            Some(false) => Ok(()),
+        }
+    }
+
+    /// Validates the upload's bytes and adds them to the round's sum. On any error nothing
+    /// changed.
+    pub fn finish_upload(&self, t: UploadTicket, bytes: &[u8]) -> Result<u32, FedError> {
+        if bytes.len() as u64 != t.total_bytes {
+            return Err(FedError::invalid(
+                "truncated",
+                format!(
+                    "upload has {} bytes, header declared {}",
+                    bytes.len(),
+                    t.total_bytes
+                ),
+            ));
+        }
+        if sha256(bytes).as_slice() != t.sha256.as_slice() {
+            return Err(FedError::invalid(
+                "hash",
+                "upload SHA-256 does not match its header",
+            ));
+        }
+        let limits = DecodeLimits {
+            max_tensors: self.spec.shapes().len(),
+            max_values: self.spec.num_values(),
+        };
+        let update = codec::decode(bytes, &limits)
+            .map_err(|e| FedError::invalid("malformed", format!("update does not decode: {e}")))?;
+        self.spec
+            .check(&update)
+            .map_err(|e| FedError::invalid(rejection_reason(&e), e.to_string()))?;
+        let weight = match self.config.update.weighting {
+            Weighting::Uniform => 1.0,
+            Weighting::Examples { cap } => {
+                if t.num_examples == 0 {
+                    return Err(FedError::invalid(
+                        "bad_header",
+                        "num_examples must be positive",
+                    ));
+                }
+                f64::from(t.num_examples.min(cap))
+            }
+        };
+        let mut st = self.lock();
+        self.check_round(&st, &t.device, t.round)
+            .map_err(|(reason, msg)| FedError::new(Kind::WrongRound, reason, msg))?;
+        // Journal first: a replay or a second report is refused before the sum changes.
+        match self
+            .store
+            .record_upload(&t.nonce, t.round, &t.device.0, t.total_bytes, now_ms())?
+        {
+            Ok(()) => {}
+            Err(crate::store::UploadConflict::Replay) => {
+                return Err(FedError::new(
+                    Kind::Duplicate,
+                    "replay",
+                    "upload nonce was already used",
+                ))
+            }
+            Err(crate::store::UploadConflict::AlreadyReported) => {
+                return Err(FedError::new(
+                    Kind::Duplicate,
+                    "already_reported",
+                    format!("device already reported in round {}", t.round),
+                ))
+            }
+        }
+        let round = st.round.as_mut().expect("checked above");
+        round
+            .sum
+            .add(&update, weight)
+            .map_err(|e| internal("adding a checked update", e))?;
+        *round.cohort.get_mut(&t.device).expect("checked above") = true;
+        let reports = round.sum.count() as u32;
+        if reports >= self.config.rounds.target_reports.get() {
+            round.closing = true;
+            self.round_full.notify_one();
+        }
+        drop(st);
+        self.metrics.report(bytes.len());
+        Ok(reports)
+    }
+
+    /// Runs rounds until `shutdown` resolves: closes each round when it is full or its
+    /// deadline passes.
+    pub async fn drive(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = {
+                let st = self.lock();
+                match &st.round {
+                    None => None,
+                    Some(r) if r.closing => Some(tokio::time::Instant::now()),
+                    Some(r) => r.deadline.map(|d| tokio::time::Instant::from_std(d.0)),
+                }
+            };
+            let wake = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = self.round_full.notified() => {}
+                _ = self.deadline_set.notified() => continue,
+                _ = wake => {}
+            }
+            let due = {
+                let mut st = self.lock();
+                match st.round.as_mut() {
+                    Some(r) if r.closing || r.deadline.is_some_and(|d| Instant::now() >= d.0) => {
+                        r.closing = true;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if due {
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.close_round()).await {
+                    Ok(Ok(outcome)) => tracing::info!(?outcome, "round closed"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "closing the round failed; stopping rounds");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "closing the round panicked; stopping rounds");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the round (already marked closing): commit with enough reports, else abandon;
+    /// then opens the next round unless the configured number is reached.
+    pub fn close_round(&self) -> anyhow::Result<Outcome> {
+        let (id, sum, opened, meta, base_version) = {
+            let st = self.lock();
+            let r = st
+                .round
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no round to close"))?;
+            (
+                r.id,
+                r.sum.clone(),
+                r.opened,
+                st.meta.clone(),
+                st.published.version,
+            )
+        };
+        let reports = sum.count();
+        let min = u64::from(self.config.rounds.min_reports.get());
+        let outcome = if reports >= min {
+            let mean = sum.mean().expect("at least one report");
+            let mut next = meta;
+            next.apply(self.config.meta, &mean)?;
+            let version = base_version + 1;
+            let published = self.versions.save(version, &next)?;
+            self.store
+                .commit_round(id, version, &published.sha256, now_ms())?;
+            let mut st = self.lock();
+            st.meta = next;
+            st.published = published;
+            st.rounds_committed += 1;
+            Outcome::Committed {
+                round: id,
+                version,
+                reports,
+            }
+        } else {
+            self.store.abandon_round(
+                id,
+                &format!("{reports} reports by the deadline, {min} needed"),
+                now_ms(),
+            )?;
+            Outcome::Abandoned { round: id, reports }
+        };
+        self.metrics.round_closed(
+            matches!(outcome, Outcome::Committed { .. }),
+            opened.elapsed(),
+        );
+        let mut st = self.lock();
+        let finished = self
+            .config
+            .rounds
+            .max_rounds
+            .is_some_and(|m| st.rounds_committed >= m);
+        if finished {
+            st.finished = true;
+            st.round = None;
+        } else {
+            self.store
+                .open_round(id + 1, st.published.version, now_ms())?;
+            st.round = Some(OpenRound::new(id + 1, self.spec.clone()));
+        }
+        self.metrics.set_round(id + 1, st.published.version);
+        drop(st);
+        if let Outcome::Committed { .. } = outcome {
+            self.prune();
+        }
+        Ok(outcome)
+    }
+
+    fn prune(&self) {
+        match self.store.versions_to_prune(self.config.keep_versions) {
+            Ok(old) => {
+                for v in old {
+                    if let Err(e) = self.versions.remove(v) {
+                        tracing::warn!(version = v, error = %e, "could not remove an old adapter version");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list old adapter versions"),
+        }
+    }
+}
+
+impl OpenRound {
+    fn new(id: u64, spec: UpdateSpec) -> Self {
+        OpenRound {
+            id,
+            opened: Instant::now(),
+            deadline: None,
+            cohort: HashMap::new(),
+            sum: RunningSum::new(spec),
+            closing: false,
+        }
+    }
+}
+
+fn rejection_reason(e: &crate::aggregate::UpdateRejection) -> &'static str {
+    use crate::aggregate::UpdateRejection as R;
+    match e {
+        R::UnexpectedTensor(_) | R::MissingTensor(_) | R::WrongShape { .. } => "shape",
+        R::NonFinite(_) => "non_finite",
+        R::NormTooLarge { .. } => "norm",
+    }
+}
+
+/// Milliseconds since the epoch of a wall-clock time.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,103 @@
+//! `aggregator serve`: wires the journal, the round driver, the gRPC server (TLS, health,
+//! reflection) and the metrics endpoint, on listeners the caller bound.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fedpersona_proto::v1::federation_server::FederationServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::Authenticator;
+use crate::config::{Config, Transport};
+use crate::metrics::Metrics;
+use crate::round::Coordinator;
+use crate::service::FederationService;
+use crate::store::Store;
+
+/// Path of the journal inside the state folder.
+pub fn journal_path(config: &Config) -> std::path::PathBuf {
+    config.state_dir.join("journal.sqlite")
+}
+
+/// A started aggregator: its round logic (for tests and the simulation) and the future that
+/// serves until shutdown.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub coordinator: Arc<Coordinator>,
+}
+
+/// Recovers state and builds the round logic (no sockets).
+pub fn start(config: Config) -> anyhow::Result<Handle> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let store = Arc::new(Store::open(&journal_path(&config)).context("opening the journal")?);
+    let coordinator = Arc::new(Coordinator::start(Arc::new(config), store, Metrics::new())?);
+    Ok(Handle { coordinator })
+}
+
+/// Serves the federation on `listener` (and metrics on `metrics`, if given) until `shutdown`
+/// resolves, running rounds meanwhile.
+pub async fn run(
+    handle: Handle,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let coordinator = handle.coordinator;
+    let config = coordinator.config().clone();
+    let auth = Arc::new(Authenticator::new(
+        coordinator.store().clone(),
+        config.enrollment_token_digests.clone(),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let driver = tokio::spawn(coordinator.clone().drive(stopped()));
+    let metrics_task =
+        metrics.map(|l| tokio::spawn(coordinator.metrics().clone().serve(l, stopped())));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<FederationServer<FederationService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(fedpersona_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    // Upload chunks are at most `chunk_bytes`; leave room for the header fields.
+    let max_message = config.update.chunk_bytes as usize + 64 * 1024;
+    let federation = FederationServer::new(FederationService::new(coordinator.clone(), auth))
+        .max_decoding_message_size(max_message);
+
+    let mut builder = Server::builder();
+    if let Transport::Tls { cert_pem, key_pem } = &config.transport {
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
+            .context("TLS configuration")?;
+    }
+    let incoming = TcpListenerStream::new(listener);
+    let served = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(federation)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = driver.await;
+    if let Some(t) = metrics_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %e, "metrics endpoint failed");
+        }
+    }
+    served.context("gRPC server")
+}

@@ -1,0 +1,289 @@
+//! The `fedpersona.v1.Federation` gRPC service: converts wire messages, authenticates, and
+//! hands over to the round logic. Generated types stay in this module.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fedpersona_proto::v1 as pb;
+use fedpersona_proto::v1::federation_server::Federation;
+use tokio::sync::Semaphore;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::Authenticator;
+use crate::error::{FedError, Kind};
+use crate::round::{unix_ms, CheckIn, Coordinator, UploadHeader};
+
+/// Chunk size of adapter downloads.
+const DOWNLOAD_CHUNK: usize = 256 << 10;
+
+/// The service state: round logic, authentication, and a bound on uploads in flight (which
+/// bounds the memory of buffered uploads).
+#[derive(Debug, Clone)]
+pub struct FederationService {
+    coordinator: Arc<Coordinator>,
+    auth: Arc<Authenticator>,
+    uploads: Arc<Semaphore>,
+}
+
+impl FederationService {
+    pub fn new(coordinator: Arc<Coordinator>, auth: Arc<Authenticator>) -> Self {
+        let permits = coordinator.config().max_concurrent_uploads;
+        FederationService {
+            coordinator,
+            auth,
+            uploads: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    /// Counts a refusal and converts it to a status.
+    fn refuse(&self, e: FedError) -> Status {
+        self.coordinator.metrics().reject(e.reason);
+        if e.kind != Kind::Internal {
+            tracing::debug!(reason = e.reason, "request refused");
+        }
+        e.into()
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::AdapterChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let pb::EnrollRequest {
+            token,
+            public_key,
+            agent_version: _,
+        } = request.into_inner();
+        let id = self
+            .auth
+            .enroll(&token, &public_key)
+            .map_err(|e| self.refuse(e))?;
+        self.coordinator.metrics().enrolled();
+        Ok(Response::new(pb::EnrollResponse { device_id: id.0 }))
+    }
+
+    async fn check_in(
+        &self,
+        request: Request<pb::CheckInRequest>,
+    ) -> Result<Response<pb::CheckInResponse>, Status> {
+        let mut req = request.into_inner();
+        let auth = req.auth.take();
+        let device = self
+            .auth
+            .verify("CheckIn", auth.as_ref(), &req)
+            .map_err(|e| self.refuse(e))?;
+        let pb::CheckInRequest {
+            auth: _,
+            last_round: _,
+        } = req;
+        let c = self.coordinator.config();
+        let outcome = match self.coordinator.check_in(&device) {
+            CheckIn::Task(a) => {
+                self.coordinator.metrics().checkin("task");
+                pb::check_in_response::Outcome::Task(pb::Task {
+                    round: a.round,
+                    adapter_version: a.version,
+                    adapter_sha256: a.adapter_sha256.to_vec(),
+                    adapter_bytes: a.adapter_bytes,
+                    lora: Some(pb::LoraSpec {
+                        rank: c.adapter.rank as u32,
+                        alpha: c.adapter.alpha as f32,
+                        targets: c
+                            .adapter
+                            .targets
+                            .iter()
+                            .map(|t| t.hf_module().to_string())
+                            .collect(),
+                        freeze_a: c.adapter.freeze_a,
+                        seed: c.adapter.seed,
+                    }),
+                    training: Some(pb::LocalTraining {
+                        steps: c.training.steps,
+                        learning_rate: c.training.learning_rate as f32,
+                        batch_size: c.training.batch_size,
+                        seq_len: c.training.seq_len,
+                        weight_decay: c.training.weight_decay as f32,
+                        grad_clip: c.training.grad_clip as f32,
+                    }),
+                    clip_norm: c.update.clip_norm,
+                    privacy: Some(pb::Privacy {
+                        mode: pb::PrivacyMode::None as i32,
+                        noise_multiplier: 0.0,
+                        min_reports: c.rounds.min_reports.get(),
+                    }),
+                    secure_aggregation: Some(pb::SecureAggregation { enabled: false }),
+                    deadline_unix_ms: unix_ms(a.deadline),
+                    max_upload_bytes: c.update.max_upload_bytes,
+                    encoding: match c.update.encoding {
+                        fedpersona_shared::codec::Encoding::F32 => pb::Encoding::F32,
+                        fedpersona_shared::codec::Encoding::Q8 => pb::Encoding::Q8,
+                    } as i32,
+                    chunk_bytes: c.update.chunk_bytes,
+                })
+            }
+            CheckIn::Later {
+                retry_after,
+                reason,
+            } => {
+                self.coordinator.metrics().checkin("later");
+                pb::check_in_response::Outcome::Later(pb::ComeBackLater {
+                    retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32,
+                    reason: reason.to_string(),
+                })
+            }
+        };
+        Ok(Response::new(pb::CheckInResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    type DownloadAdapterStream = ChunkStream;
+
+    async fn download_adapter(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let mut req = request.into_inner();
+        let auth = req.auth.take();
+        self.auth
+            .verify("DownloadAdapter", auth.as_ref(), &req)
+            .map_err(|e| self.refuse(e))?;
+        let pb::DownloadRequest {
+            auth: _,
+            adapter_version,
+        } = req;
+        let published = self.coordinator.published();
+        if published.version != adapter_version {
+            return Err(self.refuse(FedError::new(
+                Kind::NotFound,
+                "old_version",
+                format!(
+                    "adapter version {adapter_version} is not served (current: {})",
+                    published.version
+                ),
+            )));
+        }
+        self.coordinator.metrics().download(published.bytes.len());
+        let total = published.bytes.len() as u64;
+        let chunks: Vec<Result<pb::AdapterChunk, Status>> = published
+            .bytes
+            .chunks(DOWNLOAD_CHUNK)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(pb::AdapterChunk {
+                    offset: (i * DOWNLOAD_CHUNK) as u64,
+                    data: c.to_vec(),
+                    total_bytes: if i == 0 { total } else { 0 },
+                    sha256: if i == 0 {
+                        published.sha256.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn upload_update(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadReceipt>, Status> {
+        let _permit = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| self.refuse(FedError::invalid("bad_header", "empty upload stream")))?;
+        let Some(pb::upload_chunk::Part::Header(mut header)) = first.part else {
+            return Err(self.refuse(FedError::invalid(
+                "bad_header",
+                "the first upload chunk must be the header",
+            )));
+        };
+        let auth = header.auth.take();
+        let device = self
+            .auth
+            .verify("UploadUpdate", auth.as_ref(), &header)
+            .map_err(|e| self.refuse(e))?;
+        let pb::UploadHeader {
+            auth: _,
+            round,
+            upload_nonce,
+            total_bytes,
+            sha256,
+            num_examples,
+            train_loss: _,
+        } = header;
+        let ticket = self
+            .coordinator
+            .begin_upload(
+                device,
+                UploadHeader {
+                    round,
+                    nonce: upload_nonce,
+                    total_bytes,
+                    sha256,
+                    num_examples,
+                },
+            )
+            .map_err(|e| self.refuse(e))?;
+        let total = ticket.total_bytes() as usize;
+        let mut buf = Vec::with_capacity(total);
+        while let Some(chunk) = stream.message().await? {
+            match chunk.part {
+                Some(pb::upload_chunk::Part::Data(d)) => {
+                    if buf.len() + d.len() > total {
+                        return Err(self.refuse(FedError::invalid(
+                            "oversized",
+                            format!("upload data exceeds the declared {total} bytes"),
+                        )));
+                    }
+                    buf.extend_from_slice(&d);
+                }
+                Some(pb::upload_chunk::Part::Header(_)) | None => {
+                    return Err(self.refuse(FedError::invalid(
+                        "bad_chunk",
+                        "upload chunks after the first must carry data",
+                    )))
+                }
+            }
+        }
+        let reports = self
+            .coordinator
+            .finish_upload(ticket, &buf)
+            .map_err(|e| self.refuse(e))?;
+        Ok(Response::new(pb::UploadReceipt { round, reports }))
+    }
+
+    async fn get_round_status(
+        &self,
+        request: Request<pb::RoundStatusRequest>,
+    ) -> Result<Response<pb::RoundStatus>, Status> {
+        let mut req = request.into_inner();
+        let auth = req.auth.take();
+        self.auth
+            .verify("GetRoundStatus", auth.as_ref(), &req)
+            .map_err(|e| self.refuse(e))?;
+        let pb::RoundStatusRequest { auth: _ } = req;
+        let v = self.coordinator.view();
+        Ok(Response::new(pb::RoundStatus {
+            round: v.round,
+            state: v.state.to_string(),
+            adapter_version: v.version,
+            reports: v.reports,
+            target_reports: v.target_reports,
+            deadline_unix_ms: v.deadline.map_or(0, unix_ms),
+            rounds_completed: v.rounds_committed,
+        }))
+    }
+}

@@ -1,0 +1,201 @@
+//! Versioned global adapters on disk: `adapters/v000042/` holds θ in the PEFT layout
+//! (`adapter_config.json`, `adapter_model.safetensors`) and the server optimizer's state.
+//!
+//! A version is written into a temporary folder and renamed into place, so a folder named
+//! `vNNNNNN` is always complete; it only counts once the journal commits its hash (see
+//! `store`). An orphan left by a crash between the rename and the commit is replaced.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use fedpersona_shared::checkpoint::{self, CheckpointError};
+use fedpersona_shared::config::LlamaConfig;
+use fedpersona_shared::delta::AdapterTensors;
+use fedpersona_shared::lora::{LoraAdapter, LoraConfig, LoraError};
+use serde::{Deserialize, Serialize};
+
+use crate::meta::MetaState;
+
+/// Errors reading or writing adapter versions.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
+    #[error("{path}: {message}")]
+    Corrupt { path: String, message: String },
+    #[error("{path}: SHA-256 differs from the journal's (file changed or corrupt)")]
+    HashMismatch { path: String },
+}
+
+/// A version's bytes as devices download them.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub version: u64,
+    /// `adapter_model.safetensors`.
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: [u8; 32],
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ServerStateMeta {
+    step: u64,
+    has_m: bool,
+    has_v: bool,
+}
+
+/// The `adapters/` folder.
+#[derive(Debug, Clone)]
+pub struct Versions {
+    dir: PathBuf,
+    model: LlamaConfig,
+    lora: LoraConfig,
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+impl Versions {
+    pub fn new(state_dir: &Path, model: LlamaConfig, lora: LoraConfig) -> Self {
+        Versions {
+            dir: state_dir.join("adapters"),
+            model,
+            lora,
+        }
+    }
+
+    pub fn path(&self, version: u64) -> PathBuf {
+        self.dir.join(format!("v{version:06}"))
+    }
+
+    /// The initial θ: A from the configured seed, B zero.
+    pub fn initial(&self) -> Result<MetaState, VersionError> {
+        let adapter = LoraAdapter::new(&self.model, self.lora.clone(), &Device::Cpu)?;
+        Ok(MetaState::new(adapter.to_tensors()?))
+    }
+
+    /// Writes a version and returns what devices will download.
+    pub fn save(&self, version: u64, state: &MetaState) -> Result<Published, VersionError> {
+        let io = |p: &Path, e| VersionError::Checkpoint(CheckpointError::io(p, e));
+        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let target = self.path(version);
+        let tmp = self.dir.join(format!(".v{version:06}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        let adapter =
+            LoraAdapter::from_tensors(&self.model, self.lora.clone(), &state.theta, &Device::Cpu)?;
+        adapter.save(&tmp)?;
+        let mut opt = Vec::new();
+        for (prefix, t) in [("m.", &state.m), ("v.", &state.v)] {
+            if let Some(t) = t {
+                opt.extend(
+                    t.clone()
+                        .into_named_vec()
+                        .into_iter()
+                        .map(|(n, t)| (format!("{prefix}{n}"), t)),
+                );
+            }
+        }
+        checkpoint::save_safetensors(&tmp.join("server_optimizer.safetensors"), &opt)?;
+        let meta = ServerStateMeta {
+            step: state.step,
+            has_m: state.m.is_some(),
+            has_v: state.v.is_some(),
+        };
+        checkpoint::write_atomic(
+            &tmp.join("server_optimizer.json"),
+            &serde_json::to_vec(&meta).expect("plain struct"),
+        )?;
+        if target.exists() {
+            // An orphan from a crash before its commit: never a committed version, since
+            // versions only grow.
+            std::fs::remove_dir_all(&target).map_err(|e| io(&target, e))?;
+        }
+        std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&self.dir, e))?;
+        let file = target.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+        Ok(Published {
+            version,
+            sha256: sha256(&bytes),
+            bytes: Arc::new(bytes),
+        })
+    }
+
+    /// Loads a committed version, checking its hash against the journal's.
+    pub fn load(
+        &self,
+        version: u64,
+        expected_sha256: &[u8],
+    ) -> Result<(MetaState, Published), VersionError> {
+        let dir = self.path(version);
+        let io = |p: &Path, e| VersionError::Checkpoint(CheckpointError::io(p, e));
+        let file = dir.join("adapter_model.safetensors");
+        let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+        let digest = sha256(&bytes);
+        if digest.as_slice() != expected_sha256 {
+            return Err(VersionError::HashMismatch {
+                path: file.display().to_string(),
+            });
+        }
+        let corrupt = |p: &Path, message: String| VersionError::Corrupt {
+            path: p.display().to_string(),
+            message,
+        };
+        let theta =
+            AdapterTensors::from_safetensors(&bytes).map_err(|e| corrupt(&file, e.to_string()))?;
+        // Validates names and shapes against the configured adapter.
+        LoraAdapter::from_tensors(&self.model, self.lora.clone(), &theta, &Device::Cpu)?;
+        let meta_path = dir.join("server_optimizer.json");
+        let meta: ServerStateMeta =
+            serde_json::from_slice(&std::fs::read(&meta_path).map_err(|e| io(&meta_path, e))?)
+                .map_err(|e| corrupt(&meta_path, e.to_string()))?;
+        let opt_path = dir.join("server_optimizer.safetensors");
+        let opt = AdapterTensors::from_safetensors(
+            &std::fs::read(&opt_path).map_err(|e| io(&opt_path, e))?,
+        )
+        .map_err(|e| corrupt(&opt_path, e.to_string()))?;
+        let part = |prefix: &str, present: bool| -> Option<AdapterTensors> {
+            present.then(|| {
+                let mut t = AdapterTensors::default();
+                for (n, v) in opt.iter() {
+                    if let Some(name) = n.strip_prefix(prefix) {
+                        t.insert(name.to_string(), v.shape.clone(), v.data.clone());
+                    }
+                }
+                t
+            })
+        };
+        let state = MetaState {
+            theta,
+            m: part("m.", meta.has_m),
+            v: part("v.", meta.has_v),
+            step: meta.step,
+        };
+        Ok((
+            state,
+            Published {
+                version,
+                sha256: digest,
+                bytes: Arc::new(bytes),
+            },
+        ))
+    }
+
+    /// Deletes a version's folder (pruning old versions).
+    pub fn remove(&self, version: u64) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.path(version)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! The aggregator's gRPC service over TLS on 127.0.0.1:0 with a hand-driven device: every kind
+//! of malformed upload is refused with its status and leaves the state unchanged; a killed
+//! aggregator resumes from its journal without losing or double-counting anything.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aggregator::config::Config;
+use aggregator::server::{self, Handle};
+use fedpersona_proto::auth::{self, Signer};
+use fedpersona_proto::v1 as pb;
+use fedpersona_proto::v1::federation_client::FederationClient;
+use fedpersona_shared::codec::{self, Encoding};
+use fedpersona_shared::delta::AdapterTensors;
+use rand::SeedableRng;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+pub const TOKEN: &str = "test-enrollment-token-0123456789";
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/hf-tiny-llama")
+}
+
+/// Writes TLS material and a config into `dir`; `rounds` is the `[rounds]` table body.
+pub fn write_config(dir: &Path, rounds: &str, extra: &str) -> PathBuf {
+    let tls = aggregator::tls::generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+    aggregator::tls::write(&tls, &dir.join("tls")).unwrap();
+    let path = dir.join("aggregator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+
+[tls]
+cert = "tls/server.pem"
+key = "tls/server.key"
+
+[enrollment]
+tokens = ["{TOKEN}"]
+
+[model]
+dir = "{}"
+
+[adapter]
+rank = 4
+alpha = 8
+targets = ["q_proj", "v_proj"]
+
+[rounds]
+{rounds}
+
+[training]
+steps = 2
+batch_size = 4
+seq_len = 32
+{extra}
+"#,
+            model_dir().display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// An aggregator in its own runtime: dropping the runtime is as abrupt as a kill for
+/// everything that is not already in the journal.
+pub struct Server {
+    pub rt: tokio::runtime::Runtime,
+    pub addr: SocketAddr,
+    pub handle: Handle,
+    pub ca: Vec<u8>,
+}
+
+impl Server {
+    pub fn start(config_path: &Path) -> Server {
+        let config = Config::load(config_path).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = server::start(config).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(server::run(
+            handle.clone(),
+            listener,
+            None,
+            std::future::pending(),
+        ));
+        let ca = std::fs::read(config_path.parent().unwrap().join("tls/ca.pem")).unwrap();
+        Server {
+            rt,
+            addr,
+            handle,
+            ca,
+        }
+    }
+
+    pub fn channel(&self) -> Channel {
+        let _guard = self.rt.enter();
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.addr.port()))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&self.ca))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// Enrolls a fresh key; returns its signer.
+    pub fn device(&self) -> Arc<Signer> {
+        let key = auth::generate_key().unwrap();
+        let mut client = FederationClient::new(self.channel());
+        let id = self
+            .rt
+            .block_on(client.enroll(pb::EnrollRequest {
+                token: TOKEN.into(),
+                public_key: auth::public_key(&key).unwrap(),
+                agent_version: "test".into(),
+            }))
+            .unwrap()
+            .into_inner()
+            .device_id;
+        Arc::new(Signer::new(id, &key).unwrap())
+    }
+
+    pub fn check_in(&self, s: &Signer) -> pb::check_in_response::Outcome {
+        let mut req = pb::CheckInRequest {
+            auth: None,
+            last_round: 0,
+        };
+        req.auth = Some(s.auth("CheckIn", &req));
+        self.rt
+            .block_on(FederationClient::new(self.channel()).check_in(req))
+            .unwrap()
+            .into_inner()
+            .outcome
+            .unwrap()
+    }
+
+    pub fn task(&self, s: &Signer) -> pb::Task {
+        match self.check_in(s) {
+            pb::check_in_response::Outcome::Task(t) => t,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    pub fn upload(&self, u: Upload) -> Result<pb::UploadReceipt, tonic::Status> {
+        let mut header = pb::UploadHeader {
+            auth: None,
+            round: u.round,
+            upload_nonce: u.nonce.clone(),
+            total_bytes: u.total_bytes.unwrap_or(u.bytes.len() as u64),
+            sha256: u.sha256.clone().unwrap_or_else(|| {
+                ring::digest::digest(&ring::digest::SHA256, &u.bytes)
+                    .as_ref()
+                    .to_vec()
+            }),
+            num_examples: 10,
+            train_loss: 0.0,
+        };
+        if let Some(s) = &u.signer {
+            header.auth = Some(s.auth("UploadUpdate", &header));
+        }
+        let mut parts = vec![pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Header(header)),
+        }];
+        parts.extend(u.bytes.chunks(4096).map(|c| pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(c.to_vec())),
+        }));
+        self.rt
+            .block_on(
+                FederationClient::new(self.channel()).upload_update(tokio_stream::iter(parts)),
+            )
+            .map(|r| r.into_inner())
+    }
+}
+
+/// An upload as a test builds it (every field can be wrong).
+pub struct Upload {
+    pub signer: Option<Arc<Signer>>,
+    pub round: u64,
+    pub nonce: Vec<u8>,
+    pub bytes: Vec<u8>,
+    pub total_bytes: Option<u64>,
+    pub sha256: Option<Vec<u8>>,
+}
+
+impl Upload {
+    pub fn new(signer: &Arc<Signer>, round: u64, bytes: Vec<u8>) -> Upload {
+        Upload {
+            signer: Some(signer.clone()),
+            round,
+            nonce: signer.nonce().to_vec(),
+            bytes,
+            total_bytes: None,
+            sha256: None,
+        }
+    }
+}
+
+/// A delta of the server's layout with every value `v`, encoded.
+pub fn delta(handle: &Handle, v: f32, encoding: Encoding) -> Vec<u8> {
+    let mut t = AdapterTensors::default();
+    for (name, shape) in handle.coordinator.spec().shapes() {
+        t.insert(name.clone(), shape.clone(), vec![v; shape.iter().product()]);
+    }
+    codec::encode(&t, encoding, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
+}
+
+fn code(r: Result<pb::UploadReceipt, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[test]
+fn malformed_uploads_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[update]\nmax_upload_bytes = 65536\nclip_norm = 1.0\nencoding = \"f32\"",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let a = srv.device();
+    let outsider = srv.device();
+    let task = srv.task(&a);
+    assert_eq!(task.round, 1);
+    let theta_before = h.coordinator.theta();
+    let small = delta(h, 1e-3, Encoding::F32);
+
+    // Unauthenticated: no auth, a signature by another key, a stale timestamp.
+    let mut u = Upload::new(&a, 1, small.clone());
+    u.signer = None;
+    assert_eq!(code(srv.upload(u)), Code::Unauthenticated);
+    let forged =
+        Arc::new(Signer::new(a.device_id().to_string(), &auth::generate_key().unwrap()).unwrap());
+    assert_eq!(
+        code(srv.upload(Upload::new(&forged, 1, small.clone()))),
+        Code::Unauthenticated
+    );
+    let mut req = pb::CheckInRequest::default();
+    req.auth = Some(a.auth_at("CheckIn", &req, 1_000));
+    let stale = srv
+        .rt
+        .block_on(FederationClient::new(srv.channel()).check_in(req))
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Unauthenticated);
+
+    // Wrong round; a device that was not selected.
+    assert_eq!(
+        code(srv.upload(Upload::new(&a, 7, small.clone()))),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(srv.upload(Upload::new(&outsider, 1, small.clone()))),
+        Code::FailedPrecondition
+    );
+
+    // NaN, wrong shape, too large a norm, garbage, a hash that does not match, oversized.
+    let nan = delta(h, f32::NAN, Encoding::F32);
+    assert_eq!(
+        code(srv.upload(Upload::new(&a, 1, nan))),
+        Code::InvalidArgument
+    );
+    let mut wrong = AdapterTensors::default();
+    wrong.insert(
+        h.coordinator.spec().shapes()[0].0.clone(),
+        vec![3, 3],
+        vec![0.0; 9],
+    );
+    let wrong = codec::encode(
+        &wrong,
+        Encoding::F32,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+    );
+    assert_eq!(
+        code(srv.upload(Upload::new(&a, 1, wrong))),
+        Code::InvalidArgument
+    );
+    let big = delta(h, 1.0, Encoding::F32);
+    assert_eq!(
+        code(srv.upload(Upload::new(&a, 1, big))),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(srv.upload(Upload::new(&a, 1, b"not an update".to_vec()))),
+        Code::InvalidArgument
+    );
+    let mut u = Upload::new(&a, 1, small.clone());
+    u.sha256 = Some(vec![0; 32]);
+    assert_eq!(code(srv.upload(u)), Code::InvalidArgument);
+    let mut u = Upload::new(&a, 1, vec![0; 70_000]);
+    u.total_bytes = Some(70_000);
+    assert_eq!(code(srv.upload(u)), Code::InvalidArgument);
+    // More data than the header declared.
+    let mut u = Upload::new(&a, 1, small.clone());
+    u.total_bytes = Some(small.len() as u64 - 1);
+    assert_eq!(code(srv.upload(u)), Code::InvalidArgument);
+
+    // Nothing of that reached the round.
+    assert_eq!(h.coordinator.view().reports, 0);
+    assert_eq!(h.coordinator.theta(), theta_before);
+    assert_eq!(h.coordinator.metrics().reports(), 0);
+    for reason in [
+        "no_auth",
+        "bad_signature",
+        "wrong_round",
+        "not_in_cohort",
+        "malformed",
+        "shape",
+        "norm",
+        "hash",
+        "oversized",
+    ] {
+        assert!(
+            h.coordinator.metrics().rejects(reason) >= 1,
+            "no reject counted for {reason}"
+        );
+    }
+
+    // A good upload counts once; its replay and a second report are refused.
+    let good = Upload::new(&a, 1, small.clone());
+    let nonce = good.nonce.clone();
+    assert_eq!(srv.upload(good).unwrap().reports, 1);
+    let mut replay = Upload::new(&a, 1, small.clone());
+    replay.nonce = nonce;
+    assert_eq!(code(srv.upload(replay)), Code::FailedPrecondition);
+    assert_eq!(h.coordinator.view().reports, 1);
+    let summary = h.coordinator.store().summary().unwrap();
+    assert_eq!(summary.uploads, 1);
+}
+
+#[test]
+fn a_killed_aggregator_resumes_from_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[update]\nclip_norm = 1.0\nencoding = \"q8\"",
+    );
+    // Life 1: one of two reports arrives, then the process dies mid-round.
+    let (a_key, b_key) = (auth::generate_key().unwrap(), auth::generate_key().unwrap());
+    let enroll = |srv: &Server, key: &[u8]| {
+        let id = srv
+            .rt
+            .block_on(
+                FederationClient::new(srv.channel()).enroll(pb::EnrollRequest {
+                    token: TOKEN.into(),
+                    public_key: auth::public_key(key).unwrap(),
+                    agent_version: "test".into(),
+                }),
+            )
+            .unwrap()
+            .into_inner()
+            .device_id;
+        Arc::new(Signer::new(id, key).unwrap())
+    };
+    let first_nonce;
+    let (version0_sha, a_id, theta0) = {
+        let srv = Server::start(&cfg);
+        let a = enroll(&srv, &a_key);
+        let b = enroll(&srv, &b_key);
+        let t = srv.task(&a);
+        srv.task(&b);
+        let u = Upload::new(&a, t.round, delta(&srv.handle, 1e-3, Encoding::Q8));
+        first_nonce = u.nonce.clone();
+        assert_eq!(srv.upload(u).unwrap().reports, 1);
+        let sha = srv.handle.coordinator.published().sha256;
+        let theta0 = srv.handle.coordinator.theta();
+        srv.rt.shutdown_background();
+        (sha, a.device_id().to_string(), theta0)
+    };
+
+    // Life 2: round 1 is abandoned (its report discarded), round 2 runs and commits.
+    let theta1;
+    {
+        let srv = Server::start(&cfg);
+        let h = &srv.handle;
+        let a = enroll(&srv, &a_key);
+        let b = enroll(&srv, &b_key);
+        assert_eq!(a.device_id(), a_id, "re-enrolling a key returns its id");
+        let row = h.coordinator.store().round(1).unwrap().unwrap();
+        assert_eq!(row.state, aggregator::store::RoundState::Abandoned);
+        let view = h.coordinator.view();
+        assert_eq!((view.round, view.version, view.reports), (2, 0, 0));
+        assert_eq!(h.coordinator.published().sha256, version0_sha);
+
+        let t = srv.task(&a);
+        assert_eq!(t.round, 2);
+        srv.task(&b);
+        // The report of the dead round cannot be replayed into this one.
+        let mut replay = Upload::new(&a, 2, delta(h, 1e-3, Encoding::Q8));
+        replay.nonce = first_nonce.clone();
+        assert_eq!(code(srv.upload(replay)), Code::AlreadyExists);
+        srv.upload(Upload::new(&a, 2, delta(h, 1e-3, Encoding::Q8)))
+            .unwrap();
+        srv.upload(Upload::new(&b, 2, delta(h, 3e-3, Encoding::Q8)))
+            .unwrap();
+        // The driver commits the full round; wait for the new version.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while h.coordinator.view().version != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round 2 never committed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        theta1 = h.coordinator.theta();
+        srv.rt.shutdown_background();
+    }
+
+    // Life 3: the committed round is there, exactly once, with the same θ.
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    assert_eq!(h.coordinator.theta(), theta1);
+    let s = h.coordinator.store().summary().unwrap();
+    assert_eq!(s.rounds_committed, 1);
+    assert_eq!(s.latest_version, Some(1));
+    assert_eq!(
+        s.uploads, 3,
+        "two reports of round 2 and the discarded one of round 1"
+    );
+    // Round 3 was open (empty) at the kill: abandoned too; round 4 is next.
+    assert_eq!(h.coordinator.view().round, 4);
+    assert_eq!(s.rounds_abandoned, 2);
+    // FedAvg of 1e-3 and 3e-3 (q8-rounded) moved every B value by about 2e-3.
+    let b_name = h.coordinator.spec().shapes()[0].0.clone();
+    let moved =
+        theta1.theta.get(&b_name).unwrap().data[0] - theta0.theta.get(&b_name).unwrap().data[0];
+    assert!((moved - 2e-3).abs() < 1e-4, "B moved by {moved}");
+}

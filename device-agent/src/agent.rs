@@ -1,0 +1,526 @@
+//! `device-agent run`: the federated participant. Enrolls once (Ed25519 key and device id in
+//! the state folder, mode 0600), checks in on a schedule, and for each task downloads the
+//! global adapter, adapts it on the user's own data, and uploads the clipped, encoded delta.
+//! Survives its own restart: credentials and the last round it reported are on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context};
+use candle_core::Device;
+use fedpersona_proto::auth::{self, Signer};
+use fedpersona_proto::v1 as pb;
+use fedpersona_shared::codec::Encoding;
+use fedpersona_shared::delta::AdapterTensors;
+use fedpersona_shared::privacy::{privatize, PrivacySpec, Privatized};
+use fedpersona_shared::train::{fit, Example, FitConfig, TrainConfig};
+use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{self, CheckIn, Connection, Retry, Session};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    aggregator: AggregatorFile,
+    device: DeviceFile,
+    #[serde(default)]
+    schedule: ScheduleFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AggregatorFile {
+    url: String,
+    ca_cert: Option<PathBuf>,
+    domain: Option<String>,
+    enrollment_token: Option<String>,
+    enrollment_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceFile {
+    state_dir: PathBuf,
+    model_dir: Option<PathBuf>,
+    /// The user's text: a text/JSONL file or a plays folder (with `user`).
+    data: PathBuf,
+    user: Option<String>,
+    #[serde(default)]
+    threads: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ScheduleFile {
+    checkin_interval_s: f64,
+    max_attempts: u32,
+    backoff_initial_s: f64,
+    backoff_max_s: f64,
+    max_rounds: u64,
+}
+
+impl Default for ScheduleFile {
+    fn default() -> Self {
+        ScheduleFile {
+            checkin_interval_s: 60.0,
+            max_attempts: 5,
+            backoff_initial_s: 0.5,
+            backoff_max_s: 30.0,
+            max_rounds: 0,
+        }
+    }
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub connection: Connection,
+    pub enrollment_token: String,
+    pub state_dir: PathBuf,
+    pub model_dir: PathBuf,
+    pub data: crate::dataset::DataArgs,
+    pub threads: usize,
+    /// Longest wait between check-ins (the aggregator may ask for less).
+    pub checkin_interval: Duration,
+    pub retry: Retry,
+    /// Stop after reporting in this many rounds (None: run until stopped).
+    pub max_rounds: Option<u64>,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, base: &Path) -> anyhow::Result<AgentConfig> {
+        let f: File = toml::from_str(text)?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let ca_pem = f
+            .aggregator
+            .ca_cert
+            .as_ref()
+            .map(|p| {
+                let p = resolve(p);
+                std::fs::read(&p).with_context(|| format!("aggregator.ca_cert {}", p.display()))
+            })
+            .transpose()?;
+        let token = match (
+            &f.aggregator.enrollment_token,
+            &f.aggregator.enrollment_token_file,
+        ) {
+            (Some(t), None) => t.clone(),
+            (None, Some(p)) => {
+                let p = resolve(p);
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("aggregator.enrollment_token_file {}", p.display()))?
+                    .trim()
+                    .to_string()
+            }
+            _ => bail!("[aggregator] needs exactly one of enrollment_token, enrollment_token_file"),
+        };
+        ensure!(!token.is_empty(), "the enrollment token is empty");
+        let connection = Connection {
+            url: f.aggregator.url.clone(),
+            ca_pem,
+            domain: f.aggregator.domain.clone(),
+        };
+        // Validates the URL and the TLS/plaintext rule without dialing.
+        client::channel_check(&connection)?;
+        let s = &f.schedule;
+        let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
+            ensure!(
+                v.is_finite() && v > 0.0 && v < 1e7,
+                "schedule.{what} must be a positive number of seconds"
+            );
+            Ok(Duration::from_secs_f64(v))
+        };
+        ensure!(
+            s.max_attempts >= 1,
+            "schedule.max_attempts must be at least 1"
+        );
+        Ok(AgentConfig {
+            connection,
+            enrollment_token: token,
+            state_dir: resolve(&f.device.state_dir),
+            model_dir: f
+                .device
+                .model_dir
+                .as_ref()
+                .map_or_else(fedpersona_shared::checkpoint::default_model_dir, |p| {
+                    resolve(p)
+                }),
+            data: crate::dataset::DataArgs {
+                data: resolve(&f.device.data),
+                user: f.device.user.clone(),
+            },
+            threads: f.device.threads,
+            checkin_interval: secs(s.checkin_interval_s, "checkin_interval_s")?,
+            retry: Retry {
+                max_attempts: s.max_attempts,
+                initial: secs(s.backoff_initial_s, "backoff_initial_s")?,
+                max: secs(s.backoff_max_s, "backoff_max_s")?,
+            },
+            max_rounds: (s.max_rounds > 0).then_some(s.max_rounds),
+        })
+    }
+}
+
+/// What the agent keeps between runs (besides its key).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct AgentState {
+    device_id: Option<String>,
+    last_round: u64,
+    rounds_reported: u64,
+}
+
+const KEY_FILE: &str = "device.key";
+const STATE_FILE: &str = "agent.json";
+
+/// The device's key: created once, mode 0600.
+fn load_or_create_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join(KEY_FILE);
+    if path.exists() {
+        let key = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        auth::public_key(&key).with_context(|| format!("{} is not a valid key", path.display()))?;
+        return Ok(key);
+    }
+    let key = auth::generate_key()?;
+    write_private(&path, &key)?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn load_state(dir: &Path) -> anyhow::Result<AgentState> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AgentState::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_state(dir: &Path, s: &AgentState) -> anyhow::Result<()> {
+    let path = dir.join(STATE_FILE);
+    write_private(&path, &serde_json::to_vec_pretty(s).expect("plain struct"))
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct RunSummary {
+    pub rounds_reported: u64,
+    pub tasks_failed: u64,
+}
+
+/// A participant: credentials, data and the frozen base model (shareable between agents).
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    base: Arc<BaseModel>,
+    examples: Vec<Example>,
+    session: Session,
+    state: AgentState,
+}
+
+impl Agent {
+    /// Loads or creates credentials (enrolling if needed) and the user's data.
+    pub async fn start(
+        config: AgentConfig,
+        base: Arc<BaseModel>,
+        examples: Vec<Example>,
+    ) -> anyhow::Result<Agent> {
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating {}", config.state_dir.display()))?;
+        let key = load_or_create_key(&config.state_dir)?;
+        let mut state = load_state(&config.state_dir)?;
+        let channel = client::channel(&config.connection)?;
+        let device_id = match &state.device_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = client::enroll(
+                    channel.clone(),
+                    &config.enrollment_token,
+                    auth::public_key(&key)?,
+                    config.retry,
+                )
+                .await
+                .map_err(|s| anyhow::anyhow!("enrollment refused: {}", s.message()))?;
+                state.device_id = Some(id.clone());
+                save_state(&config.state_dir, &state)?;
+                tracing::info!("enrolled with the aggregator");
+                id
+            }
+        };
+        let signer = Arc::new(Signer::new(device_id, &key)?);
+        let session = Session::new(channel, signer, config.retry);
+        Ok(Agent {
+            config,
+            base,
+            examples,
+            session,
+            state,
+        })
+    }
+
+    pub fn device_id(&self) -> Option<&str> {
+        self.state.device_id.as_deref()
+    }
+
+    /// Checks in, and takes part in rounds, until `shutdown` or `max_rounds`.
+    pub async fn run(
+        &mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<RunSummary> {
+        tokio::pin!(shutdown);
+        let mut summary = RunSummary::default();
+        loop {
+            if self
+                .config
+                .max_rounds
+                .is_some_and(|m| summary.rounds_reported >= m)
+            {
+                return Ok(summary);
+            }
+            let wait = tokio::select! {
+                _ = &mut shutdown => return Ok(summary),
+                r = self.step() => match r {
+                    Ok(Step::Reported) => {
+                        summary.rounds_reported += 1;
+                        Duration::ZERO
+                    }
+                    Ok(Step::Wait(d)) => d,
+                    Err(e) => {
+                        summary.tasks_failed += 1;
+                        tracing::warn!(error = %format!("{e:#}"), "round attempt failed");
+                        self.config.checkin_interval
+                    }
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return Ok(summary),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One check-in and, if given a task, the whole participation.
+    pub async fn step(&mut self) -> anyhow::Result<Step> {
+        let answer = self
+            .session
+            .check_in(self.state.last_round)
+            .await
+            .map_err(|s| anyhow::anyhow!("check-in failed: {} ({:?})", s.message(), s.code()))?;
+        let task = match answer {
+            CheckIn::Later {
+                retry_after,
+                reason,
+            } => {
+                tracing::debug!(reason, "no task");
+                return Ok(Step::Wait(retry_after.min(self.config.checkin_interval)));
+            }
+            CheckIn::Task(t) => t,
+        };
+        let round = task.round;
+        let (update, examples, loss) = self.train(&task).await?;
+        if SystemTime::now() > deadline(&task) {
+            bail!("round {round}: the deadline passed during training; not uploading");
+        }
+        self.session
+            .upload(&task, &update, examples, loss)
+            .await
+            .map_err(|s| anyhow::anyhow!("upload refused: {} ({:?})", s.message(), s.code()))?;
+        self.state.last_round = round;
+        self.state.rounds_reported += 1;
+        save_state(&self.config.state_dir, &self.state)?;
+        tracing::info!(round, "reported");
+        Ok(Step::Reported)
+    }
+
+    /// Downloads θ, adapts it locally, and returns the privatized delta.
+    async fn train(&self, task: &pb::Task) -> anyhow::Result<(Privatized, u32, f32)> {
+        let lora = lora_config(task)?;
+        let training = task.training.context("task without training settings")?;
+        let bytes = self
+            .session
+            .download(
+                task.adapter_version,
+                &task.adapter_sha256,
+                task.adapter_bytes,
+            )
+            .await?;
+        let theta = AdapterTensors::from_safetensors(&bytes).context("global adapter")?;
+        let base = self.base.clone();
+        let examples = self.examples.clone();
+        let clip_norm = f64::from(task.clip_norm);
+        let encoding = match pb::Encoding::try_from(task.encoding) {
+            Ok(pb::Encoding::F32) => Encoding::F32,
+            Ok(pb::Encoding::Q8) => Encoding::Q8,
+            _ => bail!("task asks for an unknown update encoding"),
+        };
+        let privacy = task.privacy.unwrap_or_default();
+        match pb::PrivacyMode::try_from(privacy.mode) {
+            Ok(pb::PrivacyMode::None) => {}
+            _ => bail!("task asks for a privacy mode this agent does not implement"),
+        }
+        if task.secure_aggregation.is_some_and(|s| s.enabled) {
+            bail!("task asks for secure aggregation, which this agent does not implement");
+        }
+        let threads = self.config.threads;
+        let seed = rand::random::<u64>();
+        tokio::task::spawn_blocking(move || {
+            local_update(
+                &base, &examples, &theta, lora, &training, clip_norm, encoding, threads, seed,
+            )
+        })
+        .await
+        .context("training task panicked")?
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Reported,
+    Wait(Duration),
+}
+
+fn deadline(task: &pb::Task) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(task.deadline_unix_ms.max(0) as u64)
+}
+
+fn lora_config(task: &pb::Task) -> anyhow::Result<LoraConfig> {
+    let spec = task.lora.as_ref().context("task without adapter spec")?;
+    let targets = spec
+        .targets
+        .iter()
+        .map(|t| Target::parse(t).with_context(|| format!("task names unknown target {t:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cfg = LoraConfig {
+        rank: spec.rank as usize,
+        alpha: f64::from(spec.alpha),
+        targets,
+        freeze_a: spec.freeze_a,
+        seed: spec.seed,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Adapts θ on the user's examples with the task's settings; returns the privatized
+/// Δ = φ − θ over the trained tensors, the number of examples and the mean training loss.
+#[allow(clippy::too_many_arguments)]
+pub fn local_update(
+    base: &BaseModel,
+    examples: &[Example],
+    theta: &AdapterTensors,
+    lora: LoraConfig,
+    training: &pb::LocalTraining,
+    clip_norm: f64,
+    encoding: Encoding,
+    threads: usize,
+    seed: u64,
+) -> anyhow::Result<(Privatized, u32, f32)> {
+    let model_cfg = base.model.config();
+    let seq_len = training.seq_len as usize;
+    ensure!(
+        (2..=model_cfg.max_position_embeddings).contains(&seq_len),
+        "task sequence length {seq_len} does not fit the base model"
+    );
+    ensure!(
+        training.steps >= 1 && training.batch_size >= 1,
+        "task asks for no training"
+    );
+    ensure!(
+        training.learning_rate.is_finite() && training.learning_rate > 0.0,
+        "task learning rate is not positive"
+    );
+    let adapter = LoraAdapter::from_tensors(model_cfg, lora.clone(), theta, &Device::Cpu)
+        .context("the global adapter does not fit this base model")?;
+    let windows = crate::adapt::to_windows(base, examples, seq_len)?;
+    ensure!(!windows.is_empty(), "no local data to train on");
+    let cfg = FitConfig {
+        steps: training.steps as usize,
+        batch_size: training.batch_size as usize,
+        optimizer: TrainConfig {
+            lr: f64::from(training.learning_rate),
+            weight_decay: f64::from(training.weight_decay),
+            max_grad_norm: (training.grad_clip > 0.0).then_some(f64::from(training.grad_clip)),
+            ..TrainConfig::default()
+        },
+        workers: if threads == 0 { 1 } else { threads },
+        seed,
+    };
+    let mut loss_sum = 0.0;
+    fit(&base.model, &adapter, &windows, &cfg, |_, s| {
+        loss_sum += s.loss
+    })?;
+    let trained = |n: &str| lora.trains(n);
+    let phi = adapter.to_tensors()?.filter(trained);
+    let delta = phi.sub(&theta.filter(trained))?;
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed);
+    let update = privatize(
+        delta,
+        &PrivacySpec {
+            clip_norm,
+            encoding,
+        },
+        &mut rng,
+    )?;
+    Ok((
+        update,
+        examples.len().min(u32::MAX as usize) as u32,
+        (loss_sum / f64::from(training.steps)) as f32,
+    ))
+}
+
+/// `device-agent run --config FILE`: loads everything, then runs until Ctrl-C, SIGTERM or
+/// `schedule.max_rounds`.
+pub async fn run_from_config(path: &Path) -> anyhow::Result<RunSummary> {
+    let config = AgentConfig::load(path)?;
+    let base = BaseModel::load(&config.model_dir, &Device::Cpu)
+        .with_context(|| format!("loading base model {}", config.model_dir.display()))?;
+    let examples = config.data.load()?;
+    let mut agent = Agent::start(config, Arc::new(base), examples).await?;
+    agent.run(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
