@@ -91,11 +91,7 @@ impl Default for AdapterFile {
         AdapterFile {
             rank: d.rank,
             alpha: d.alpha,
-            targets: d
-                .targets
-                .iter()
-                .map(|t| t.hf_module().to_string())
-                .collect(),
+            targets: d.targets.iter().map(|t| t.name().to_string()).collect(),
             freeze_a: d.freeze_a,
             seed: d.seed,
         }

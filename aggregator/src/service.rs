@@ -97,7 +97,7 @@ impl Federation for FederationService {
                             .adapter
                             .targets
                             .iter()
-                            .map(|t| t.hf_module().to_string())
+                            .map(|t| t.name().to_string())
                             .collect(),
                         freeze_a: c.adapter.freeze_a,
                         seed: c.adapter.seed,

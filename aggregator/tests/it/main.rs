@@ -1,5 +1,6 @@
 //! The `aggregator` binary end to end, and the federation service over TLS on loopback.
 
+mod deploy;
 mod federation;
 
 use std::path::Path;
