@@ -27,11 +27,19 @@ enum Command {
     /// Privacy accounting: epsilon of a plan, or the noise a target epsilon needs.
     #[command(subcommand)]
     Privacy(aggregator::privacy::PrivacyCommand),
+    /// Benchmarks (not tests): upload ingest throughput and memory.
+    #[command(subcommand)]
+    Bench(aggregator::bench::BenchCommand),
 }
 
 fn main() {
-    fedpersona_shared::runtime::keep_freed_memory();
     let cli = Cli::parse();
+    match cli.command {
+        // Training reuses the same large buffers every step: keep freed pages mapped.
+        Command::Pretrain(_) => fedpersona_shared::runtime::keep_freed_memory(),
+        // A long-running server returns memory instead.
+        _ => fedpersona_shared::runtime::return_freed_memory(),
+    }
     fedpersona_shared::runtime::init_logging();
     let print = |r: anyhow::Result<String>| r.map(|line| println!("{line}"));
     let result = match &cli.command {
@@ -49,6 +57,9 @@ fn main() {
             aggregator::pretrain::run(args)
         }
         Command::Privacy(cmd) => print(aggregator::privacy::run(cmd)),
+        Command::Bench(cmd) => {
+            tokio_runtime().and_then(|rt| print(rt.block_on(aggregator::bench::run(cmd))))
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

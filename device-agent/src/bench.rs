@@ -70,19 +70,6 @@ pub struct BenchResult {
     pub loss_last: Option<f64>,
 }
 
-/// Peak resident set size of this process (VmHWM), in MiB.
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -190,7 +177,7 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     Ok(BenchResult {
         tokens_per_s: (args.batch * args.seq) as f64 / med,
         median_step_ms: med * 1e3,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
         decode_tokens_per_s: None,
         loss_first: losses.first().copied(),
         loss_last: losses.last().copied(),
@@ -226,7 +213,7 @@ pub fn generate_bench(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     Ok(BenchResult {
         tokens_per_s: rate,
         median_step_ms: 1e3 / rate,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
         decode_tokens_per_s: Some(rate),
         loss_first: None,
         loss_last: None,
