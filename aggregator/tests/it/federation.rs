@@ -443,3 +443,53 @@ fn a_killed_aggregator_resumes_from_its_journal() {
         theta1.theta.get(&b_name).unwrap().data[0] - theta0.theta.get(&b_name).unwrap().data[0];
     assert!((moved - 2e-3).abs() < 1e-4, "B moved by {moved}");
 }
+
+#[test]
+fn revoked_and_unknown_devices_are_refused_and_short_rounds_are_abandoned() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 1.0\nmin_task_time_s = 0.2",
+        "",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let a = srv.device();
+    let b = srv.device();
+    let t = srv.task(&a);
+    srv.upload(Upload::new(&a, t.round, delta(h, 1e-3, Encoding::Q8)))
+        .unwrap();
+
+    // A device the aggregator never enrolled, and a revoked one.
+    let stranger = Arc::new(Signer::new("0".repeat(32), &auth::generate_key().unwrap()).unwrap());
+    let mut req = pb::CheckInRequest::default();
+    req.auth = Some(stranger.auth("CheckIn", &req));
+    let err = srv
+        .rt
+        .block_on(FederationClient::new(srv.channel()).check_in(req))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(h.coordinator.store().revoke(b.device_id()).unwrap());
+    let mut req = pb::CheckInRequest::default();
+    req.auth = Some(b.auth("CheckIn", &req));
+    let err = srv
+        .rt
+        .block_on(FederationClient::new(srv.channel()).check_in(req))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // One report of the two needed by the deadline: the round is abandoned, θ unchanged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while h.coordinator.view().round != 2 {
+        assert!(std::time::Instant::now() < deadline, "round 1 never closed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let row = h.coordinator.store().round(1).unwrap().unwrap();
+    assert_eq!(row.state, aggregator::store::RoundState::Abandoned);
+    assert_eq!(h.coordinator.view().version, 0);
+    assert!(h
+        .coordinator
+        .metrics()
+        .render()
+        .contains("fedpersona_rounds_total{outcome=\"abandoned\"} 1"));
+}
