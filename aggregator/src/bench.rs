@@ -235,7 +235,7 @@ encoding = "{enc}"
         .as_ref()
         .to_vec();
     let peak_before = fedpersona_shared::runtime::peak_rss_mb();
-    let rss_before_uploads_mb = rss_mb("VmRSS:");
+    let rss_before_uploads_mb = fedpersona_shared::runtime::rss_mb();
     // Reset the peak (Linux: writing 5 to clear_refs resets VmHWM) to see the uploads' own.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let update = Arc::new(update);
@@ -310,18 +310,6 @@ encoding = "{enc}"
         ceiling_updates_per_s: ceiling,
         committed: true,
     })
-}
-
-fn rss_mb(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// A random update of norm just under 1, encoded.

@@ -317,13 +317,7 @@ impl Config {
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
         let f: File = toml::from_str(text)?;
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let resolve = |p: &Path| fedpersona_shared::checkpoint::resolve_path(base, p);
 
         let transport = match (&f.tls.cert, &f.tls.key, f.tls.plaintext) {
             (Some(cert), Some(key), false) => {

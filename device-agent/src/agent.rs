@@ -99,13 +99,7 @@ impl AgentConfig {
 
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<AgentConfig> {
         let f: File = toml::from_str(text)?;
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let resolve = |p: &Path| fedpersona_shared::checkpoint::resolve_path(base, p);
         let ca_pem = f
             .aggregator
             .ca_cert

@@ -40,6 +40,16 @@ impl CheckpointError {
     }
 }
 
+/// `p` as is if absolute, else relative to `base` (config files name paths relative to
+/// their own folder).
+pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
 /// Writes `bytes` to `path` so that readers see the old file or the new one, never a mix:
 /// a temporary file in the same directory, fsync, rename over the target, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {

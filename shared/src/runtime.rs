@@ -49,11 +49,20 @@ pub fn set_kernel_threads(n: usize) {
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`; 0 elsewhere).
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// Current resident set size of this process in MiB (Linux `VmRSS`; 0 elsewhere).
+pub fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
