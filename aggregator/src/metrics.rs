@@ -109,6 +109,17 @@ impl Metrics {
         self.rejects.with_label_values(&[reason]).get()
     }
 
+    /// Requests refused for any reason.
+    pub fn rejects_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.rejects
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     pub fn reports(&self) -> u64 {
         self.reports.get()
     }

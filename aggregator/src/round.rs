@@ -488,6 +488,22 @@ impl Coordinator {
         Ok(reports)
     }
 
+    /// Closes the open round now, as if its deadline had passed: it commits with at least
+    /// `min_reports` reports, else it is abandoned. For an operator who will not wait, and for
+    /// the simulation once every live device has answered. Returns whether a round was open.
+    pub fn close_early(&self) -> bool {
+        let mut st = self.lock();
+        match st.round.as_mut() {
+            Some(r) => {
+                r.closing = true;
+                drop(st);
+                self.round_full.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Runs rounds until `shutdown` resolves: closes each round when it is full or its
     /// deadline passes.
     pub async fn drive(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     pub retry: Retry,
     /// Stop after reporting in this many rounds (None: run until stopped).
     pub max_rounds: Option<u64>,
+    /// Fixes the randomness of local training and encoding per round (the simulation's
+    /// reproducible runs); None, as on a real device, draws it from the OS.
+    pub seed: Option<u64>,
 }
 
 impl AgentConfig {
@@ -166,6 +169,7 @@ impl AgentConfig {
                 max: secs(s.backoff_max_s, "backoff_max_s")?,
             },
             max_rounds: (s.max_rounds > 0).then_some(s.max_rounds),
+            seed: None,
         })
     }
 }
@@ -243,7 +247,7 @@ pub struct RunSummary {
 pub struct Agent {
     config: AgentConfig,
     base: Arc<BaseModel>,
-    examples: Vec<Example>,
+    examples: Arc<[Example]>,
     session: Session,
     state: AgentState,
 }
@@ -253,13 +257,24 @@ impl Agent {
     pub async fn start(
         config: AgentConfig,
         base: Arc<BaseModel>,
-        examples: Vec<Example>,
+        examples: impl Into<Arc<[Example]>>,
+    ) -> anyhow::Result<Agent> {
+        let channel = client::channel(&config.connection)?;
+        Self::start_on(config, channel, base, examples).await
+    }
+
+    /// As [`Agent::start`], over an existing channel to the aggregator (the simulation's
+    /// agents share one HTTP/2 connection; each still signs its own requests).
+    pub async fn start_on(
+        config: AgentConfig,
+        channel: tonic::transport::Channel,
+        base: Arc<BaseModel>,
+        examples: impl Into<Arc<[Example]>>,
     ) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating {}", config.state_dir.display()))?;
         let key = load_or_create_key(&config.state_dir)?;
         let mut state = load_state(&config.state_dir)?;
-        let channel = client::channel(&config.connection)?;
         let device_id = match &state.device_id {
             Some(id) => id.clone(),
             None => {
@@ -282,7 +297,7 @@ impl Agent {
         Ok(Agent {
             config,
             base,
-            examples,
+            examples: examples.into(),
             session,
             state,
         })
@@ -310,7 +325,7 @@ impl Agent {
             let wait = tokio::select! {
                 _ = &mut shutdown => return Ok(summary),
                 r = self.step() => match r {
-                    Ok(Step::Reported) => {
+                    Ok(Step::Reported(_)) => {
                         summary.rounds_reported += 1;
                         Duration::ZERO
                     }
@@ -359,7 +374,23 @@ impl Agent {
         self.state.rounds_reported += 1;
         save_state(&self.config.state_dir, &self.state)?;
         tracing::info!(round, "reported");
-        Ok(Step::Reported)
+        Ok(Step::Reported(Report {
+            round,
+            train_loss: loss,
+            upload_bytes: update.bytes().len() as u64,
+            download_bytes: task.adapter_bytes,
+        }))
+    }
+
+    /// Checks in and, if given a task, walks away from it (a device that goes offline
+    /// mid-round: the simulation's dropouts). Returns whether a task was assigned.
+    pub async fn check_in_and_drop(&mut self) -> anyhow::Result<bool> {
+        let answer = self
+            .session
+            .check_in(self.state.last_round)
+            .await
+            .map_err(|s| anyhow::anyhow!("check-in failed: {} ({:?})", s.message(), s.code()))?;
+        Ok(matches!(answer, CheckIn::Task(_)))
     }
 
     /// Downloads θ, adapts it locally, and returns the privatized delta.
@@ -376,7 +407,7 @@ impl Agent {
             .await?;
         let theta = AdapterTensors::from_safetensors(&bytes).context("global adapter")?;
         let base = self.base.clone();
-        let examples = self.examples.clone();
+        let examples = Arc::clone(&self.examples);
         let clip_norm = f64::from(task.clip_norm);
         let encoding = match pb::Encoding::try_from(task.encoding) {
             Ok(pb::Encoding::F32) => Encoding::F32,
@@ -392,7 +423,10 @@ impl Agent {
             bail!("task asks for secure aggregation, which this agent does not implement");
         }
         let threads = self.config.threads;
-        let seed = rand::random::<u64>();
+        let seed = match self.config.seed {
+            Some(s) => s ^ task.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            None => rand::random::<u64>(),
+        };
         tokio::task::spawn_blocking(move || {
             local_update(
                 &base, &examples, &theta, lora, &training, clip_norm, encoding, threads, seed,
@@ -404,10 +438,20 @@ impl Agent {
 }
 
 /// What one step did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Step {
-    Reported,
+    Reported(Report),
     Wait(Duration),
+}
+
+/// One accepted report, as the device saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Report {
+    pub round: u64,
+    /// Mean training loss over the local steps.
+    pub train_loss: f32,
+    pub upload_bytes: u64,
+    pub download_bytes: u64,
 }
 
 fn deadline(task: &pb::Task) -> SystemTime {

@@ -9,6 +9,8 @@ pub mod client;
 pub mod dataset;
 pub mod evaluate;
 pub mod generate;
+#[cfg(feature = "simulate")]
+pub mod simulate;
 
 use std::path::PathBuf;
 

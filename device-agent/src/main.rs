@@ -30,12 +30,22 @@ enum Command {
     /// Time training steps or decoding (prints medians after warm-up).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run an aggregator and many agents on this machine and report how well each method
+    /// personalizes held-out users (`--quick` for a few minutes' run).
+    #[cfg(feature = "simulate")]
+    Simulate(Box<device_agent::simulate::SimulateArgs>),
 }
 
 fn main() {
     fedpersona_shared::runtime::keep_freed_memory();
     let cli = Cli::parse();
-    fedpersona_shared::runtime::init_logging();
+    // A simulation runs hundreds of agents and its own aggregator in this process: their
+    // per-round lines would drown the progress bars, so only warnings by default.
+    #[cfg(feature = "simulate")]
+    let quiet = matches!(cli.command, Command::Simulate(_));
+    #[cfg(not(feature = "simulate"))]
+    let quiet = false;
+    fedpersona_shared::runtime::init_logging_with(if quiet { "warn" } else { "info" });
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(2);
@@ -124,6 +134,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.rounds_reported, summary.tasks_failed
             );
         }
+        #[cfg(feature = "simulate")]
+        Command::Simulate(args) => {
+            fedpersona_shared::runtime::set_kernel_threads(1);
+            simulate(&args)?;
+        }
         Command::Eval(args) => {
             let r = evaluate::run(&args)?;
             if args.json {
@@ -136,5 +151,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[cfg(feature = "simulate")]
+fn simulate(args: &device_agent::simulate::SimulateArgs) -> anyhow::Result<()> {
+    use device_agent::simulate;
+    if args.scale_test {
+        let r = simulate::scale::run(args)?;
+        println!(
+            "{} agents resident: RSS {:.0} MB -> {:.0} MB ({:.1} KB per agent), enrolled in {:.1} s",
+            r.agents, r.rss_before_agents_mb, r.rss_with_agents_mb, r.kb_per_agent, r.enroll_seconds
+        );
+        println!(
+            "rounds of {} clients: median {:.2} s per round ({}); peak RSS {:.0} MB; wrote {}",
+            r.clients_per_round,
+            r.median_seconds_per_round,
+            r.seconds_per_round
+                .iter()
+                .map(|s| format!("{s:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.peak_rss_mb,
+            args.out.join("scale.json").display()
+        );
+        return Ok(());
+    }
+    let r = simulate::run(args)?;
+    print!("{}", simulate::report::summary(&r));
+    println!("wrote {}", args.out.join("report.md").display());
     Ok(())
 }

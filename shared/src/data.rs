@@ -49,11 +49,11 @@ struct JsonlExample {
 /// the one before it).
 pub fn load_examples(path: &Path) -> Result<Vec<Example>, DataError> {
     let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    let is_jsonl = path
-        .extension()
-        .is_some_and(|e| e == "jsonl" || e == "ndjson");
-    let out = if is_jsonl {
+    let out = if is_jsonl(path) {
         parse_jsonl(path, &text)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect()
     } else {
         paragraphs(&text)
     };
@@ -63,7 +63,19 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>, DataError> {
     Ok(out)
 }
 
-fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Example>, DataError> {
+/// Whether a path names a JSONL file (`.jsonl` or `.ndjson`).
+pub fn is_jsonl(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "jsonl" || e == "ndjson")
+}
+
+/// Reads a JSONL file's examples with their `user` field (None where a line has none).
+pub fn load_jsonl(path: &Path) -> Result<Vec<(Option<String>, Example)>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+    parse_jsonl(path, &text)
+}
+
+fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<(Option<String>, Example)>, DataError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -75,7 +87,6 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Example>, DataError> {
             message,
         };
         let j: JsonlExample = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-        let _ = j.user;
         let weight = j.weight.unwrap_or(1.0);
         if !(weight.is_finite() && weight >= 0.0) {
             return Err(bad(format!(
@@ -85,11 +96,14 @@ fn parse_jsonl(path: &Path, text: &str) -> Result<Vec<Example>, DataError> {
         if j.text.is_empty() {
             return Err(bad("text is empty".into()));
         }
-        out.push(Example {
-            context: j.context,
-            text: j.text,
-            weight,
-        });
+        out.push((
+            j.user,
+            Example {
+                context: j.context,
+                text: j.text,
+                weight,
+            },
+        ));
     }
     Ok(out)
 }

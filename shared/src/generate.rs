@@ -98,6 +98,9 @@ pub fn generate(
     sampling: Sampling,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>, ModelError> {
+    // No autograd graph: the KV cache would otherwise keep every step's graph alive.
+    let frozen = adapter.map(LoraAdapter::frozen);
+    let adapter = frozen.as_ref();
     let max_pos = model.config().max_position_embeddings;
     // Keep the end of an over-long prompt, leaving room for at least one new token.
     let prompt = &prompt[prompt.len().saturating_sub(max_pos.saturating_sub(1))..];

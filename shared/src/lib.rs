@@ -6,6 +6,7 @@ pub mod accountant;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
+pub mod corpus;
 pub mod data;
 pub mod delta;
 pub mod generate;

@@ -215,6 +215,30 @@ impl LoraAdapter {
         Self::from_tensors(model, config, &tensors, device)
     }
 
+    /// The same adapter with its tensors detached from autograd: a forward pass through it
+    /// records no graph, so scoring and decoding keep no activations alive (with the `Var`s,
+    /// scoring 16 windows of 256 tokens held about 380 MB more at its peak).
+    pub fn frozen(&self) -> LoraAdapter {
+        let slots = self
+            .slots
+            .iter()
+            .map(|layer| {
+                layer.clone().map(|p| {
+                    p.map(|p| LoraPair {
+                        a: p.a.detach(),
+                        b: p.b.detach(),
+                    })
+                })
+            })
+            .collect();
+        LoraAdapter {
+            config: self.config.clone(),
+            num_layers: self.num_layers,
+            slots,
+            vars: Vec::new(),
+        }
+    }
+
     /// An adapter holding the given PEFT-named tensors. Every expected tensor must be present
     /// with the right shape and finite values, and nothing else may be.
     pub fn from_tensors(

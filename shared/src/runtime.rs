@@ -29,11 +29,16 @@ fn set_purge_delay(ms: std::os::raw::c_long) {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default` (an `EnvFilter` directive).
+pub fn init_logging_with(default: &str) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .init();
 }

@@ -176,6 +176,8 @@ pub fn evaluate(
     windows: &[Window],
     batch_size: usize,
 ) -> Result<EvalReport, ModelError> {
+    let frozen = adapter.map(LoraAdapter::frozen);
+    let adapter = frozen.as_ref();
     let mut nll_sum = 0f64;
     let mut correct = 0usize;
     let mut count = 0usize;

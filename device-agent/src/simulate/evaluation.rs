@@ -1,0 +1,285 @@
+//! Scoring: few-shot personalization of held-out users (each method adapts from its starting
+//! adapter on the user's support lines and is scored on its query lines), the global
+//! adapter on the training users' test split, and the per-round monitoring slice. Users are
+//! spread over the cores, one single-threaded worker each.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use anyhow::Context;
+use candle_core::Device;
+use fedpersona_shared::corpus::UserSplit;
+use fedpersona_shared::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig, Window};
+use fedpersona_shared::{AdapterTensors, BaseModel, LoraAdapter, LoraConfig};
+
+use crate::adapt::to_windows;
+
+/// How a held-out user adapts.
+#[derive(Debug, Clone)]
+pub struct FewShot {
+    pub lora: LoraConfig,
+    /// Support lines used (the first ones of the user's support split).
+    pub support_lines: usize,
+    /// Local fine-tuning steps.
+    pub steps: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub train_seq_len: usize,
+    pub eval_seq_len: usize,
+    pub seed: u64,
+}
+
+impl FewShot {
+    /// Step counts at which the query data is scored (0 and the full budget included).
+    pub fn checkpoints(&self) -> Vec<usize> {
+        let s = self.steps;
+        let mut c = vec![0, s / 4, s / 2, 3 * s / 4, s];
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+}
+
+/// The starting adapters of the federated methods.
+#[derive(Debug, Clone)]
+pub struct Starts {
+    pub fedavg: Option<AdapterTensors>,
+    pub meta: Option<AdapterTensors>,
+}
+
+/// One held-out user's scores: `base`, and per adapted method its curve over checkpoints.
+#[derive(Debug, Clone)]
+pub struct UserScores {
+    pub base: EvalReport,
+    /// `local_only`, `fedavg`, `meta` → (steps, report) in step order.
+    pub curves: BTreeMap<&'static str, Vec<(usize, EvalReport)>>,
+}
+
+/// Adapts one held-out user with each method and scores it on its query lines.
+pub fn personalize(
+    base: &BaseModel,
+    user: &UserSplit,
+    starts: &Starts,
+    fs: &FewShot,
+) -> anyhow::Result<UserScores> {
+    let support: Vec<_> = user.train.iter().take(fs.support_lines).cloned().collect();
+    let train_w = to_windows(base, &support, fs.train_seq_len)?;
+    let query_w = to_windows(base, &user.test, fs.eval_seq_len)?;
+    anyhow::ensure!(
+        !train_w.is_empty() && !query_w.is_empty(),
+        "a held-out user has no support or no query text"
+    );
+    let base_report = evaluate(&base.model, None, &base.tokenizer, &query_w, 16)?;
+    let mut curves = BTreeMap::new();
+    let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
+    curves.insert(
+        "local_only",
+        fine_tune(base, fresh, &train_w, &query_w, fs)?,
+    );
+    for (name, start) in [("fedavg", &starts.fedavg), ("meta", &starts.meta)] {
+        if let Some(theta) = start {
+            let adapter = LoraAdapter::from_tensors(
+                base.model.config(),
+                fs.lora.clone(),
+                theta,
+                &Device::Cpu,
+            )
+            .context("starting adapter")?;
+            curves.insert(name, fine_tune(base, adapter, &train_w, &query_w, fs)?);
+        }
+    }
+    Ok(UserScores {
+        base: base_report,
+        curves,
+    })
+}
+
+fn fine_tune(
+    base: &BaseModel,
+    adapter: LoraAdapter,
+    train: &[Window],
+    query: &[Window],
+    fs: &FewShot,
+) -> anyhow::Result<Vec<(usize, EvalReport)>> {
+    let checkpoints = fs.checkpoints();
+    let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
+    let mut out = vec![(0, score(&adapter)?)];
+    if fs.steps == 0 {
+        return Ok(out);
+    }
+    let cfg = FitConfig {
+        steps: fs.steps,
+        batch_size: fs.batch_size,
+        optimizer: TrainConfig {
+            lr: fs.lr,
+            ..TrainConfig::default()
+        },
+        workers: 1,
+        seed: fs.seed,
+    };
+    let mut failed = None;
+    fit(&base.model, &adapter, train, &cfg, |step, _| {
+        let done = step + 1;
+        if failed.is_none() && checkpoints.contains(&done) {
+            match score(&adapter) {
+                Ok(r) => out.push((done, r)),
+                Err(e) => failed = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(out)
+}
+
+/// Runs `f` on every item over `workers` threads, in any order, until done or `stop`; calls
+/// `tick` after each item. Results come back in item order (None where skipped).
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    stop: &AtomicBool,
+    tick: impl Fn() + Sync,
+    f: impl Fn(&T) -> anyhow::Result<R> + Sync,
+) -> anyhow::Result<Vec<Option<R>>> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let failure = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, items.len().max(1)) {
+            s.spawn(|| loop {
+                if stop.load(Ordering::Relaxed) || failure.lock().expect("lock").is_some() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { return };
+                match f(item) {
+                    Ok(r) => *results[i].lock().expect("lock") = Some(r),
+                    Err(e) => {
+                        *failure.lock().expect("lock") = Some(e);
+                        return;
+                    }
+                }
+                tick();
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("lock") {
+        return Err(e);
+    }
+    Ok(results
+        .into_iter()
+        .map(|m| m.into_inner().expect("lock"))
+        .collect())
+}
+
+/// Merges reports of disjoint windows (token-weighted; bits per byte through the byte
+/// counts each report implies).
+pub fn merge(reports: &[EvalReport]) -> EvalReport {
+    let tokens: usize = reports.iter().map(|r| r.tokens).sum();
+    let n = tokens.max(1) as f64;
+    let nll: f64 = reports.iter().map(|r| r.loss * r.tokens as f64).sum();
+    let bytes: f64 = reports
+        .iter()
+        .filter(|r| r.bits_per_byte > 0.0)
+        .map(|r| r.loss * r.tokens as f64 / std::f64::consts::LN_2 / r.bits_per_byte)
+        .sum();
+    EvalReport {
+        loss: nll / n,
+        bits_per_byte: if bytes > 0.0 {
+            nll / std::f64::consts::LN_2 / bytes
+        } else {
+            0.0
+        },
+        accuracy: reports
+            .iter()
+            .map(|r| r.accuracy * r.tokens as f64)
+            .sum::<f64>()
+            / n,
+        tokens,
+    }
+}
+
+/// Scores an adapter (or the bare base model) on windows, spread over `workers` threads.
+pub fn score_windows(
+    base: &BaseModel,
+    theta: Option<&AdapterTensors>,
+    lora: &LoraConfig,
+    windows: &[Window],
+    workers: usize,
+) -> anyhow::Result<EvalReport> {
+    let adapter = theta
+        .map(|t| LoraAdapter::from_tensors(base.model.config(), lora.clone(), t, &Device::Cpu))
+        .transpose()?;
+    let per = windows.len().div_ceil(workers.max(1)).max(1);
+    let chunks: Vec<&[Window]> = windows.chunks(per).collect();
+    let stop = AtomicBool::new(false);
+    let parts = par_map(
+        &chunks,
+        workers,
+        &stop,
+        || {},
+        |c| {
+            Ok(evaluate(
+                &base.model,
+                adapter.as_ref(),
+                &base.tokenizer,
+                c,
+                16,
+            )?)
+        },
+    )?;
+    Ok(merge(&parts.into_iter().flatten().collect::<Vec<_>>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_token_weighted() {
+        let a = EvalReport {
+            loss: 1.0,
+            bits_per_byte: 1.0 / std::f64::consts::LN_2,
+            accuracy: 0.5,
+            tokens: 100,
+        };
+        let b = EvalReport {
+            loss: 2.0,
+            bits_per_byte: 2.0 / std::f64::consts::LN_2,
+            accuracy: 0.8,
+            tokens: 300,
+        };
+        let m = merge(&[a, b]);
+        assert_eq!(m.tokens, 400);
+        assert!((m.accuracy - 0.725).abs() < 1e-12);
+        assert!((m.loss - 1.75).abs() < 1e-12);
+        assert!((m.bits_per_byte - 1.75 / std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn par_map_keeps_order_and_reports_failure() {
+        let stop = AtomicBool::new(false);
+        let xs: Vec<u32> = (0..20).collect();
+        let r = par_map(&xs, 3, &stop, || {}, |x| Ok(x * 2)).unwrap();
+        assert_eq!(
+            r.iter().map(|v| v.unwrap()).collect::<Vec<_>>(),
+            (0..40).step_by(2).collect::<Vec<_>>()
+        );
+        let e = par_map(
+            &xs,
+            2,
+            &stop,
+            || {},
+            |x| {
+                anyhow::ensure!(*x != 7, "seven");
+                Ok(*x)
+            },
+        );
+        assert!(e.unwrap_err().to_string().contains("seven"));
+        stop.store(true, Ordering::Relaxed);
+        let r = par_map(&xs, 2, &stop, || {}, |x| Ok(*x)).unwrap();
+        assert!(r.iter().all(Option::is_none));
+    }
+}
