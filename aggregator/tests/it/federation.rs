@@ -493,3 +493,35 @@ fn revoked_and_unknown_devices_are_refused_and_short_rounds_are_abandoned() {
         .render()
         .contains("fedpersona_rounds_total{outcome=\"abandoned\"} 1"));
 }
+
+#[test]
+fn an_operator_can_close_a_round_before_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 3\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let a = srv.device();
+    let t = srv.task(&a);
+    srv.upload(Upload::new(&a, t.round, delta(h, 1e-3, Encoding::Q8)))
+        .unwrap();
+    assert_eq!(
+        h.coordinator.view().round,
+        1,
+        "one report of three: still open"
+    );
+    assert!(h.coordinator.close_early());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while h.coordinator.view().round != 2 {
+        assert!(std::time::Instant::now() < deadline, "round 1 never closed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Enough reports for min_reports: committed, as at the deadline.
+    let row = h.coordinator.store().round(1).unwrap().unwrap();
+    assert_eq!(row.state, aggregator::store::RoundState::Committed);
+    assert_eq!(h.coordinator.view().version, 1);
+    assert_eq!(h.coordinator.metrics().rejects_total(), 0);
+}

@@ -20,8 +20,10 @@ pub struct FewShot {
     pub lora: LoraConfig,
     /// Support lines used (the first ones of the user's support split).
     pub support_lines: usize,
-    /// Local fine-tuning steps.
+    /// Local fine-tuning steps: the methods are scored after this many.
     pub steps: usize,
+    /// The accuracy-vs-steps curve goes on to this many steps (at least `steps`).
+    pub curve_to: usize,
     pub lr: f64,
     pub batch_size: usize,
     pub train_seq_len: usize,
@@ -30,10 +32,16 @@ pub struct FewShot {
 }
 
 impl FewShot {
-    /// Step counts at which the query data is scored (0 and the full budget included).
+    /// Step counts at which the query data is scored: 0, 1, 2, 5, 10, 20, 40, … up to the
+    /// curve's end, and the scored budget.
     pub fn checkpoints(&self) -> Vec<usize> {
-        let s = self.steps;
-        let mut c = vec![0, s / 4, s / 2, 3 * s / 4, s];
+        let end = self.curve_to.max(self.steps);
+        let mut c: Vec<usize> = [0, 1, 2]
+            .into_iter()
+            .chain((0..).map(|i| 5usize << i).take_while(|&x| x <= end))
+            .filter(|&x| x <= end)
+            .chain([self.steps, end])
+            .collect();
         c.sort_unstable();
         c.dedup();
         c
@@ -104,11 +112,12 @@ fn fine_tune(
     let checkpoints = fs.checkpoints();
     let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
     let mut out = vec![(0, score(&adapter)?)];
-    if fs.steps == 0 {
+    let end = fs.curve_to.max(fs.steps);
+    if end == 0 {
         return Ok(out);
     }
     let cfg = FitConfig {
-        steps: fs.steps,
+        steps: end,
         batch_size: fs.batch_size,
         optimizer: TrainConfig {
             lr: fs.lr,

@@ -78,16 +78,23 @@ pub struct SimulateArgs {
     /// Support lines (k) a held-out user adapts on.
     #[arg(long)]
     pub support_lines: Option<usize>,
-    /// Local fine-tuning steps (s) of a held-out user.
+    /// Local fine-tuning steps (s) of a held-out user: the methods are scored after these.
     #[arg(long)]
     pub finetune_steps: Option<usize>,
+    /// Inner-loop steps of the meta-learned initialization (Reptile's k).
+    #[arg(long)]
+    pub meta_local_steps: Option<usize>,
+    /// The accuracy-vs-steps curve of held-out users goes on to this many steps.
+    #[arg(long)]
+    pub curve_steps: Option<usize>,
     /// Client learning rate (FedAvg).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Learning rate of held-out users' fine-tuning and of the meta-learning inner loop.
     #[arg(long)]
     pub finetune_lr: Option<f64>,
-    /// Server step of the meta-learned initialization: sgd (Reptile), momentum or adam.
+    /// Server step of the meta-learned initialization: sgd (Reptile; the default), momentum
+    /// (FedAvgM, momentum 0.9) or adam (FedAdam).
     #[arg(long)]
     pub meta_optimizer: Option<String>,
     #[arg(long)]
@@ -152,6 +159,8 @@ pub struct Settings {
     pub meta_server_lr: f64,
     pub support_lines: usize,
     pub finetune_steps: usize,
+    pub meta_local_steps: usize,
+    pub curve_steps: usize,
     pub finetune_lr: f64,
     pub eval_every: u64,
     pub monitor_windows: usize,
@@ -162,8 +171,9 @@ pub struct Settings {
 impl Settings {
     fn resolve(a: &SimulateArgs) -> anyhow::Result<Settings> {
         let quick = a.quick;
-        let rounds = a.rounds.unwrap_or(if quick { 4 } else { 40 });
-        let targets = crate::adapt::parse_targets(a.targets.as_deref().unwrap_or("q,v"))?;
+        let rounds = a.rounds.unwrap_or(if quick { 4 } else { 30 });
+        let targets =
+            crate::adapt::parse_targets(a.targets.as_deref().unwrap_or("q,k,v,o,gate,up,down"))?;
         let meta_optimizer = match a.meta_optimizer.as_deref().unwrap_or("sgd") {
             "sgd" => "sgd",
             "momentum" => "momentum",
@@ -184,7 +194,7 @@ impl Settings {
             rounds,
             clients_per_round: a.clients_per_round.unwrap_or(if quick { 4 } else { 10 }),
             local_steps: a.local_steps.unwrap_or(if quick { 4 } else { 10 }),
-            lr: a.lr.unwrap_or(5e-3),
+            lr: a.lr.unwrap_or(1e-3),
             batch_size: 8,
             train_seq_len: 128,
             eval_seq_len: 256,
@@ -195,9 +205,11 @@ impl Settings {
             dropout: a.dropout.unwrap_or(0.0),
             meta_optimizer,
             meta_server_lr: a.meta_server_lr.unwrap_or(1.0),
-            support_lines: a.support_lines.unwrap_or(if quick { 16 } else { 32 }),
-            finetune_steps: a.finetune_steps.unwrap_or(if quick { 4 } else { 20 }),
-            finetune_lr: a.finetune_lr.unwrap_or(5e-3),
+            support_lines: a.support_lines.unwrap_or(if quick { 16 } else { 64 }),
+            finetune_steps: a.finetune_steps.unwrap_or(if quick { 2 } else { 5 }),
+            meta_local_steps: a.meta_local_steps.unwrap_or(if quick { 8 } else { 20 }),
+            curve_steps: a.curve_steps.unwrap_or(if quick { 8 } else { 20 }),
+            finetune_lr: a.finetune_lr.unwrap_or(1e-3),
             eval_every: a.eval_every.unwrap_or((rounds / 10).max(1)),
             monitor_windows: if quick { 32 } else { 128 },
             workers: a.threads.unwrap_or_else(crate::available_cores).max(1),
@@ -262,10 +274,11 @@ impl Settings {
             name,
             rounds: self.rounds,
             clients_per_round: self.clients_per_round,
-            // The meta-learned initialization trains its inner loop exactly as a new user
-            // will adapt: the fine-tuning steps and learning rate (Reptile).
+            // The meta-learned initialization's inner loop trains as a new user adapts (the
+            // fine-tuning learning rate; Reptile's k steps); its outer step is the server
+            // optimizer.
             local_steps: if meta {
-                self.finetune_steps.max(1) as u32
+                self.meta_local_steps.max(1) as u32
             } else {
                 self.local_steps
             },
@@ -297,6 +310,7 @@ impl Settings {
             lora: self.lora(),
             support_lines: self.support_lines,
             steps: self.finetune_steps,
+            curve_to: self.curve_steps,
             lr: self.finetune_lr,
             batch_size: self.batch_size as usize,
             train_seq_len: self.train_seq_len as usize,
@@ -304,6 +318,40 @@ impl Settings {
             seed: self.seed,
         }
     }
+}
+
+impl SimulateArgs {
+    /// The corpus and the base model folder (the shipped ones by default).
+    fn paths(&self) -> (PathBuf, PathBuf) {
+        (
+            self.data
+                .clone()
+                .unwrap_or_else(fedpersona_shared::data::default_corpus_dir),
+            self.base
+                .clone()
+                .unwrap_or_else(checkpoint::default_model_dir),
+        )
+    }
+}
+
+impl Settings {
+    /// Loads the corpus's users and splits them.
+    fn splits(&self, data: &Path) -> anyhow::Result<corpus::Splits> {
+        let users = corpus::load_users(data)
+            .with_context(|| format!("loading users from {}", data.display()))?;
+        Ok(corpus::split_users(users, &self.split)?)
+    }
+}
+
+/// The runtime of the in-process aggregator and agents. Local training runs on blocking
+/// threads: as many as train at once (plus one for the aggregator's round close), so each
+/// keeps its allocator cache warm and no more.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(workers + 1)
+        .enable_all()
+        .build()?)
 }
 
 /// Progress bars on a terminal, nothing otherwise.
@@ -341,18 +389,8 @@ impl Progress {
 pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut settings = Settings::resolve(args)?;
-    let data_path = args
-        .data
-        .clone()
-        .unwrap_or_else(fedpersona_shared::data::default_corpus_dir);
-    let base_dir = args
-        .base
-        .clone()
-        .unwrap_or_else(checkpoint::default_model_dir);
-
-    let users = corpus::load_users(&data_path)
-        .with_context(|| format!("loading users from {}", data_path.display()))?;
-    let mut splits = corpus::split_users(users, &settings.split)?;
+    let (data_path, base_dir) = args.paths();
+    let mut splits = settings.splits(&data_path)?;
     if let Some(cap) = settings.max_train_users {
         splits.train_users.truncate(cap);
     }
@@ -377,13 +415,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        // Local training runs on blocking threads: as many as train at once (plus one for the
-        // aggregator's round close), so each keeps its allocator cache warm and no more.
-        .max_blocking_threads(settings.workers + 1)
-        .enable_all()
-        .build()?;
+    let rt = runtime(settings.workers)?;
     {
         let stop = stop.clone();
         rt.spawn(async move {
@@ -501,6 +533,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut global_accuracy = None;
     let mut base_accuracy_train_users = None;
     let mut methods = BTreeMap::new();
+    let mut comparisons = Vec::new();
     if interrupted.is_none() {
         let fedavg = thetas.get("fedavg").cloned();
         let g = evaluation::score_windows(
@@ -536,7 +569,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         if scores.len() < splits.heldout_users.len() {
             interrupted = Some("evaluation");
         }
-        methods = method_results(&scores);
+        methods = method_results(&scores, settings.finetune_steps);
+        comparisons = method_comparisons(&scores, settings.finetune_steps);
     }
 
     let rep = Report {
@@ -554,6 +588,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         global_accuracy,
         base_accuracy_train_users,
         methods,
+        comparisons,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
         complete: interrupted.is_none(),
@@ -579,8 +614,65 @@ fn windows_of(
     Ok(out)
 }
 
+/// The report after `budget` steps (or at step 0 when `first`).
+fn at_budget(
+    curve: &[(usize, fedpersona_shared::train::EvalReport)],
+    first: bool,
+    budget: usize,
+) -> Option<&fedpersona_shared::train::EvalReport> {
+    let want = if first { 0 } else { budget };
+    curve.iter().find(|(s, _)| *s == want).map(|(_, r)| r)
+}
+
+/// Each user's accuracy under a method (None where the method did not run).
+fn user_accuracy(s: &UserScores, method: &str, budget: usize) -> Option<f64> {
+    let curve = |c: &str, first: bool| {
+        let c = s.curves.get(c)?;
+        Some(at_budget(c, first, budget)?.accuracy)
+    };
+    match method {
+        "base" => Some(s.base.accuracy),
+        "local_only" => curve("local_only", false),
+        "global" => curve("fedavg", true),
+        "fedavg_finetune" => curve("fedavg", false),
+        "meta_finetune" => curve("meta", false),
+        _ => None,
+    }
+}
+
+/// The benchmark's ordering as paired differences: meta_finetune − fedavg_finetune,
+/// fedavg_finetune − global, global − base, and local_only − base.
+fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Comparison> {
+    [
+        ("meta_finetune", "fedavg_finetune"),
+        ("fedavg_finetune", "global"),
+        ("global", "base"),
+        ("local_only", "base"),
+    ]
+    .into_iter()
+    .filter_map(|(better, worse)| {
+        let d: Vec<f64> = scores
+            .iter()
+            .filter_map(|s| {
+                Some(user_accuracy(s, better, budget)? - user_accuracy(s, worse, budget)?)
+            })
+            .collect();
+        (!d.is_empty()).then(|| {
+            let i = report::interval(&d);
+            report::Comparison {
+                better,
+                worse,
+                mean_difference: i.mean,
+                ci95: i.ci95,
+                users: i.n,
+            }
+        })
+    })
+    .collect()
+}
+
 /// Per-method means and intervals over the evaluated users.
-fn method_results(scores: &[UserScores]) -> BTreeMap<&'static str, MethodResult> {
+fn method_results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, MethodResult> {
     let mut out = BTreeMap::new();
     if scores.is_empty() {
         return out;
@@ -616,8 +708,8 @@ fn method_results(scores: &[UserScores]) -> BTreeMap<&'static str, MethodResult>
             .iter()
             .filter_map(|s| {
                 let c = s.curves.get(curve)?;
-                let r = if first { c.first()? } else { c.last()? };
-                Some((r.1.accuracy, r.1.bits_per_byte))
+                let r = at_budget(c, first, budget)?;
+                Some((r.accuracy, r.bits_per_byte))
             })
             .collect()
     };

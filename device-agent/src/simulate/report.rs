@@ -106,6 +106,16 @@ pub struct RoundRecord {
     pub monitor_accuracy: Option<f64>,
 }
 
+/// `better − worse` in accuracy, paired by user.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub better: &'static str,
+    pub worse: &'static str,
+    pub mean_difference: f64,
+    pub ci95: f64,
+    pub users: usize,
+}
+
 /// Privacy settings and what was spent.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrivacyReport {
@@ -135,6 +145,9 @@ pub struct Report {
     /// The base model's accuracy on the same data, for reference.
     pub base_accuracy_train_users: Option<f64>,
     pub methods: BTreeMap<&'static str, MethodResult>,
+    /// Paired per-user accuracy differences between methods (the ordering the benchmark
+    /// asks about), each with its 95% interval.
+    pub comparisons: Vec<Comparison>,
     pub seconds: f64,
     pub peak_rss_mb: f64,
     /// False when the run was interrupted (Ctrl-C): what is here is what was done.
@@ -259,6 +272,23 @@ pub fn markdown(r: &Report) -> String {
             }
         }
         let _ = writeln!(s);
+        if !r.comparisons.is_empty() {
+            let _ = writeln!(
+                s,
+                "Paired differences (per user, same query data), accuracy points ± 95% interval:\n"
+            );
+            for c in &r.comparisons {
+                let _ = writeln!(
+                    s,
+                    "- {} − {}: {:+.2} ± {:.2}",
+                    c.better,
+                    c.worse,
+                    100.0 * c.mean_difference,
+                    100.0 * c.ci95
+                );
+            }
+            let _ = writeln!(s);
+        }
         let steps: std::collections::BTreeSet<usize> = r
             .methods
             .values()

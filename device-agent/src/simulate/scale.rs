@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use candle_core::Device;
-use fedpersona_shared::corpus::{self, UserSplit};
+use fedpersona_shared::corpus::UserSplit;
 use fedpersona_shared::runtime::{peak_rss_mb, rss_mb};
 use fedpersona_shared::{checkpoint, BaseModel};
 use serde::Serialize;
@@ -52,15 +52,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
     })?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let data = args
-        .data
-        .clone()
-        .unwrap_or_else(fedpersona_shared::data::default_corpus_dir);
-    let base_dir = args
-        .base
-        .clone()
-        .unwrap_or_else(checkpoint::default_model_dir);
-    let users = corpus::split_users(corpus::load_users(&data)?, &settings.split)?;
+    let (data, base_dir) = args.paths();
+    let users = settings.splits(&data)?;
     let lines: Vec<_> = users
         .train_users
         .iter()
@@ -83,13 +76,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
     drop(lines);
 
     let base = Arc::new(BaseModel::load(&base_dir, &Device::Cpu)?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        // Local training runs on blocking threads: as many as train at once (plus one for the
-        // aggregator's round close), so each keeps its allocator cache warm and no more.
-        .max_blocking_threads(settings.workers + 1)
-        .enable_all()
-        .build()?;
+    let rt = super::runtime(settings.workers)?;
     let tls_dir = args.out.join("tls");
     aggregator::tls::write(
         &aggregator::tls::generate(&["localhost".into(), "127.0.0.1".into()])?,
