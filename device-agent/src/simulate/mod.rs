@@ -61,6 +61,7 @@ pub struct SimulateArgs {
     /// Federated rounds per federation.
     #[arg(long)]
     pub rounds: Option<u64>,
+    /// Reports a round needs (its cohort).
     #[arg(long)]
     pub clients_per_round: Option<usize>,
     /// Local steps of a FedAvg client.
@@ -97,8 +98,10 @@ pub struct SimulateArgs {
     /// (FedAvgM, momentum 0.9) or adam (FedAdam).
     #[arg(long)]
     pub meta_optimizer: Option<String>,
+    /// Server learning rate of the meta-learned initialization (Reptile's outer step).
     #[arg(long)]
     pub meta_server_lr: Option<f64>,
+    /// LoRA rank (alpha is twice the rank).
     #[arg(long)]
     pub rank: Option<usize>,
     /// Comma-separated projections: any of q,k,v,o,gate,up,down.
@@ -110,14 +113,21 @@ pub struct SimulateArgs {
     /// Chance that a picked device takes the task and never reports.
     #[arg(long)]
     pub dropout: Option<f64>,
+    /// Differential privacy of the updates (only `none` runs today: the noise and secure
+    /// aggregation are not built yet).
     #[arg(long, value_enum, default_value_t = PrivacyMode::None)]
     pub privacy: PrivacyMode,
+    /// Target ε of the whole run (with `--privacy`).
     #[arg(long)]
     pub epsilon: Option<f64>,
+    /// Noise multiplier z (with `--privacy`; instead of `--epsilon`).
     #[arg(long)]
     pub noise_multiplier: Option<f64>,
+    /// Secure aggregation of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,
+    /// Seeds the split, device availability, training and the adapters' initialization: the
+    /// same seed reproduces a run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Devices training at once, and evaluation workers (default: every core).
