@@ -198,7 +198,7 @@ fn load_or_create_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(key)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension("tmp");

@@ -9,6 +9,7 @@ pub mod client;
 pub mod dataset;
 pub mod evaluate;
 pub mod generate;
+pub mod interactions;
 #[cfg(feature = "simulate")]
 pub mod simulate;
 
