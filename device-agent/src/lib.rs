@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod generate;
 pub mod interactions;
+pub mod profile;
 #[cfg(feature = "simulate")]
 pub mod simulate;
 
