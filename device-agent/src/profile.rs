@@ -13,6 +13,9 @@ use crate::interactions::{Feedback, Stored};
 
 const DAY_MS: f64 = 86_400_000.0;
 
+/// Scores examples with the current adapter: mean loss in nats per token.
+pub type Scorer<'a> = &'a dyn Fn(&[Example]) -> anyhow::Result<f64>;
+
 /// Drift of the user's text against the current adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Drift {
@@ -65,7 +68,7 @@ impl Profile {
     pub fn compute(
         items: &[Stored],
         now_ms: i64,
-        loss: Option<&dyn Fn(&[Example]) -> anyhow::Result<f64>>,
+        loss: Option<Scorer<'_>>,
     ) -> anyhow::Result<Profile> {
         let n = items.len() as u64;
         let in_last = |days: f64| {
