@@ -19,6 +19,7 @@ use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{self, CheckIn, Connection, Retry, Session};
+use crate::consent::Consent;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,8 +345,13 @@ impl Agent {
         }
     }
 
-    /// One check-in and, if given a task, the whole participation.
+    /// One check-in and, if given a task, the whole participation. Without the user's
+    /// consent ([`Consent`]) the aggregator is not contacted at all.
     pub async fn step(&mut self) -> anyhow::Result<Step> {
+        if !Consent::allows_federation(&self.config.state_dir) {
+            tracing::debug!("no consent to federated participation: not checking in");
+            return Ok(Step::Wait(self.config.checkin_interval));
+        }
         let answer = self
             .session
             .check_in(self.state.last_round)
@@ -365,6 +371,10 @@ impl Agent {
         let (update, examples, loss) = self.train(&task).await?;
         if SystemTime::now() > deadline(&task) {
             bail!("round {round}: the deadline passed during training; not uploading");
+        }
+        if !Consent::allows_federation(&self.config.state_dir) {
+            tracing::info!(round, "consent withdrawn during training: not uploading");
+            return Ok(Step::Wait(self.config.checkin_interval));
         }
         self.session
             .upload(&task, &update, examples, loss)

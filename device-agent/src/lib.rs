@@ -6,6 +6,7 @@ pub mod adapt;
 pub mod agent;
 pub mod bench;
 pub mod client;
+pub mod consent;
 pub mod dataset;
 pub mod evaluate;
 pub mod generate;

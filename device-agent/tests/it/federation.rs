@@ -168,3 +168,99 @@ max_rounds = 2
     assert!(again.device_id().is_some());
     assert_eq!(handle.coordinator.store().summary().unwrap().devices, 3);
 }
+
+#[test]
+fn without_consent_nothing_reaches_the_aggregator() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = aggregator::tls::generate(&["localhost".into()]).unwrap();
+    aggregator::tls::write(&tls, &dir.path().join("tls")).unwrap();
+    let cfg_text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+[tls]
+cert = "tls/server.pem"
+key = "tls/server.key"
+[enrollment]
+tokens = ["{TOKEN}"]
+[model]
+dir = "{}"
+[adapter]
+rank = 2
+alpha = 4
+targets = ["q_proj"]
+[rounds]
+cohort_size = 1
+min_reports = 1
+round_timeout_s = 120
+min_task_time_s = 1
+retry_after_s = 0.05
+max_rounds = 1
+[training]
+steps = 1
+batch_size = 2
+seq_len = 32
+"#,
+        model_dir().display()
+    );
+    let config = Config::parse(&cfg_text, dir.path()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = aggregator::server::start(config).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(aggregator::server::run(
+        handle.clone(),
+        listener,
+        None,
+        std::future::pending(),
+    ));
+    let agent_cfg = AgentConfig::parse(
+        &format!(
+            r#"
+[aggregator]
+url = "https://127.0.0.1:{port}"
+domain = "localhost"
+ca_cert = "tls/ca.pem"
+enrollment_token = "{TOKEN}"
+[device]
+state_dir = "agent"
+data = "unused.jsonl"
+[schedule]
+checkin_interval_s = 0.05
+"#
+        ),
+        dir.path(),
+    )
+    .unwrap();
+    let state = dir.path().join("agent");
+    device_agent::consent::Consent::set(&state, false, 1).unwrap();
+    let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
+    let mut agent = rt
+        .block_on(Agent::start(agent_cfg, base, examples(0)))
+        .unwrap();
+    let metrics = || handle.coordinator.metrics().render();
+    for _ in 0..3 {
+        let s = rt.block_on(agent.step()).unwrap();
+        assert!(matches!(s, device_agent::agent::Step::Wait(_)), "{s:?}");
+    }
+    assert!(
+        !metrics().contains("fedpersona_checkins_total{"),
+        "no check-in without consent:\n{}",
+        metrics()
+    );
+    assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 0);
+
+    // Consent given: the next step takes part and reports.
+    device_agent::consent::Consent::set(&state, true, 2).unwrap();
+    let s = rt.block_on(agent.step()).unwrap();
+    assert!(matches!(s, device_agent::agent::Step::Reported(_)), "{s:?}");
+    assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 1);
+    assert!(metrics().contains("fedpersona_checkins_total{"));
+}
