@@ -49,6 +49,15 @@ pub enum Feedback {
 }
 
 impl Feedback {
+    fn validate(self) -> Result<(), StoreError> {
+        match self {
+            Feedback::Rating(r) if !(1..=5).contains(&r) => {
+                Err(StoreError::Invalid(format!("rating {r} is not in 1..=5")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn columns(self) -> (&'static str, Option<i64>) {
         match self {
             Feedback::None => ("none", None),
@@ -257,11 +266,7 @@ impl InteractionStore {
         if i.text.is_empty() {
             return Err(StoreError::Invalid("the text is empty".into()));
         }
-        if let Feedback::Rating(r) = i.feedback {
-            if !(1..=5).contains(&r) {
-                return Err(StoreError::Invalid(format!("rating {r} is not in 1..=5")));
-            }
-        }
+        i.feedback.validate()?;
         let mut uid = [0u8; 16];
         SystemRandom::new()
             .fill(&mut uid)
@@ -287,20 +292,11 @@ impl InteractionStore {
 
     /// Sets the feedback of interaction `id` (re-sealed: the feedback is bound to the row).
     pub fn set_feedback(&self, id: i64, feedback: Feedback) -> Result<(), StoreError> {
-        let mut stored = self
-            .get(id)?
+        feedback.validate()?;
+        let (mut stored, uid) = self
+            .row(id)?
             .ok_or_else(|| StoreError::Invalid(format!("no interaction {id}")))?;
         stored.interaction.feedback = feedback;
-        if let Feedback::Rating(r) = feedback {
-            if !(1..=5).contains(&r) {
-                return Err(StoreError::Invalid(format!("rating {r} is not in 1..=5")));
-            }
-        }
-        let uid: Vec<u8> =
-            self.conn
-                .query_row("SELECT uid FROM interactions WHERE id = ?1", [id], |r| {
-                    r.get(0)
-                })?;
         let (fb, rating) = feedback.columns();
         let (nonce, sealed) = self.seal(&uid, &stored.interaction, fb, rating)?;
         self.conn.execute(
@@ -310,7 +306,8 @@ impl InteractionStore {
         Ok(())
     }
 
-    fn open_row(&self, r: &rusqlite::Row<'_>) -> Result<Stored, StoreError> {
+    /// Decrypts and checks a row; returns it with its uid (the sealing's associated data).
+    fn open_row(&self, r: &rusqlite::Row<'_>) -> Result<(Stored, Vec<u8>), StoreError> {
         let id: i64 = r.get(0)?;
         let uid: Vec<u8> = r.get(1)?;
         let time_ms: i64 = r.get(2)?;
@@ -336,7 +333,7 @@ impl InteractionStore {
             )
             .map_err(|_| StoreError::Tampered { id })?;
         let s: Sealed = serde_json::from_slice(plain).map_err(|_| tampered)?;
-        Ok(Stored {
+        let stored = Stored {
             id,
             interaction: Interaction {
                 time_ms,
@@ -347,7 +344,8 @@ impl InteractionStore {
                 app,
                 kind,
             },
-        })
+        };
+        Ok((stored, uid))
     }
 
     const COLUMNS: &'static str =
@@ -355,6 +353,10 @@ impl InteractionStore {
 
     /// One interaction, decrypted and checked.
     pub fn get(&self, id: i64) -> Result<Option<Stored>, StoreError> {
+        Ok(self.row(id)?.map(|(stored, _)| stored))
+    }
+
+    fn row(&self, id: i64) -> Result<Option<(Stored, Vec<u8>)>, StoreError> {
         let mut stmt = self
             .conn
             .prepare(&format!("{} WHERE id = ?1", Self::COLUMNS))?;
@@ -372,7 +374,7 @@ impl InteractionStore {
         let rows = stmt.query_map([since_ms], |r| Ok(self.open_row(r)))?;
         let mut out = Vec::new();
         for r in rows {
-            out.push(r??);
+            out.push(r??.0);
         }
         Ok(out)
     }

@@ -480,7 +480,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         enroll.finish_and_clear();
         let bar = progress.bar(settings.rounds, &format!("{name}: rounds"));
         let mut done = 0;
-        for _ in 0..settings.rounds {
+        for n in 1..=settings.rounds {
             if stop.load(Ordering::Relaxed) {
                 interrupted = Some("federation");
                 break;
@@ -494,7 +494,6 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
                 Err(e) => return Err(e),
             };
             done += u64::from(record.committed);
-            let n = rounds.iter().filter(|r| r.federation == name).count() as u64 + 1;
             if n.is_multiple_of(settings.eval_every) || n == settings.rounds {
                 let theta = fed.theta();
                 record.monitor_accuracy = Some(
@@ -624,28 +623,35 @@ fn windows_of(
     Ok(out)
 }
 
-/// The report after `budget` steps (or at step 0 when `first`).
-fn at_budget(
-    curve: &[(usize, fedpersona_shared::train::EvalReport)],
-    first: bool,
+/// A user's report under a method: `base` without an adapter, `global` at step 0 of the
+/// FedAvg curve, the others after `budget` fine-tuning steps. None where the method did not
+/// run.
+fn user_report<'a>(
+    s: &'a UserScores,
+    method: &str,
     budget: usize,
-) -> Option<&fedpersona_shared::train::EvalReport> {
-    let want = if first { 0 } else { budget };
-    curve.iter().find(|(s, _)| *s == want).map(|(_, r)| r)
+) -> Option<&'a fedpersona_shared::train::EvalReport> {
+    let (curve, step) = match method {
+        "base" => return Some(&s.base),
+        "global" => ("fedavg", 0),
+        "fedavg_finetune" => ("fedavg", budget),
+        "meta_finetune" => ("meta", budget),
+        "local_only" => ("local_only", budget),
+        _ => return None,
+    };
+    s.curves
+        .get(curve)?
+        .iter()
+        .find(|(k, _)| *k == step)
+        .map(|(_, r)| r)
 }
 
-/// Each user's accuracy under a method (None where the method did not run).
-fn user_accuracy(s: &UserScores, method: &str, budget: usize) -> Option<f64> {
-    let curve = |c: &str, first: bool| {
-        let c = s.curves.get(c)?;
-        Some(at_budget(c, first, budget)?.accuracy)
-    };
+/// The fine-tuning curve behind a method (None for the methods without local steps).
+fn method_curve(method: &str) -> Option<&'static str> {
     match method {
-        "base" => Some(s.base.accuracy),
-        "local_only" => curve("local_only", false),
-        "global" => curve("fedavg", true),
-        "fedavg_finetune" => curve("fedavg", false),
-        "meta_finetune" => curve("meta", false),
+        "local_only" => Some("local_only"),
+        "fedavg_finetune" => Some("fedavg"),
+        "meta_finetune" => Some("meta"),
         _ => None,
     }
 }
@@ -664,7 +670,10 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
         let d: Vec<f64> = scores
             .iter()
             .filter_map(|s| {
-                Some(user_accuracy(s, better, budget)? - user_accuracy(s, worse, budget)?)
+                Some(
+                    user_report(s, better, budget)?.accuracy
+                        - user_report(s, worse, budget)?.accuracy,
+                )
             })
             .collect();
         (!d.is_empty()).then(|| {
@@ -684,67 +693,41 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
 /// Per-method means and intervals over the evaluated users.
 fn method_results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, MethodResult> {
     let mut out = BTreeMap::new();
-    if scores.is_empty() {
-        return out;
-    }
-    let summarize = |picks: Vec<(f64, f64)>, by_steps: BTreeMap<usize, f64>| {
-        let acc: Vec<f64> = picks.iter().map(|p| p.0).collect();
-        let bpb: Vec<f64> = picks.iter().map(|p| p.1).collect();
-        let (a, b) = (report::interval(&acc), report::interval(&bpb));
-        MethodResult {
-            accuracy: a.mean,
-            accuracy_ci95: a.ci95,
-            bits_per_byte: b.mean,
-            bits_per_byte_ci95: b.ci95,
-            users: a.n,
-            accuracy_by_steps: by_steps,
-        }
-    };
-    let curve_means = |curve: &str| -> BTreeMap<usize, f64> {
-        let mut sums: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
-        for s in scores {
-            for (step, r) in s.curves.get(curve).into_iter().flatten() {
-                let e = sums.entry(*step).or_default();
-                e.0 += r.accuracy;
-                e.1 += 1;
-            }
-        }
-        sums.into_iter()
-            .map(|(k, (s, n))| (k, s / n as f64))
-            .collect()
-    };
-    let pick = |curve: &str, first: bool| -> Vec<(f64, f64)> {
-        scores
+    for method in report::METHODS {
+        let picked: Vec<_> = scores
             .iter()
-            .filter_map(|s| {
-                let c = s.curves.get(curve)?;
-                let r = at_budget(c, first, budget)?;
-                Some((r.accuracy, r.bits_per_byte))
-            })
-            .collect()
-    };
-    let base: Vec<(f64, f64)> = scores
-        .iter()
-        .map(|s| (s.base.accuracy, s.base.bits_per_byte))
-        .collect();
-    let base_mean = report::interval(&base.iter().map(|p| p.0).collect::<Vec<_>>()).mean;
-    out.insert("base", summarize(base, BTreeMap::from([(0, base_mean)])));
-    out.insert(
-        "local_only",
-        summarize(pick("local_only", false), curve_means("local_only")),
-    );
-    let global = pick("fedavg", true);
-    if !global.is_empty() {
-        let g = report::interval(&global.iter().map(|p| p.0).collect::<Vec<_>>()).mean;
-        out.insert("global", summarize(global, BTreeMap::from([(0, g)])));
+            .filter_map(|s| user_report(s, method, budget))
+            .collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let a = report::interval(&picked.iter().map(|r| r.accuracy).collect::<Vec<_>>());
+        let b = report::interval(&picked.iter().map(|r| r.bits_per_byte).collect::<Vec<_>>());
+        let accuracy_by_steps = match method_curve(method) {
+            Some(curve) => {
+                let mut sums: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+                for (step, r) in scores.iter().filter_map(|s| s.curves.get(curve)).flatten() {
+                    let e = sums.entry(*step).or_default();
+                    e.0 += r.accuracy;
+                    e.1 += 1;
+                }
+                sums.into_iter()
+                    .map(|(k, (s, n))| (k, s / n as f64))
+                    .collect()
+            }
+            None => BTreeMap::from([(0, a.mean)]),
+        };
         out.insert(
-            "fedavg_finetune",
-            summarize(pick("fedavg", false), curve_means("fedavg")),
+            method,
+            MethodResult {
+                accuracy: a.mean,
+                accuracy_ci95: a.ci95,
+                bits_per_byte: b.mean,
+                bits_per_byte_ci95: b.ci95,
+                users: a.n,
+                accuracy_by_steps,
+            },
         );
-    }
-    let meta = pick("meta", false);
-    if !meta.is_empty() {
-        out.insert("meta_finetune", summarize(meta, curve_means("meta")));
     }
     out
 }

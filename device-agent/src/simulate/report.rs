@@ -166,7 +166,8 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends-free writer of `rounds.jsonl` (rewritten whole after each round, atomically).
+/// Writes `rounds.jsonl`: rewritten whole and atomically after each round, so an interrupted
+/// run leaves a complete file.
 pub fn write_rounds(rounds: &[RoundRecord], out: &Path) -> anyhow::Result<()> {
     let mut text = String::new();
     for r in rounds {

@@ -29,17 +29,20 @@ fn examples(user: usize) -> Vec<Example> {
         .collect()
 }
 
-#[test]
-fn agents_complete_rounds_over_tls_and_move_the_global_adapter() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let tls = aggregator::tls::generate(&["localhost".into()]).unwrap();
-    aggregator::tls::write(&tls, &dir.path().join("tls")).unwrap();
-    let cfg_text = format!(
-        r#"
+/// A real aggregator over TLS on 127.0.0.1:0, with `sections` (adapter, rounds, training,
+/// update) appended to the common server, TLS, enrollment and model settings.
+struct Loopback {
+    rt: tokio::runtime::Runtime,
+    handle: aggregator::server::Handle,
+    port: u16,
+}
+
+impl Loopback {
+    fn start(dir: &Path, sections: &str) -> Loopback {
+        let tls = aggregator::tls::generate(&["localhost".into()]).unwrap();
+        aggregator::tls::write(&tls, &dir.join("tls")).unwrap();
+        let cfg_text = format!(
+            r#"
 [server]
 listen = "127.0.0.1:0"
 state_dir = "state"
@@ -50,6 +53,60 @@ key = "tls/server.key"
 tokens = ["{TOKEN}"]
 [model]
 dir = "{}"
+{sections}"#,
+            model_dir().display()
+        );
+        let config = Config::parse(&cfg_text, dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = aggregator::server::start(config).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        rt.spawn(aggregator::server::run(
+            handle.clone(),
+            listener,
+            None,
+            std::future::pending(),
+        ));
+        Loopback { rt, handle, port }
+    }
+}
+
+/// An agent's config for the aggregator on `port`, state in `dir/state_dir`.
+fn agent_config(dir: &Path, port: u16, state_dir: &str, schedule: &str) -> AgentConfig {
+    let text = format!(
+        r#"
+[aggregator]
+url = "https://127.0.0.1:{port}"
+domain = "localhost"
+ca_cert = "tls/ca.pem"
+enrollment_token = "{TOKEN}"
+[device]
+state_dir = "{state_dir}"
+data = "unused.jsonl"
+[schedule]
+checkin_interval_s = 0.05
+{schedule}
+"#
+    );
+    AgentConfig::parse(&text, dir).unwrap()
+}
+
+#[test]
+fn agents_complete_rounds_over_tls_and_move_the_global_adapter() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let Loopback { rt, handle, port } = Loopback::start(
+        dir.path(),
+        r#"
 [adapter]
 rank = 4
 alpha = 8
@@ -70,46 +127,17 @@ learning_rate = 0.01
 clip_norm = 0.5
 encoding = "q8"
 "#,
-        model_dir().display()
     );
-    let config = Config::parse(&cfg_text, dir.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = aggregator::server::start(config).unwrap();
     let theta0 = handle.coordinator.theta();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(aggregator::server::run(
-        handle.clone(),
-        listener,
-        None,
-        std::future::pending(),
-    ));
 
     let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
     let agent_config = |i: usize| {
-        let text = format!(
-            r#"
-[aggregator]
-url = "https://127.0.0.1:{port}"
-domain = "localhost"
-ca_cert = "tls/ca.pem"
-enrollment_token = "{TOKEN}"
-[device]
-state_dir = "agent-{i}"
-data = "unused.jsonl"
-[schedule]
-checkin_interval_s = 0.05
-backoff_initial_s = 0.05
-max_rounds = 2
-"#
-        );
-        AgentConfig::parse(&text, dir.path()).unwrap()
+        agent_config(
+            dir.path(),
+            port,
+            &format!("agent-{i}"),
+            "backoff_initial_s = 0.05\nmax_rounds = 2",
+        )
     };
     let summaries = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -172,20 +200,9 @@ max_rounds = 2
 #[test]
 fn without_consent_nothing_reaches_the_aggregator() {
     let dir = tempfile::tempdir().unwrap();
-    let tls = aggregator::tls::generate(&["localhost".into()]).unwrap();
-    aggregator::tls::write(&tls, &dir.path().join("tls")).unwrap();
-    let cfg_text = format!(
+    let Loopback { rt, handle, port } = Loopback::start(
+        dir.path(),
         r#"
-[server]
-listen = "127.0.0.1:0"
-state_dir = "state"
-[tls]
-cert = "tls/server.pem"
-key = "tls/server.key"
-[enrollment]
-tokens = ["{TOKEN}"]
-[model]
-dir = "{}"
 [adapter]
 rank = 2
 alpha = 4
@@ -202,43 +219,8 @@ steps = 1
 batch_size = 2
 seq_len = 32
 "#,
-        model_dir().display()
     );
-    let config = Config::parse(&cfg_text, dir.path()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = aggregator::server::start(config).unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(aggregator::server::run(
-        handle.clone(),
-        listener,
-        None,
-        std::future::pending(),
-    ));
-    let agent_cfg = AgentConfig::parse(
-        &format!(
-            r#"
-[aggregator]
-url = "https://127.0.0.1:{port}"
-domain = "localhost"
-ca_cert = "tls/ca.pem"
-enrollment_token = "{TOKEN}"
-[device]
-state_dir = "agent"
-data = "unused.jsonl"
-[schedule]
-checkin_interval_s = 0.05
-"#
-        ),
-        dir.path(),
-    )
-    .unwrap();
+    let agent_cfg = agent_config(dir.path(), port, "agent", "");
     let state = dir.path().join("agent");
     device_agent::consent::Consent::set(&state, false, 1).unwrap();
     let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
