@@ -345,7 +345,11 @@ fn aggregator_toml(spec: &FederationSpec, env: &Env, token: &str, users: usize) 
         .iter()
         .map(|t| format!("{:?}", t.name()))
         .collect();
-    let path = |p: &Path| format!("{:?}", p.display().to_string());
+    // Absolute: the aggregator resolves relative paths against its config file's folder.
+    let path = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        format!("{:?}", p.display().to_string())
+    };
     format!(
         r#"# Written by `device-agent simulate` for the {name} federation of this run.
 [server]

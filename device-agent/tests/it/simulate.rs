@@ -148,9 +148,14 @@ fn a_tiny_simulation_writes_a_complete_report() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    // The same seed gives the same split and the same federated result.
+    // The same seed gives the same split and the same federated result; `--out` relative
+    // to the working directory works too.
     let again = dir.path().join("again");
-    let o = bin().args(tiny_args(&data, &again, "2")).output().unwrap();
+    let o = bin()
+        .current_dir(dir.path())
+        .args(tiny_args(&data, Path::new("again"), "2"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(again.join("report.json")).unwrap()).unwrap();
