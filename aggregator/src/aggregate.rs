@@ -148,6 +148,45 @@ impl RunningSum {
         Ok(())
     }
 
+    /// Adds the sum of `count` unweighted updates that arrived already summed (secure
+    /// aggregation), as flat values in the layout's order.
+    pub fn add_sum(&mut self, flat: &[f64], count: u64) -> Result<(), UpdateRejection> {
+        if flat.len() != self.spec.num_values() {
+            return Err(UpdateRejection::WrongShape {
+                name: "secure aggregate".into(),
+                got: vec![flat.len()],
+                want: vec![self.spec.num_values()],
+            });
+        }
+        if flat.iter().any(|v| !v.is_finite()) {
+            return Err(UpdateRejection::NonFinite("secure aggregate".into()));
+        }
+        let mut rest = flat;
+        for sum in &mut self.sums {
+            let (head, tail) = rest.split_at(sum.len());
+            sum.iter_mut().zip(head).for_each(|(s, x)| *s += x);
+            rest = tail;
+        }
+        self.weight += count as f64;
+        self.count += count;
+        Ok(())
+    }
+
+    /// The differentially private release of the round: N(0, stddev²) added to every value
+    /// of the sum ([`fedpersona_shared::noise::add_gaussian`] on the grid 2^k), divided by a
+    /// fixed `denominator` (the expected cohort, so the count itself is not revealed).
+    pub fn noised_mean(
+        &self,
+        stddev: f64,
+        k: i32,
+        denominator: f64,
+    ) -> Result<AdapterTensors, fedpersona_shared::noise::NoiseError> {
+        let mut flat: Vec<f64> = self.sums.iter().flatten().copied().collect();
+        fedpersona_shared::noise::add_gaussian(&mut flat, stddev, k)?;
+        let values: Vec<f32> = flat.iter().map(|s| (s / denominator) as f32).collect();
+        Ok(AdapterTensors::from_flat(&self.spec.shapes, &values).expect("the layout's size"))
+    }
+
     /// The weighted mean Σ wᵢΔᵢ / Σ wᵢ (None when nothing was added).
     pub fn mean(&self) -> Option<AdapterTensors> {
         if self.count == 0 || self.weight <= 0.0 {

@@ -91,8 +91,10 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
             path.display()
         );
     }
-    let s = Store::open_read_only(&path)?.summary()?;
+    let store = Store::open_read_only(&path)?;
+    let s = store.summary()?;
     let round = s.last_round.as_ref();
+    let privacy = privacy_status(&config, &store)?;
     if args.json {
         return Ok(serde_json::json!({
             "round": round.map(|r| r.id),
@@ -105,6 +107,17 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
             "uploads": s.uploads,
             "devices": s.devices,
             "devices_revoked": s.revoked,
+            "privacy": privacy.as_ref().map_or(
+                serde_json::json!({"mode": config.privacy.mode.name()}),
+                |p| serde_json::json!({
+                    "mode": config.privacy.mode.name(),
+                    "epsilon_spent": p.epsilon,
+                    "epsilon_budget": p.budget,
+                    "epsilon_remaining": (p.budget - p.epsilon).max(0.0),
+                    "delta": p.delta,
+                    "rounds_charged": p.rounds_charged,
+                })
+            ),
         })
         .to_string());
     }
@@ -132,7 +145,39 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
         s.devices,
         s.revoked
     ));
+    match privacy {
+        Some(p) => out.push_str(&format!(
+            "\nprivacy ({}): epsilon {:.4} spent of {} at delta {} ({:.4} remaining) over {} rounds charged",
+            config.privacy.mode.name(),
+            p.epsilon,
+            p.budget,
+            p.delta,
+            (p.budget - p.epsilon).max(0.0),
+            p.rounds_charged
+        )),
+        None => out.push_str("\nprivacy: none (clipping only, no DP guarantee)"),
+    }
     Ok(out)
+}
+
+/// ε spent by the journal's privacy ledger, at the configured δ (None without DP).
+fn privacy_status(
+    config: &Config,
+    store: &Store,
+) -> anyhow::Result<Option<crate::round::PrivacySpent>> {
+    let Some(budget) = config.privacy.budget else {
+        return Ok(None);
+    };
+    let mut acc = fedpersona_shared::accountant::Accountant::default();
+    for c in store.ledger()? {
+        acc.compose(c.sampling_rate, c.noise_multiplier, 1)?;
+    }
+    Ok(Some(crate::round::PrivacySpent {
+        epsilon: acc.epsilon(budget.delta)?.0,
+        delta: budget.delta,
+        budget: budget.epsilon,
+        rounds_charged: acc.rounds(),
+    }))
 }
 
 pub fn revoke(args: &RevokeArgs) -> anyhow::Result<String> {

@@ -30,6 +30,8 @@ struct File {
     meta: MetaFile,
     #[serde(default)]
     privacy: PrivacyFile,
+    #[serde(default)]
+    secure_aggregation: SecAggFile,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,17 +199,108 @@ impl Default for MetaFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct PrivacyFile {
     mode: String,
+    noise_multiplier: f64,
+    population: u64,
+    epsilon_budget: f64,
+    delta: f64,
 }
 
 impl Default for PrivacyFile {
     fn default() -> Self {
         PrivacyFile {
             mode: "none".into(),
+            noise_multiplier: 0.0,
+            population: 0,
+            epsilon_budget: 0.0,
+            delta: 0.0,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SecAggFile {
+    enabled: bool,
+    max_neighbours: u32,
+    phase_timeout_s: f64,
+}
+
+impl Default for SecAggFile {
+    fn default() -> Self {
+        SecAggFile {
+            enabled: false,
+            max_neighbours: 20,
+            phase_timeout_s: 60.0,
+        }
+    }
+}
+
+/// Where differential-privacy noise is added (see `shared::privacy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivacyMode {
+    /// Clipping only: no DP guarantee, no accounting.
+    None,
+    /// Each device adds N(0, z²C²): every update is DP on its own.
+    Local,
+    /// Each device adds a discrete Gaussian share; the sum of at least `min_reports` carries
+    /// zC. Only with secure aggregation.
+    Distributed,
+    /// The aggregator adds N(0, z²C²) to the sum (a trusted server).
+    Central,
+}
+
+impl PrivacyMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrivacyMode::None => "none",
+            PrivacyMode::Local => "local",
+            PrivacyMode::Distributed => "distributed",
+            PrivacyMode::Central => "central",
+        }
+    }
+}
+
+/// A hard (ε, δ) budget over the deployment's life.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+/// Differential privacy of the rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyPolicy {
+    pub mode: PrivacyMode,
+    /// z: noise standard deviation over the clip norm, for the whole sum.
+    pub noise_multiplier: f64,
+    /// q: the chance that a given user's update is in a round (assigned devices over the
+    /// population), as the accountant's Poisson sampling rate.
+    pub sampling_rate: f64,
+    /// None only when `mode` is none.
+    pub budget: Option<Budget>,
+}
+
+/// Secure aggregation (SecAgg+) of a round's updates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecAggPolicy {
+    pub max_neighbours: u32,
+    /// Each phase (advertise keys, share keys, masked input, unmask) ends after this.
+    pub phase_timeout: Duration,
+    /// γ: a delta value x travels as the integer ≈ x/γ; sized so the sum of every assigned
+    /// device's clipped, noised input cannot wrap around 2^32.
+    pub granularity: f64,
+}
+
+/// Largest multiple of the clip norm, in grid units, that a cohort of `n` with distributed
+/// noise share z·B/√m each can sum without leaving i32: n·B + 12·z·B·√(n/m) ≤ 2^30 (half the
+/// range, so twelve standard deviations of the summed noise still fit with room to spare).
+pub fn secagg_grid_units(n: u32, z: f64, m: u32) -> f64 {
+    let n = f64::from(n);
+    let spread = n + 12.0 * z * (n / f64::from(m)).sqrt();
+    (f64::from(1u32 << 30) / spread).floor()
 }
 
 /// How the server listens.
@@ -303,6 +396,8 @@ pub struct Config {
     pub training: LocalTraining,
     pub update: UpdatePolicy,
     pub meta: ServerOptimizer,
+    pub privacy: PrivacyPolicy,
+    pub secure_aggregation: Option<SecAggPolicy>,
 }
 
 impl Config {
@@ -521,14 +616,7 @@ impl Config {
             ),
         };
 
-        match f.privacy.mode.as_str() {
-            "none" => {}
-            "local" | "distributed" | "central" => bail!(
-                "privacy.mode {:?} is not available in this build yet: only \"none\" (clipping without noise)",
-                f.privacy.mode
-            ),
-            other => bail!("privacy.mode must be none, local, distributed or central, not {other:?}"),
-        }
+        let (privacy, secure_aggregation) = privacy_policy(&f, &rounds, &update)?;
 
         ensure!(
             f.server.max_concurrent_uploads >= 1,
@@ -553,8 +641,130 @@ impl Config {
             training,
             update,
             meta,
+            privacy,
+            secure_aggregation,
         })
     }
+}
+
+fn privacy_policy(
+    f: &File,
+    rounds: &RoundPolicy,
+    update: &UpdatePolicy,
+) -> anyhow::Result<(PrivacyPolicy, Option<SecAggPolicy>)> {
+    let p = &f.privacy;
+    let mode = match p.mode.as_str() {
+        "none" => PrivacyMode::None,
+        "local" => PrivacyMode::Local,
+        "distributed" => PrivacyMode::Distributed,
+        "central" => PrivacyMode::Central,
+        other => bail!("privacy.mode must be none, local, distributed or central, not {other:?}"),
+    };
+    let s = &f.secure_aggregation;
+    let assigned = rounds.max_assigned.get();
+    let policy = if mode == PrivacyMode::None {
+        ensure!(
+            p.noise_multiplier == 0.0 && p.epsilon_budget == 0.0,
+            "privacy.noise_multiplier and privacy.epsilon_budget need a privacy.mode other than none"
+        );
+        PrivacyPolicy {
+            mode,
+            noise_multiplier: 0.0,
+            sampling_rate: 0.0,
+            budget: None,
+        }
+    } else {
+        ensure!(
+            p.noise_multiplier.is_finite() && p.noise_multiplier > 0.0 && p.noise_multiplier <= 1e3,
+            "privacy.noise_multiplier must be in (0, 1000] with privacy.mode {:?}",
+            p.mode
+        );
+        ensure!(
+            p.population >= u64::from(assigned),
+            "privacy.population ({}) must be at least the devices assigned per round ({assigned}): \
+             it is the number of eligible devices, and assigned / population is the sampling rate",
+            p.population
+        );
+        ensure!(
+            p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0,
+            "privacy.epsilon_budget must be positive with privacy.mode {:?}",
+            p.mode
+        );
+        ensure!(
+            p.delta > 0.0 && p.delta < 1e-2,
+            "privacy.delta must be in (0, 0.01)"
+        );
+        ensure!(
+            update.weighting == Weighting::Uniform,
+            "update.weighting must be \"uniform\" with differential privacy: weights by reported \
+             example counts change the sensitivity"
+        );
+        let policy = PrivacyPolicy {
+            mode,
+            noise_multiplier: p.noise_multiplier,
+            sampling_rate: f64::from(assigned) / p.population as f64,
+            budget: Some(Budget {
+                epsilon: p.epsilon_budget,
+                delta: p.delta,
+            }),
+        };
+        let one = fedpersona_shared::accountant::epsilon(
+            policy.noise_multiplier,
+            policy.sampling_rate,
+            1,
+            p.delta,
+        )?;
+        ensure!(
+            one <= p.epsilon_budget,
+            "privacy: a single round already costs epsilon {one:.3}, above privacy.epsilon_budget {}",
+            p.epsilon_budget
+        );
+        policy
+    };
+    if mode == PrivacyMode::Distributed {
+        ensure!(
+            s.enabled,
+            "privacy.mode \"distributed\" needs [secure_aggregation] enabled = true: without it the \
+             aggregator sees each device's under-noised update"
+        );
+    }
+    let secagg = if s.enabled {
+        ensure!(
+            update.weighting == Weighting::Uniform,
+            "secure aggregation sums updates unweighted: update.weighting must be \"uniform\""
+        );
+        ensure!(
+            assigned >= 3,
+            "secure aggregation needs at least 3 devices per round (cohort and over-selection)"
+        );
+        ensure!(
+            (2..=254).contains(&s.max_neighbours),
+            "secure_aggregation.max_neighbours must be in [2, 254]"
+        );
+        ensure!(
+            s.phase_timeout_s.is_finite() && s.phase_timeout_s >= 1.0 && s.phase_timeout_s < 1e5,
+            "secure_aggregation.phase_timeout_s must be at least 1 second"
+        );
+        let z = if mode == PrivacyMode::Distributed {
+            policy.noise_multiplier
+        } else {
+            0.0
+        };
+        let units = secagg_grid_units(assigned, z, rounds.min_reports.get());
+        ensure!(
+            units >= 1024.0,
+            "secure aggregation: {assigned} devices per round leave {units} grid steps per clip norm; \
+             fewer devices per round are needed"
+        );
+        Some(SecAggPolicy {
+            max_neighbours: s.max_neighbours,
+            phase_timeout: Duration::from_secs_f64(s.phase_timeout_s),
+            granularity: f64::from(update.clip_norm) / units,
+        })
+    } else {
+        None
+    };
+    Ok((policy, secagg))
 }
 
 /// SHA-256 of an enrollment token: what the server compares.

@@ -11,17 +11,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fedpersona_shared::accountant::Accountant;
 use fedpersona_shared::codec::{self, DecodeLimits};
 use fedpersona_shared::lora::LoraAdapter;
 use tokio::sync::Notify;
 
 use crate::aggregate::{RunningSum, UpdateSpec};
 use crate::auth::{now_ms, DeviceId};
-use crate::config::{Config, Weighting};
+use crate::config::{Config, PrivacyMode, Weighting};
 use crate::error::{FedError, Kind};
 use crate::meta::MetaState;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Charge, Store};
 use crate::versions::{sha256, Published, Versions};
 
 /// What a checked-in device is told.
@@ -32,6 +33,8 @@ pub enum CheckIn {
         retry_after: Duration,
         reason: &'static str,
     },
+    /// The privacy budget cannot pay for another round: no round will open again.
+    Exhausted(String),
 }
 
 /// A device's part in a round.
@@ -102,6 +105,19 @@ struct State {
     round: Option<OpenRound>,
     rounds_committed: u64,
     finished: bool,
+    /// The privacy ledger, composed (empty without DP).
+    accountant: Accountant,
+    /// Set when the next round would exceed the privacy budget.
+    exhausted: Option<String>,
+}
+
+/// Privacy spent so far against the budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacySpent {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub budget: f64,
+    pub rounds_charged: u64,
 }
 
 /// How a closed round ended.
@@ -162,19 +178,29 @@ impl Coordinator {
                 (meta, published)
             }
         };
-        let spec = UpdateSpec::new(
-            LoraAdapter::trained_shapes(&config.model, &config.adapter),
-            f64::from(config.update.clip_norm),
-        );
+        let shapes = LoraAdapter::trained_shapes(&config.model, &config.adapter);
+        let spec = UpdateSpec::new(shapes, norm_bound(&config));
         let finished = config
             .rounds
             .max_rounds
             .is_some_and(|m| rec.rounds_committed >= m);
-        let round = if finished {
-            None
+        let mut accountant = Accountant::default();
+        for c in store.ledger()? {
+            accountant.compose(c.sampling_rate, c.noise_multiplier, 1)?;
+        }
+        let (round, exhausted) = if finished {
+            (None, None)
         } else {
-            store.open_round(rec.next_round, published.version, now_ms())?;
-            Some(OpenRound::new(rec.next_round, spec.clone()))
+            match open_round(
+                &config,
+                &store,
+                &mut accountant,
+                rec.next_round,
+                published.version,
+            )? {
+                Ok(()) => (Some(OpenRound::new(rec.next_round, spec.clone())), None),
+                Err(why) => (None, Some(why)),
+            }
         };
         tracing::info!(
             version = published.version,
@@ -195,6 +221,8 @@ impl Coordinator {
                 round,
                 rounds_committed: rec.rounds_committed,
                 finished,
+                accountant,
+                exhausted,
             }),
             round_full: Notify::new(),
             deadline_set: Notify::new(),
@@ -231,6 +259,22 @@ impl Coordinator {
         self.lock().meta.clone()
     }
 
+    /// ε spent (at the budget's δ) by every round charged so far; None without DP.
+    pub fn privacy_spent(&self) -> Option<PrivacySpent> {
+        let budget = self.config.privacy.budget?;
+        let st = self.lock();
+        let (epsilon, _) = st
+            .accountant
+            .epsilon(budget.delta)
+            .expect("the config validated delta");
+        Some(PrivacySpent {
+            epsilon,
+            delta: budget.delta,
+            budget: budget.epsilon,
+            rounds_charged: st.accountant.rounds(),
+        })
+    }
+
     pub fn view(&self) -> RoundView {
         let st = self.lock();
         let target = self.config.rounds.target_reports.get();
@@ -246,7 +290,13 @@ impl Coordinator {
             },
             None => RoundView {
                 round: 0,
-                state: if st.finished { "finished" } else { "idle" },
+                state: if st.finished {
+                    "finished"
+                } else if st.exhausted.is_some() {
+                    "budget_exhausted"
+                } else {
+                    "idle"
+                },
                 version: st.published.version,
                 reports: 0,
                 target_reports: target,
@@ -266,6 +316,9 @@ impl Coordinator {
         };
         if st.finished {
             return later("training finished");
+        }
+        if let Some(why) = &st.exhausted {
+            return CheckIn::Exhausted(why.clone());
         }
         let (version, sha, len) = (
             st.published.version,
@@ -576,7 +629,7 @@ impl Coordinator {
         let reports = sum.count();
         let min = u64::from(self.config.rounds.min_reports.get());
         let outcome = if reports >= min {
-            let mean = sum.mean().expect("at least one report");
+            let mean = self.release(&sum)?;
             let mut next = meta;
             next.apply(self.config.meta, &mean)?;
             let version = base_version + 1;
@@ -610,13 +663,24 @@ impl Coordinator {
             .rounds
             .max_rounds
             .is_some_and(|m| st.rounds_committed >= m);
+        st.round = None;
         if finished {
             st.finished = true;
-            st.round = None;
         } else {
-            self.store
-                .open_round(id + 1, st.published.version, now_ms())?;
-            st.round = Some(OpenRound::new(id + 1, self.spec.clone()));
+            let version = st.published.version;
+            match open_round(
+                &self.config,
+                &self.store,
+                &mut st.accountant,
+                id + 1,
+                version,
+            )? {
+                Ok(()) => st.round = Some(OpenRound::new(id + 1, self.spec.clone())),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "no further rounds: the privacy budget is spent");
+                    st.exhausted = Some(why);
+                }
+            }
         }
         self.metrics.set_round(id + 1, st.published.version);
         drop(st);
@@ -624,6 +688,26 @@ impl Coordinator {
             self.prune();
         }
         Ok(outcome)
+    }
+
+    /// What the round publishes: the mean of its reports, with the central noise where the
+    /// aggregator adds it. With DP the divisor is the target cohort size, not the count.
+    fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_shared::AdapterTensors> {
+        let p = &self.config.privacy;
+        let c = f64::from(self.config.update.clip_norm);
+        let denominator = f64::from(self.config.rounds.target_reports.get());
+        let d = self.spec.num_values();
+        let k = fedpersona_shared::noise::grid_exponent(c, d);
+        Ok(match p.mode {
+            PrivacyMode::None | PrivacyMode::Local => sum.mean().expect("at least one report"),
+            PrivacyMode::Distributed => sum.noised_mean(0.0, k, denominator)?,
+            // Rounding the sum to the grid can move a neighbour's sum by twice the slack.
+            PrivacyMode::Central => sum.noised_mean(
+                p.noise_multiplier * (c + 2.0 * fedpersona_shared::noise::grid_slack(k, d)),
+                k,
+                denominator,
+            )?,
+        })
     }
 
     fn prune(&self) {
@@ -638,6 +722,54 @@ impl Coordinator {
             Err(e) => tracing::warn!(error = %e, "could not list old adapter versions"),
         }
     }
+}
+
+/// The L2 bound uploads are held to: the clip norm, or with local noise the clip norm plus
+/// a bound on the noise's norm (σ·(√d + 10), over ten standard deviations of a χ_d above its
+/// mean) and the 8-bit encoding's rounding.
+fn norm_bound(config: &Config) -> f64 {
+    let c = f64::from(config.update.clip_norm);
+    if config.privacy.mode != PrivacyMode::Local {
+        return c;
+    }
+    let d = LoraAdapter::trained_shapes(&config.model, &config.adapter)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum::<usize>() as f64;
+    (c + config.privacy.noise_multiplier * c * (d.sqrt() + 10.0)) * 1.05
+}
+
+/// Opens round `id` if the privacy budget can pay for it (charging it in the same journal
+/// transaction); `Ok(Err(why))` when it cannot.
+fn open_round(
+    config: &Config,
+    store: &Store,
+    accountant: &mut Accountant,
+    id: u64,
+    base_version: u64,
+) -> anyhow::Result<Result<(), String>> {
+    let p = &config.privacy;
+    let Some(budget) = p.budget else {
+        store.open_round(id, base_version, None, now_ms())?;
+        return Ok(Ok(()));
+    };
+    let mut next = accountant.clone();
+    next.compose(p.sampling_rate, p.noise_multiplier, 1)?;
+    let (after, _) = next.epsilon(budget.delta)?;
+    if after > budget.epsilon {
+        let (spent, _) = accountant.epsilon(budget.delta)?;
+        return Ok(Err(format!(
+            "privacy budget exhausted: epsilon {spent:.4} spent of {} at delta {}; round {id} would bring it to {after:.4}",
+            budget.epsilon, budget.delta
+        )));
+    }
+    let charge = Charge {
+        noise_multiplier: p.noise_multiplier,
+        sampling_rate: p.sampling_rate,
+    };
+    store.open_round(id, base_version, Some((p.mode.name(), charge)), now_ms())?;
+    *accountant = next;
+    Ok(Ok(()))
 }
 
 impl OpenRound {

@@ -11,6 +11,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Authenticator;
+use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
 use crate::round::{unix_ms, CheckIn, Coordinator, UploadHeader};
 
@@ -112,11 +113,24 @@ impl Federation for FederationService {
                     }),
                     clip_norm: c.update.clip_norm,
                     privacy: Some(pb::Privacy {
-                        mode: pb::PrivacyMode::None as i32,
-                        noise_multiplier: 0.0,
+                        mode: match c.privacy.mode {
+                            PrivacyMode::None => pb::PrivacyMode::None,
+                            PrivacyMode::Local => pb::PrivacyMode::Local,
+                            PrivacyMode::Distributed => pb::PrivacyMode::Distributed,
+                            PrivacyMode::Central => pb::PrivacyMode::Central,
+                        } as i32,
+                        noise_multiplier: c.privacy.noise_multiplier as f32,
                         min_reports: c.rounds.min_reports.get(),
                     }),
-                    secure_aggregation: Some(pb::SecureAggregation { enabled: false }),
+                    secure_aggregation: Some(match &c.secure_aggregation {
+                        Some(s) => pb::SecureAggregation {
+                            enabled: true,
+                            granularity: s.granularity,
+                            phase_timeout_ms: s.phase_timeout.as_millis().min(u32::MAX as u128)
+                                as u32,
+                        },
+                        None => pb::SecureAggregation::default(),
+                    }),
                     deadline_unix_ms: unix_ms(a.deadline),
                     max_upload_bytes: c.update.max_upload_bytes,
                     encoding: match c.update.encoding {
@@ -125,6 +139,9 @@ impl Federation for FederationService {
                     } as i32,
                     chunk_bytes: c.update.chunk_bytes,
                 })
+            }
+            CheckIn::Exhausted(why) => {
+                return Err(self.refuse(FedError::new(Kind::Exhausted, "privacy_budget", why)))
             }
             CheckIn::Later {
                 retry_after,
@@ -285,5 +302,21 @@ impl Federation for FederationService {
             deadline_unix_ms: v.deadline.map_or(0, unix_ms),
             rounds_completed: v.rounds_committed,
         }))
+    }
+
+    async fn secure_aggregate(
+        &self,
+        request: Request<pb::SecAggRequest>,
+    ) -> Result<Response<pb::SecAggResponse>, Status> {
+        let mut req = request.into_inner();
+        let auth = req.auth.take();
+        self.auth
+            .verify("SecureAggregate", auth.as_ref(), &req)
+            .map_err(|e| self.refuse(e))?;
+        Err(self.refuse(FedError::new(
+            Kind::WrongRound,
+            "no_secagg",
+            "secure aggregation is not enabled on this aggregator",
+        )))
     }
 }

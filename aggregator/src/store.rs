@@ -105,7 +105,7 @@ pub struct Summary {
     pub last_round: Option<RoundRow>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -138,6 +138,25 @@ CREATE TABLE uploads (
     UNIQUE (round, device)
 );
 ";
+
+/// Version 2: the privacy ledger. A round is charged in the transaction that opens it, so a
+/// crash can never lose a charge, and the round id as key means it is never counted twice.
+const MIGRATION_2: &str = "
+CREATE TABLE privacy_ledger (
+    round INTEGER PRIMARY KEY REFERENCES rounds(id),
+    mode TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sampling_rate REAL NOT NULL,
+    charged_at_ms INTEGER NOT NULL
+);
+";
+
+/// One round's entry in the privacy ledger: what the accountant composes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Charge {
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+}
 
 /// The journal. Calls are short; one connection behind a mutex.
 #[derive(Debug)]
@@ -175,7 +194,12 @@ impl Store {
         match version {
             0 => {
                 conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    "BEGIN; {SCHEMA} {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                ))?;
+            }
+            1 => {
+                conn.execute_batch(&format!(
+                    "BEGIN; {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 ))?;
             }
             SCHEMA_VERSION => {}
@@ -292,12 +316,43 @@ impl Store {
             == 1)
     }
 
-    pub fn open_round(&self, id: u64, base_version: u64, now_ms: i64) -> Result<(), StoreError> {
-        self.conn().execute(
+    /// Opens a round and, in the same transaction, charges it to the privacy ledger.
+    pub fn open_round(
+        &self,
+        id: u64,
+        base_version: u64,
+        charge: Option<(&str, Charge)>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO rounds (id, state, base_version, opened_at_ms) VALUES (?1, 'open', ?2, ?3)",
             params![id as i64, base_version as i64, now_ms],
         )?;
+        if let Some((mode, c)) = charge {
+            tx.execute(
+                "INSERT INTO privacy_ledger (round, mode, noise_multiplier, sampling_rate, charged_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id as i64, mode, c.noise_multiplier, c.sampling_rate, now_ms],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Every charge in the privacy ledger, in round order.
+    pub fn ledger(&self) -> Result<Vec<Charge>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT noise_multiplier, sampling_rate FROM privacy_ledger ORDER BY round")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Charge {
+                noise_multiplier: r.get(0)?,
+                sampling_rate: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Whether an upload nonce was ever used.
@@ -474,7 +529,7 @@ mod tests {
             s.record_initial_version(&[0; 32], 1).unwrap();
             assert!(s.enroll("d1", &[1; 32], 1).unwrap());
             assert!(!s.enroll("d2", &[1; 32], 1).unwrap(), "same key twice");
-            s.open_round(1, 0, 2).unwrap();
+            s.open_round(1, 0, None, 2).unwrap();
             assert_eq!(s.record_upload(b"n1", 1, "d1", 10, 3).unwrap(), Ok(()));
             assert_eq!(
                 s.record_upload(b"n1", 1, "d1", 10, 3).unwrap(),
@@ -485,7 +540,15 @@ mod tests {
                 Err(UploadConflict::AlreadyReported)
             );
             s.commit_round(1, 1, &[1; 32], 4).unwrap();
-            s.open_round(2, 1, 5).unwrap();
+            let charge = Charge {
+                noise_multiplier: 1.0,
+                sampling_rate: 0.01,
+            };
+            s.open_round(2, 1, Some(("central", charge)), 5).unwrap();
+            assert!(
+                s.open_round(2, 1, Some(("central", charge)), 5).is_err(),
+                "a round is opened and charged once"
+            );
             assert_eq!(s.record_upload(b"n3", 2, "d1", 10, 6).unwrap(), Ok(()));
         }
         let s = Store::open(&path).unwrap();
@@ -505,5 +568,13 @@ mod tests {
             "abandoned rounds cannot commit"
         );
         assert_eq!(s.summary().unwrap().latest_version, Some(1));
+        assert_eq!(
+            s.ledger().unwrap(),
+            vec![Charge {
+                noise_multiplier: 1.0,
+                sampling_rate: 0.01
+            }],
+            "the charge of the abandoned round stays"
+        );
     }
 }

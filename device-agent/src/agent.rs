@@ -13,7 +13,9 @@ use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
 use fedpersona_shared::codec::Encoding;
 use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::privacy::{privatize, PrivacySpec, Privatized};
+use fedpersona_shared::privacy::{
+    protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec,
+};
 use fedpersona_shared::train::{fit, Example, FitConfig, TrainConfig};
 use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
 use serde::{Deserialize, Serialize};
@@ -376,10 +378,18 @@ impl Agent {
             tracing::info!(round, "consent withdrawn during training: not uploading");
             return Ok(Step::Wait(self.config.checkin_interval));
         }
-        self.session
-            .upload(&task, &update, examples, loss)
-            .await
-            .map_err(|s| anyhow::anyhow!("upload refused: {} ({:?})", s.message(), s.code()))?;
+        let upload_bytes = match &update {
+            Protected::Plain(update) => {
+                self.session
+                    .upload(&task, update, examples, loss)
+                    .await
+                    .map_err(|s| {
+                        anyhow::anyhow!("upload refused: {} ({:?})", s.message(), s.code())
+                    })?;
+                update.bytes().len() as u64
+            }
+            Protected::Secure(_) => bail!("secure aggregation is not wired yet"),
+        };
         self.state.last_round = round;
         self.state.rounds_reported += 1;
         save_state(&self.config.state_dir, &self.state)?;
@@ -387,7 +397,7 @@ impl Agent {
         Ok(Step::Reported(Report {
             round,
             train_loss: loss,
-            upload_bytes: update.bytes().len() as u64,
+            upload_bytes,
             download_bytes: task.adapter_bytes,
         }))
     }
@@ -404,7 +414,7 @@ impl Agent {
     }
 
     /// Downloads θ, adapts it locally, and returns the privatized delta.
-    async fn train(&self, task: &pb::Task) -> anyhow::Result<(Privatized, u32, f32)> {
+    async fn train(&self, task: &pb::Task) -> anyhow::Result<(Protected, u32, f32)> {
         let lora = lora_config(task)?;
         let training = task.training.context("task without training settings")?;
         let bytes = self
@@ -418,20 +428,7 @@ impl Agent {
         let theta = AdapterTensors::from_safetensors(&bytes).context("global adapter")?;
         let base = self.base.clone();
         let examples = Arc::clone(&self.examples);
-        let clip_norm = f64::from(task.clip_norm);
-        let encoding = match pb::Encoding::try_from(task.encoding) {
-            Ok(pb::Encoding::F32) => Encoding::F32,
-            Ok(pb::Encoding::Q8) => Encoding::Q8,
-            _ => bail!("task asks for an unknown update encoding"),
-        };
-        let privacy = task.privacy.unwrap_or_default();
-        match pb::PrivacyMode::try_from(privacy.mode) {
-            Ok(pb::PrivacyMode::None) => {}
-            _ => bail!("task asks for a privacy mode this agent does not implement"),
-        }
-        if task.secure_aggregation.is_some_and(|s| s.enabled) {
-            bail!("task asks for secure aggregation, which this agent does not implement");
-        }
+        let protection = protection_for(task)?;
         let threads = self.config.threads;
         let seed = match self.config.seed {
             Some(s) => s ^ task.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -439,7 +436,14 @@ impl Agent {
         };
         tokio::task::spawn_blocking(move || {
             local_update(
-                &base, &examples, &theta, lora, &training, clip_norm, encoding, threads, seed,
+                &base,
+                &examples,
+                &theta,
+                lora,
+                &training,
+                &protection,
+                threads,
+                seed,
             )
         })
         .await
@@ -466,6 +470,74 @@ pub struct Report {
 
 fn deadline(task: &pb::Task) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(task.deadline_unix_ms.max(0) as u64)
+}
+
+/// What the task asks of the delta before it leaves: clipping, the privacy mode's noise, and
+/// an encoding or (with secure aggregation) the integer grid.
+pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
+    let clip_norm = f64::from(task.clip_norm);
+    ensure!(
+        clip_norm.is_finite() && clip_norm > 0.0,
+        "task clip norm must be positive"
+    );
+    let privacy = task.privacy.unwrap_or_default();
+    let z = f64::from(privacy.noise_multiplier);
+    let mode = pb::PrivacyMode::try_from(privacy.mode)
+        .ok()
+        .filter(|m| *m != pb::PrivacyMode::Unspecified)
+        .context("task asks for an unknown privacy mode")?;
+    if mode != pb::PrivacyMode::None {
+        ensure!(
+            z.is_finite() && z > 0.0,
+            "task asks for DP noise with noise multiplier {z}"
+        );
+    }
+    let secure = task.secure_aggregation.filter(|s| s.enabled);
+    if let Some(s) = secure {
+        let g = s.granularity;
+        ensure!(
+            g.is_finite() && g > 0.0 && clip_norm / g >= 1.0,
+            "task's secure-aggregation granularity {g} does not fit its clip norm"
+        );
+        let units = clip_norm / g;
+        let noise_stddev = match mode {
+            pb::PrivacyMode::None | pb::PrivacyMode::Central => 0.0,
+            pb::PrivacyMode::Local => z * units,
+            pb::PrivacyMode::Distributed => {
+                ensure!(
+                    privacy.min_reports >= 1,
+                    "distributed noise needs min_reports"
+                );
+                z * units / f64::from(privacy.min_reports).sqrt()
+            }
+            pb::PrivacyMode::Unspecified => unreachable!("filtered above"),
+        };
+        return Ok(Protection::Secure(QuantizationSpec {
+            clip_norm,
+            granularity: g,
+            noise_stddev,
+        }));
+    }
+    let encoding = match pb::Encoding::try_from(task.encoding) {
+        Ok(pb::Encoding::F32) => Encoding::F32,
+        Ok(pb::Encoding::Q8) => Encoding::Q8,
+        _ => bail!("task asks for an unknown update encoding"),
+    };
+    let noise = match mode {
+        pb::PrivacyMode::None | pb::PrivacyMode::Central => DeviceNoise::None,
+        pb::PrivacyMode::Local => DeviceNoise::Gaussian {
+            stddev: z * clip_norm,
+        },
+        pb::PrivacyMode::Distributed => {
+            bail!("task asks for distributed noise without secure aggregation: refused, the aggregator would see under-noised updates")
+        }
+        pb::PrivacyMode::Unspecified => unreachable!("filtered above"),
+    };
+    Ok(Protection::Plain(PrivacySpec {
+        clip_norm,
+        encoding,
+        noise,
+    }))
 }
 
 fn lora_config(task: &pb::Task) -> anyhow::Result<LoraConfig> {
@@ -495,11 +567,10 @@ pub fn local_update(
     theta: &AdapterTensors,
     lora: LoraConfig,
     training: &pb::LocalTraining,
-    clip_norm: f64,
-    encoding: Encoding,
+    protection: &Protection,
     threads: usize,
     seed: u64,
-) -> anyhow::Result<(Privatized, u32, f32)> {
+) -> anyhow::Result<(Protected, u32, f32)> {
     let model_cfg = base.model.config();
     let seq_len = training.seq_len as usize;
     ensure!(
@@ -538,14 +609,7 @@ pub fn local_update(
     let phi = adapter.to_tensors()?.filter(trained);
     let delta = phi.sub(&theta.filter(trained))?;
     let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed);
-    let update = privatize(
-        delta,
-        &PrivacySpec {
-            clip_norm,
-            encoding,
-        },
-        &mut rng,
-    )?;
+    let update = protect(delta, protection, &mut rng)?;
     Ok((
         update,
         examples.len().min(u32::MAX as usize) as u32,

@@ -184,6 +184,43 @@ impl AdapterTensors {
         }
     }
 
+    /// Every value, tensor after tensor in name order: the layout secure aggregation sums.
+    pub fn to_flat(&self) -> Vec<f32> {
+        self.tensors
+            .values()
+            .flat_map(|t| t.data.iter().copied())
+            .collect()
+    }
+
+    /// Overwrites every value from `values` in [`Self::to_flat`]'s order (same length).
+    pub fn set_flat(&mut self, values: &[f32]) -> Result<(), DeltaError> {
+        if values.len() != self.num_values() {
+            return Err(DeltaError::Mismatch(format!(
+                "{} values for an adapter of {}",
+                values.len(),
+                self.num_values()
+            )));
+        }
+        let mut rest = values;
+        for t in self.tensors.values_mut() {
+            let (head, tail) = rest.split_at(t.data.len());
+            t.data.copy_from_slice(head);
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Tensors of the given names and shapes (sorted by name) filled from flat values.
+    pub fn from_flat(shapes: &[(String, Vec<usize>)], values: &[f32]) -> Result<Self, DeltaError> {
+        let mut out = AdapterTensors::default();
+        for (name, shape) in shapes {
+            let n = shape.iter().product();
+            out.insert(name.clone(), shape.clone(), vec![0.0; n]);
+        }
+        out.set_flat(values)?;
+        Ok(out)
+    }
+
     /// Number of values over all tensors.
     pub fn num_values(&self) -> usize {
         self.tensors.values().map(|t| t.data.len()).sum()

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod kernels;
 pub mod lora;
 pub mod model;
+pub mod noise;
 pub mod pretrain;
 pub mod privacy;
 pub mod runtime;

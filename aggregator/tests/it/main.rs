@@ -2,6 +2,7 @@
 
 mod deploy;
 mod federation;
+mod privacy;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,144 @@
+//! Differential privacy at the aggregator over gRPC: central noise on the committed sum, a
+//! hard budget that stops rounds before they start, and a ledger that survives restarts.
+
+use std::time::{Duration, Instant};
+
+use fedpersona_proto::v1 as pb;
+use fedpersona_proto::v1::federation_client::FederationClient;
+use fedpersona_shared::accountant;
+use fedpersona_shared::codec::Encoding;
+use tonic::Code;
+
+use crate::federation::{delta, write_config, Server, Upload};
+
+fn wait_for_version(srv: &Server, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while srv.handle.coordinator.view().version != version {
+        assert!(
+            Instant::now() < deadline,
+            "version {version} never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_in_code(srv: &Server, s: &fedpersona_proto::auth::Signer) -> Result<(), tonic::Status> {
+    let mut req = pb::CheckInRequest {
+        auth: None,
+        last_round: 0,
+    };
+    req.auth = Some(s.auth("CheckIn", &req));
+    srv.rt
+        .block_on(FederationClient::new(srv.channel()).check_in(req))
+        .map(|_| ())
+}
+
+#[test]
+fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two devices per round out of 200: q = 0.01. The budget pays for two rounds, not three.
+    let (z, q, delta_) = (1.0, 0.01, 1e-5);
+    let e2 = accountant::epsilon(z, q, 2, delta_).unwrap();
+    let e3 = accountant::epsilon(z, q, 3, delta_).unwrap();
+    let budget = (e2 + e3) / 2.0;
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nover_selection = 0\nmin_reports = 2\nround_timeout_s = 600\nmin_task_time_s = 1",
+        &format!(
+            "[update]\nclip_norm = 0.01\nencoding = \"f32\"\n\
+             [privacy]\nmode = \"central\"\nnoise_multiplier = {z}\npopulation = 200\n\
+             epsilon_budget = {budget}\ndelta = {delta_}"
+        ),
+    );
+    {
+        let srv = Server::start(&cfg);
+        let h = &srv.handle;
+        let (a, b) = (srv.device(), srv.device());
+        let spent = h.coordinator.privacy_spent().unwrap();
+        assert_eq!(spent.rounds_charged, 1, "round 1 is charged when it opens");
+        for version in 1..=2 {
+            let t = srv.task(&a);
+            assert_eq!(t.privacy.unwrap().mode, pb::PrivacyMode::Central as i32);
+            srv.task(&b);
+            let before = h.coordinator.theta();
+            for s in [&a, &b] {
+                srv.upload(Upload::new(s, t.round, delta(h, 1e-5, Encoding::F32)))
+                    .unwrap();
+            }
+            wait_for_version(&srv, version);
+            let after = h.coordinator.theta();
+            let moves: Vec<f64> = after
+                .theta
+                .iter()
+                .filter(|(n, _)| h.coordinator.spec().shapes().iter().any(|(s, _)| s == *n))
+                .flat_map(|(n, t)| {
+                    let old = &before.theta.get(n).unwrap().data;
+                    t.data
+                        .iter()
+                        .zip(old)
+                        .map(|(x, y)| f64::from(x - y))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // Noise z·C (plus the grid's 2%) on the sum, over the fixed denominator of 2.
+            let sd = (moves.iter().map(|m| m * m).sum::<f64>() / moves.len() as f64).sqrt();
+            let want = z * 0.01 / 2.0;
+            assert!(
+                (sd / want - 1.0).abs() < 0.15,
+                "central noise sd {sd} vs {want} over {} values",
+                moves.len()
+            );
+        }
+        let view = h.coordinator.view();
+        assert_eq!(view.state, "budget_exhausted");
+        let spent = h.coordinator.privacy_spent().unwrap();
+        assert_eq!(spent.rounds_charged, 2);
+        assert!((spent.epsilon - e2).abs() < 1e-9);
+        let refused = check_in_code(&srv, &a).unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("privacy budget"),
+            "{}",
+            refused.message()
+        );
+        srv.rt.shutdown_background();
+    }
+    // After a restart the ledger is the same: still two rounds, still exhausted.
+    let srv = Server::start(&cfg);
+    let spent = srv.handle.coordinator.privacy_spent().unwrap();
+    assert_eq!(spent.rounds_charged, 2);
+    assert!((spent.epsilon - e2).abs() < 1e-9);
+    assert_eq!(srv.handle.coordinator.view().state, "budget_exhausted");
+    let a = srv.device();
+    assert_eq!(
+        check_in_code(&srv, &a).unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+    let status = aggregator::cli::status(&aggregator::cli::StatusArgs {
+        config: cfg.clone(),
+        json: true,
+    })
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!((status["privacy"]["epsilon_spent"].as_f64().unwrap() - e2).abs() < 1e-9);
+    assert_eq!(status["privacy"]["rounds_charged"], 2);
+    assert!(status["privacy"]["epsilon_remaining"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn invalid_privacy_settings_are_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 60\nmin_task_time_s = 1";
+    for (extra, want) in [
+        ("[privacy]\nmode = \"distributed\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5", "secure_aggregation"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 1\nepsilon_budget = 8\ndelta = 1e-5", "population"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.1\npopulation = 3\nepsilon_budget = 1\ndelta = 1e-5", "single round"),
+        ("[privacy]\nmode = \"local\"\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5", "noise_multiplier"),
+        ("[privacy]\nmode = \"none\"\nnoise_multiplier = 1", "privacy.mode other than none"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\n[update]\nweighting = \"examples\"", "uniform"),
+    ] {
+        let cfg = write_config(dir.path(), rounds, extra);
+        let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
+        assert!(err.contains(want), "{extra}: {err}");
+    }
+}
