@@ -16,7 +16,7 @@ use crate::store::Store;
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// A device whose request signature checked out.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub String);
 
 impl std::fmt::Debug for DeviceId {

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pretrain;
 pub mod privacy;
 pub mod round;
+pub mod secure;
 pub mod server;
 pub mod service;
 pub mod store;

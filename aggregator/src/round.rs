@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fedpersona_shared::accountant::Accountant;
 use fedpersona_shared::codec::{self, DecodeLimits};
 use fedpersona_shared::lora::LoraAdapter;
-use tokio::sync::Notify;
+use fedpersona_shared::secagg::{self, EncryptedShare, Phase, Reveal};
+use tokio::sync::{watch, Notify};
 
 use crate::aggregate::{RunningSum, UpdateSpec};
 use crate::auth::{now_ms, DeviceId};
@@ -22,6 +23,7 @@ use crate::config::{Config, PrivacyMode, Weighting};
 use crate::error::{FedError, Kind};
 use crate::meta::MetaState;
 use crate::metrics::Metrics;
+use crate::secure::{Advance, Peer, Reply, SecureRound};
 use crate::store::{Charge, Store};
 use crate::versions::{sha256, Published, Versions};
 
@@ -96,6 +98,21 @@ struct OpenRound {
     cohort: HashMap<DeviceId, bool>,
     sum: RunningSum,
     closing: bool,
+    /// Secure aggregation of this round's updates, when the config enables it.
+    secure: Option<SecureRound>,
+}
+
+/// A device's part in one phase of secure aggregation.
+#[derive(Debug)]
+pub enum SecureStep {
+    Advertise {
+        c_pk: [u8; 32],
+        s_pk: [u8; 32],
+        signature: Vec<u8>,
+    },
+    Shares(Vec<EncryptedShare>),
+    Masked(Vec<u32>),
+    Reveals(Vec<Reveal>),
 }
 
 #[derive(Debug)]
@@ -198,7 +215,10 @@ impl Coordinator {
                 rec.next_round,
                 published.version,
             )? {
-                Ok(()) => (Some(OpenRound::new(rec.next_round, spec.clone())), None),
+                Ok(()) => (
+                    Some(OpenRound::new(rec.next_round, spec.clone(), &config)),
+                    None,
+                ),
                 Err(why) => (None, Some(why)),
             }
         };
@@ -405,6 +425,12 @@ impl Coordinator {
                 ),
             ));
         }
+        if self.config.secure_aggregation.is_some() {
+            return Err(wrong(
+                "secagg_only",
+                "this aggregator takes updates only through secure aggregation".into(),
+            ));
+        }
         {
             let st = self.lock();
             self.check_round(&st, &device, h.round)
@@ -541,6 +567,172 @@ impl Coordinator {
         Ok(reports)
     }
 
+    /// Records a device's part in the current phase of secure aggregation. Returns the phase
+    /// it was part of and a receiver that changes when a phase closes; [`Self::secure_reply`]
+    /// then has the device's answer.
+    pub fn secure_submit(
+        &self,
+        device: &DeviceId,
+        round: u64,
+        step: SecureStep,
+    ) -> Result<(Phase, watch::Receiver<u64>), FedError> {
+        let wrong = |(reason, msg)| FedError::new(Kind::WrongRound, reason, msg);
+        let device_key = match &step {
+            SecureStep::Advertise { .. } => Some(
+                self.store
+                    .device(&device.0)?
+                    .ok_or_else(|| FedError::internal("secagg", "enrolled device vanished"))?
+                    .0,
+            ),
+            _ => None,
+        };
+        let mut st = self.lock();
+        if matches!(step, SecureStep::Advertise { .. }) {
+            self.check_round(&st, device, round).map_err(wrong)?;
+        }
+        let target = self.config.rounds.target_reports.get() as usize;
+        let r = st.round.as_mut();
+        let secure = OpenRound::secure_of(r, round)?;
+        let phase = secure.phase();
+        let mut full = false;
+        let mut masked_bytes = None;
+        match step {
+            SecureStep::Advertise {
+                c_pk,
+                s_pk,
+                signature,
+            } => {
+                let peer = Peer {
+                    c_pk,
+                    s_pk,
+                    signature,
+                    device_key: device_key.expect("looked up above"),
+                };
+                full = secure.advertise(device, round, peer)? >= target;
+            }
+            SecureStep::Shares(shares) => secure.submit_shares(device, shares)?,
+            SecureStep::Masked(values) => {
+                if phase != Phase::MaskedInput {
+                    return Err(FedError::new(
+                        Kind::WrongRound,
+                        "secagg_phase",
+                        format!("secure aggregation is in phase {phase}, not masked-input"),
+                    ));
+                }
+                // Journal first: a second report of this device is refused durably.
+                let mut nonce = [0u8; 16];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+                    .map_err(|_| FedError::internal("secagg", "no system randomness"))?;
+                let bytes = values.len() * 4;
+                match self
+                    .store
+                    .record_upload(&nonce, round, &device.0, bytes as u64, now_ms())?
+                {
+                    Ok(()) => {}
+                    Err(_) => {
+                        return Err(FedError::new(
+                            Kind::Duplicate,
+                            "already_reported",
+                            format!("device already reported in round {round}"),
+                        ))
+                    }
+                }
+                secure.submit_masked(device, values)?;
+                masked_bytes = Some(bytes);
+            }
+            SecureStep::Reveals(reveals) => secure.submit_reveals(device, reveals)?,
+        }
+        let rx = secure.subscribe();
+        let round = st.round.as_mut().expect("checked above");
+        if let Some(bytes) = masked_bytes {
+            round.cohort.insert(device.clone(), true);
+            self.metrics.report(bytes);
+        }
+        if full {
+            round.closing = true;
+        }
+        drop(st);
+        // The driver re-checks whether the phase can close.
+        self.round_full.notify_one();
+        Ok((phase, rx))
+    }
+
+    /// The device's answer once `after`, a phase it took part in, has closed (None while it
+    /// is still open).
+    pub fn secure_reply(
+        &self,
+        device: &DeviceId,
+        round: u64,
+        after: Phase,
+    ) -> Result<Option<Reply>, FedError> {
+        let mut st = self.lock();
+        let secure = OpenRound::secure_of(st.round.as_mut(), round)?;
+        if secure.phase() == after {
+            return Ok(None);
+        }
+        secure.reply(device, after).map(Some)
+    }
+
+    /// Moves the open round's secure aggregation on if its phase is due: closes the phase,
+    /// or unmasks the sum and closes the round, or abandons it when too few devices are left.
+    fn advance_secure(&self) -> anyhow::Result<Option<Outcome>> {
+        let advance = {
+            let mut st = self.lock();
+            let Some(r) = st.round.as_mut() else {
+                return Ok(None);
+            };
+            let deadline_passed = r.deadline.is_some_and(|d| Instant::now() >= d.0);
+            let Some(secure) = r.secure.as_mut() else {
+                return Ok(None);
+            };
+            let due = match secure.phase() {
+                Phase::Advertise => r.closing || deadline_passed,
+                Phase::Aborted => true,
+                _ => secure.phase_due().is_some_and(|d| Instant::now() >= d),
+            };
+            if !due {
+                return Ok(None);
+            }
+            r.closing = true;
+            secure.advance()
+        };
+        match advance {
+            Advance::Next => Ok(None),
+            Advance::Aborted(why) => {
+                tracing::warn!(reason = %why, "secure aggregation aborted; abandoning the round");
+                self.close_round().map(Some)
+            }
+            Advance::Finish(server) => {
+                match server.finish() {
+                    Ok(agg) => {
+                        let g = self
+                            .config
+                            .secure_aggregation
+                            .expect("secure rounds have a policy")
+                            .granularity;
+                        let flat: Vec<f64> = secagg::to_signed(&agg.sum)
+                            .into_iter()
+                            .map(|v| f64::from(v) * g)
+                            .collect();
+                        let mut st = self.lock();
+                        let r = st.round.as_mut().expect("the round being finished");
+                        r.sum
+                            .add_sum(&flat, agg.contributors.len() as u64)
+                            .map_err(|e| anyhow::anyhow!("adding the secure sum: {e}"))?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unmasking failed; abandoning the round");
+                        let mut st = self.lock();
+                        if let Some(s) = st.round.as_mut().and_then(|r| r.secure.as_mut()) {
+                            s.abort(e.to_string());
+                        }
+                    }
+                }
+                self.close_round().map(Some)
+            }
+        }
+    }
+
     /// Closes the open round now, as if its deadline had passed: it commits with at least
     /// `min_reports` reports, else it is abandoned. For an operator who will not wait, and for
     /// the simulation once every live device has answered. Returns whether a round was open.
@@ -562,13 +754,19 @@ impl Coordinator {
     pub async fn drive(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let deadline = {
+            let (deadline, secure) = {
                 let st = self.lock();
-                match &st.round {
+                let secure = st.round.as_ref().and_then(|r| r.secure.as_ref());
+                let wake = match &st.round {
                     None => None,
-                    Some(r) if r.closing => Some(tokio::time::Instant::now()),
-                    Some(r) => r.deadline.map(|d| tokio::time::Instant::from_std(d.0)),
-                }
+                    Some(r) => match secure.map(|s| (s.phase(), s.phase_due())) {
+                        Some((Phase::Advertise, _)) | None if r.closing => Some(Instant::now()),
+                        Some((Phase::Advertise, _)) | None => r.deadline.map(|d| d.0),
+                        Some((Phase::Aborted, _)) => Some(Instant::now()),
+                        Some((_, due)) => due,
+                    },
+                };
+                (wake.map(tokio::time::Instant::from_std), secure.is_some())
             };
             let wake = async {
                 match deadline {
@@ -581,6 +779,22 @@ impl Coordinator {
                 _ = self.round_full.notified() => {}
                 _ = self.deadline_set.notified() => continue,
                 _ = wake => {}
+            }
+            if secure {
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.advance_secure()).await {
+                    Ok(Ok(Some(outcome))) => tracing::info!(?outcome, "round closed"),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "closing the round failed; stopping rounds");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "closing the round panicked; stopping rounds");
+                        return;
+                    }
+                }
+                continue;
             }
             let due = {
                 let mut st = self.lock();
@@ -675,7 +889,7 @@ impl Coordinator {
                 id + 1,
                 version,
             )? {
-                Ok(()) => st.round = Some(OpenRound::new(id + 1, self.spec.clone())),
+                Ok(()) => st.round = Some(OpenRound::new(id + 1, self.spec.clone(), &self.config)),
                 Err(why) => {
                     tracing::warn!(reason = %why, "no further rounds: the privacy budget is spent");
                     st.exhausted = Some(why);
@@ -773,7 +987,10 @@ fn open_round(
 }
 
 impl OpenRound {
-    fn new(id: u64, spec: UpdateSpec) -> Self {
+    fn new(id: u64, spec: UpdateSpec, config: &Config) -> Self {
+        let secure = config
+            .secure_aggregation
+            .map(|p| SecureRound::new(id, spec.num_values(), p));
         OpenRound {
             id,
             opened: Instant::now(),
@@ -781,7 +998,26 @@ impl OpenRound {
             cohort: HashMap::new(),
             sum: RunningSum::new(spec),
             closing: false,
+            secure,
         }
+    }
+
+    /// The secure-aggregation state of round `id`, if that round is open and secure.
+    fn secure_of(round: Option<&mut OpenRound>, id: u64) -> Result<&mut SecureRound, FedError> {
+        let Some(r) = round.filter(|r| r.id == id) else {
+            return Err(FedError::new(
+                Kind::WrongRound,
+                "wrong_round",
+                format!("round {id} is not open"),
+            ));
+        };
+        r.secure.as_mut().ok_or_else(|| {
+            FedError::new(
+                Kind::WrongRound,
+                "no_secagg",
+                "this round does not use secure aggregation",
+            )
+        })
     }
 }
 

@@ -74,8 +74,13 @@ pub async fn run(
         .build_v1()
         .context("building the reflection service")?;
 
-    // Upload chunks are at most `chunk_bytes`; leave room for the header fields.
-    let max_message = config.update.chunk_bytes as usize + 64 * 1024;
+    // Upload chunks are at most `chunk_bytes`, a masked input 4 bytes a value; leave room for
+    // the header fields (and secure aggregation's shares: 94 bytes per neighbour).
+    let masked = match config.secure_aggregation {
+        Some(_) => 4 * coordinator.spec().num_values(),
+        None => 0,
+    };
+    let max_message = (config.update.chunk_bytes as usize).max(masked) + 64 * 1024;
     let federation = FederationServer::new(FederationService::new(coordinator.clone(), auth))
         .max_decoding_message_size(max_message);
 

@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth::Authenticator;
 use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
-use crate::round::{unix_ms, CheckIn, Coordinator, UploadHeader};
+use crate::round::{unix_ms, CheckIn, Coordinator, SecureStep, UploadHeader};
+use crate::secure::Reply;
+use fedpersona_shared::secagg;
 
 /// Chunk size of adapter downloads.
 const DOWNLOAD_CHUNK: usize = 256 << 10;
@@ -310,13 +312,162 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::SecAggResponse>, Status> {
         let mut req = request.into_inner();
         let auth = req.auth.take();
-        self.auth
+        let device = self
+            .auth
             .verify("SecureAggregate", auth.as_ref(), &req)
             .map_err(|e| self.refuse(e))?;
-        Err(self.refuse(FedError::new(
-            Kind::WrongRound,
-            "no_secagg",
-            "secure aggregation is not enabled on this aggregator",
-        )))
+        let pb::SecAggRequest {
+            auth: _,
+            round,
+            step,
+        } = req;
+        let step =
+            secure_step(step, self.coordinator.spec().num_values()).map_err(|e| self.refuse(e))?;
+        let reveals = matches!(step, SecureStep::Reveals(_));
+        let (phase, mut changed) = self
+            .coordinator
+            .secure_submit(&device, round, step)
+            .map_err(|e| self.refuse(e))?;
+        if reveals {
+            return Ok(Response::new(pb::SecAggResponse {
+                step: Some(pb::sec_agg_response::Step::Done(true)),
+            }));
+        }
+        // Wait for the phase to close: every phase ends by its deadline or aborts.
+        let c = self.coordinator.config();
+        let policy = c.secure_aggregation.expect("secure_submit checked");
+        let limit = tokio::time::Instant::now() + c.rounds.round_timeout + 2 * policy.phase_timeout;
+        let reply = loop {
+            match self.coordinator.secure_reply(&device, round, phase) {
+                Ok(Some(reply)) => break reply,
+                Ok(None) => {}
+                Err(e) => return Err(self.refuse(e)),
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() {
+                    return Err(self.refuse(FedError::new(
+                        Kind::WrongRound,
+                        "round_closed",
+                        format!("round {round} ended during secure aggregation"),
+                    )));
+                },
+                _ = tokio::time::sleep_until(limit) => {
+                    return Err(self.refuse(FedError::new(
+                        Kind::Unavailable,
+                        "secagg_timeout",
+                        format!("phase {phase} of round {round} did not close in time"),
+                    )));
+                }
+            }
+        };
+        Ok(Response::new(pb::SecAggResponse {
+            step: Some(secure_reply(reply)),
+        }))
+    }
+}
+
+fn key32(bytes: &[u8], what: &str) -> Result<[u8; 32], FedError> {
+    bytes
+        .try_into()
+        .map_err(|_| FedError::invalid("secagg", format!("{what} must be 32 bytes")))
+}
+
+/// A `SecAggRequest` step as the round logic takes it (sizes checked here).
+fn secure_step(
+    step: Option<pb::sec_agg_request::Step>,
+    vector_len: usize,
+) -> Result<SecureStep, FedError> {
+    use pb::sec_agg_request::Step;
+    Ok(match step {
+        None => return Err(FedError::invalid("secagg", "request names no step")),
+        Some(Step::Advertise(a)) => SecureStep::Advertise {
+            c_pk: key32(&a.c_pk, "c_pk")?,
+            s_pk: key32(&a.s_pk, "s_pk")?,
+            signature: a.signature,
+        },
+        Some(Step::Shares(s)) => SecureStep::Shares(
+            s.shares
+                .into_iter()
+                .map(|s| secagg::EncryptedShare {
+                    from: s.from,
+                    to: s.to,
+                    ciphertext: s.ciphertext,
+                })
+                .collect(),
+        ),
+        Some(Step::Masked(m)) => {
+            if m.values.len() != vector_len * 4 {
+                return Err(FedError::invalid(
+                    "shape",
+                    format!(
+                        "masked input has {} bytes, expected {} ({} words)",
+                        m.values.len(),
+                        vector_len * 4,
+                        vector_len
+                    ),
+                ));
+            }
+            SecureStep::Masked(
+                m.values
+                    .chunks_exact(4)
+                    .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+                    .collect(),
+            )
+        }
+        Some(Step::Reveals(r)) => SecureStep::Reveals(
+            r.reveals
+                .into_iter()
+                .map(|r| secagg::Reveal {
+                    from: r.from,
+                    about: r.about,
+                    kind: if r.self_mask {
+                        secagg::RevealKind::SelfMaskSeed
+                    } else {
+                        secagg::RevealKind::MaskKey
+                    },
+                    share: r.share,
+                })
+                .collect(),
+        ),
+    })
+}
+
+fn secure_reply(reply: Reply) -> pb::sec_agg_response::Step {
+    use pb::sec_agg_response::Step;
+    match reply {
+        Reply::Assignment { assignment, peers } => Step::Assignment(pb::SecAggAssignment {
+            index: assignment.index,
+            clients: assignment.params.clients,
+            neighbours: assignment.params.neighbours,
+            threshold: assignment.params.threshold,
+            peers: peers
+                .into_iter()
+                .map(|(index, p)| pb::SecAggPeer {
+                    index,
+                    c_pk: p.c_pk.to_vec(),
+                    s_pk: p.s_pk.to_vec(),
+                    signature: p.signature,
+                    device_public_key: p.device_key,
+                })
+                .collect(),
+            vector_len: assignment.vector_len,
+            own_c_pk: assignment.own.c_pk.to_vec(),
+            own_s_pk: assignment.own.s_pk.to_vec(),
+        }),
+        Reply::Shares(shares) => Step::SharesForYou(pb::SecAggShares {
+            shares: shares
+                .into_iter()
+                .map(|s| pb::SecAggShare {
+                    from: s.from,
+                    to: s.to,
+                    ciphertext: s.ciphertext,
+                })
+                .collect(),
+        }),
+        Reply::Survivors(s) => Step::Survivors(pb::SecAggSurvivors {
+            survivors: s.survivors,
+            dropped: s.dropped,
+        }),
+        Reply::Done => Step::Done(true),
     }
 }

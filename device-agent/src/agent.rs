@@ -14,8 +14,9 @@ use fedpersona_proto::v1 as pb;
 use fedpersona_shared::codec::Encoding;
 use fedpersona_shared::delta::AdapterTensors;
 use fedpersona_shared::privacy::{
-    protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec,
+    protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec, Quantized,
 };
+use fedpersona_shared::secagg;
 use fedpersona_shared::train::{fit, Example, FitConfig, TrainConfig};
 use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
 use serde::{Deserialize, Serialize};
@@ -388,7 +389,7 @@ impl Agent {
                     })?;
                 update.bytes().len() as u64
             }
-            Protected::Secure(_) => bail!("secure aggregation is not wired yet"),
+            Protected::Secure(q) => self.secure_upload(&task, q, examples, loss).await?,
         };
         self.state.last_round = round;
         self.state.rounds_reported += 1;
@@ -400,6 +401,112 @@ impl Agent {
             upload_bytes,
             download_bytes: task.adapter_bytes,
         }))
+    }
+
+    /// Takes part in the round's secure aggregation with the quantized update: advertise
+    /// keys, share mask secrets with the neighbours, send the masked input, reveal shares.
+    /// Returns the bytes of the masked input.
+    async fn secure_upload(
+        &self,
+        task: &pb::Task,
+        update: &Quantized,
+        num_examples: u32,
+        train_loss: f32,
+    ) -> anyhow::Result<u64> {
+        use pb::sec_agg_request::Step as Ask;
+        use pb::sec_agg_response::Step as Answer;
+        let round = task.round;
+        let s = task
+            .secure_aggregation
+            .context("task without secure aggregation")?;
+        let phase = Duration::from_millis(u64::from(s.phase_timeout_ms).max(1000));
+        let until_deadline = deadline(task)
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let slack = 2 * phase + Duration::from_secs(10);
+        let unexpected = |what: &str| anyhow::anyhow!("secure aggregation: expected {what}");
+        let call = |step, wait| async move {
+            self.session
+                .secure_aggregate(round, step, wait)
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "secure aggregation refused: {} ({:?})",
+                        s.message(),
+                        s.code()
+                    )
+                })
+        };
+
+        let (mut client, c_pk, s_pk) = secagg::Client::new(round)?;
+        let signature = self
+            .session
+            .signer()
+            .sign(&secagg::advert_signing_bytes(round, &c_pk, &s_pk));
+        let advert = pb::SecAggAdvertise {
+            c_pk: c_pk.to_vec(),
+            s_pk: s_pk.to_vec(),
+            signature,
+        };
+        let Answer::Assignment(a) = call(Ask::Advertise(advert), until_deadline + slack).await?
+        else {
+            return Err(unexpected("an assignment"));
+        };
+        let assignment = assignment_from(round, &a)?;
+        let shares = client.share_keys(&assignment)?;
+        let shares = pb::SecAggShares {
+            shares: shares
+                .into_iter()
+                .map(|s| pb::SecAggShare {
+                    from: s.from,
+                    to: s.to,
+                    ciphertext: s.ciphertext,
+                })
+                .collect(),
+        };
+        let Answer::SharesForYou(mine) = call(Ask::Shares(shares), slack).await? else {
+            return Err(unexpected("shares"));
+        };
+        let mine = mine
+            .shares
+            .into_iter()
+            .map(|s| secagg::EncryptedShare {
+                from: s.from,
+                to: s.to,
+                ciphertext: s.ciphertext,
+            })
+            .collect();
+        let masked = client.masked_input(update.values(), mine)?;
+        let values: Vec<u8> = masked.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes = values.len() as u64;
+        if !Consent::allows_federation(&self.config.state_dir) {
+            bail!("consent withdrawn during secure aggregation: not sending the masked input");
+        }
+        let masked = pb::SecAggMasked {
+            values,
+            num_examples,
+            train_loss,
+        };
+        let Answer::Survivors(s) = call(Ask::Masked(masked), slack).await? else {
+            return Err(unexpected("the survivors"));
+        };
+        let reveals = client.unmask(&secagg::Survivors {
+            survivors: s.survivors,
+            dropped: s.dropped,
+        })?;
+        let reveals = pb::SecAggReveals {
+            reveals: reveals
+                .into_iter()
+                .map(|r| pb::SecAggReveal {
+                    from: r.from,
+                    about: r.about,
+                    self_mask: r.kind == secagg::RevealKind::SelfMaskSeed,
+                    share: r.share.clone(),
+                })
+                .collect(),
+        };
+        call(Ask::Reveals(reveals), slack).await?;
+        Ok(bytes)
     }
 
     /// Checks in and, if given a task, walks away from it (a device that goes offline
@@ -538,6 +645,44 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
         encoding,
         noise,
     }))
+}
+
+/// The aggregator's assignment, with every neighbour's key advert checked against its
+/// enrolled Ed25519 key (a peer whose signature fails is refused, not used).
+fn assignment_from(round: u64, a: &pb::SecAggAssignment) -> anyhow::Result<secagg::Assignment> {
+    let key = |b: &[u8], what: &str| -> anyhow::Result<[u8; 32]> {
+        b.try_into()
+            .map_err(|_| anyhow::anyhow!("secure aggregation: {what} must be 32 bytes"))
+    };
+    let neighbours = a
+        .peers
+        .iter()
+        .map(|p| {
+            let (c_pk, s_pk) = (key(&p.c_pk, "c_pk")?, key(&p.s_pk, "s_pk")?);
+            let msg = secagg::advert_signing_bytes(round, &c_pk, &s_pk);
+            ensure!(
+                fedpersona_proto::auth::verify(&p.device_public_key, &msg, &p.signature),
+                "secure aggregation: the key advert of neighbour {} is not signed by its device key",
+                p.index
+            );
+            Ok(secagg::KeyAdvert {
+                index: p.index,
+                c_pk,
+                s_pk,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(secagg::Assignment {
+        index: a.index,
+        params: secagg::Params::new(a.clients, a.neighbours, a.threshold)?,
+        vector_len: a.vector_len,
+        own: secagg::KeyAdvert {
+            index: a.index,
+            c_pk: key(&a.own_c_pk, "own c_pk")?,
+            s_pk: key(&a.own_s_pk, "own s_pk")?,
+        },
+        neighbours,
+    })
 }
 
 fn lora_config(task: &pb::Task) -> anyhow::Result<LoraConfig> {

@@ -266,4 +266,30 @@ impl Session {
             Err(s) => Err(s),
         }
     }
+
+    /// One step of secure aggregation; the answer comes when the aggregator closes the phase,
+    /// so the call may wait up to `wait`. Never retried: a resent step would be refused as a
+    /// second submission.
+    pub async fn secure_aggregate(
+        &self,
+        round: u64,
+        step: pb::sec_agg_request::Step,
+        wait: Duration,
+    ) -> Result<pb::sec_agg_response::Step, tonic::Status> {
+        let mut req = pb::SecAggRequest {
+            auth: None,
+            round,
+            step: Some(step),
+        };
+        req.auth = Some(self.signer.auth("SecureAggregate", &req));
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(wait);
+        let mut client = self.client.clone();
+        client
+            .secure_aggregate(request)
+            .await?
+            .into_inner()
+            .step
+            .ok_or_else(|| tonic::Status::internal("secure aggregation answer without a step"))
+    }
 }

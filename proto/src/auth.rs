@@ -89,6 +89,17 @@ impl Signer {
         n
     }
 
+    /// Ed25519 signature of `message` (a secure-aggregation key advert: peers check it).
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).as_ref().to_vec()
+    }
+
+    /// The raw 32-byte public key.
+    pub fn public_key(&self) -> Vec<u8> {
+        use ring::signature::KeyPair;
+        self.key.public_key().as_ref().to_vec()
+    }
+
     /// The `DeviceAuth` for `body` (the request with `auth` unset), timestamped now.
     pub fn auth(&self, method: &str, body: &impl Message) -> crate::v1::DeviceAuth {
         let timestamp_ms = std::time::SystemTime::now()
@@ -113,4 +124,11 @@ impl Signer {
             signature: self.key.sign(&msg).as_ref().to_vec(),
         }
     }
+}
+
+/// Whether `signature` is `public_key`'s Ed25519 signature of `message`.
+pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
+        .verify(message, signature)
+        .is_ok()
 }

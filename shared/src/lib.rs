@@ -17,6 +17,7 @@ pub mod noise;
 pub mod pretrain;
 pub mod privacy;
 pub mod runtime;
+pub mod secagg;
 pub mod tokenizer;
 pub mod train;
 

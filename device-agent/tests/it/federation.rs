@@ -246,3 +246,93 @@ seq_len = 32
     assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 1);
     assert!(metrics().contains("fedpersona_checkins_total{"));
 }
+
+/// The privacy issue's end-to-end round: four real agents train, quantize, add their
+/// distributed-noise shares and take part in SecAgg+ over TLS; the aggregator unmasks only
+/// the sum, commits it, and charges the round to its privacy ledger.
+#[test]
+fn a_secure_round_with_distributed_noise_completes_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let Loopback { rt, handle, port } = Loopback::start(
+        dir.path(),
+        r#"
+[adapter]
+rank = 2
+alpha = 4
+targets = ["q_proj", "v_proj"]
+[rounds]
+cohort_size = 4
+over_selection = 0
+min_reports = 3
+round_timeout_s = 120
+min_task_time_s = 1
+retry_after_s = 0.05
+max_rounds = 1
+[training]
+steps = 1
+batch_size = 2
+seq_len = 32
+[update]
+clip_norm = 0.5
+[privacy]
+mode = "distributed"
+noise_multiplier = 0.8
+population = 400
+epsilon_budget = 8
+delta = 1e-5
+[secure_aggregation]
+enabled = true
+max_neighbours = 2
+phase_timeout_s = 30
+"#,
+    );
+    let theta0 = handle.coordinator.theta();
+    let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
+    let reports = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let cfg = agent_config(dir.path(), port, &format!("agent-{i}"), "max_rounds = 1");
+            let base = base.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut agent = Agent::start(cfg, base, examples(i)).await.unwrap();
+                loop {
+                    match agent.step().await.unwrap() {
+                        device_agent::agent::Step::Reported(r) => return r,
+                        device_agent::agent::Step::Wait(d) => tokio::time::sleep(d).await,
+                    }
+                }
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(
+                tokio::time::timeout(Duration::from_secs(90), t)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        out
+    });
+    let n = handle.coordinator.spec().num_values() as u64;
+    for r in &reports {
+        assert_eq!(r.upload_bytes, 4 * n, "a masked input is one u32 per value");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handle.coordinator.view().rounds_committed < 1 {
+        assert!(Instant::now() < deadline, "the secure round did not commit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let summary = handle.coordinator.store().summary().unwrap();
+    assert_eq!((summary.rounds_committed, summary.uploads), (1, 4));
+    let moved = {
+        let mut d = handle.coordinator.theta().theta;
+        d.add_scaled(&theta0.theta, -1.0).unwrap();
+        d.l2_norm()
+    };
+    assert!(moved > 0.0, "the unmasked, noised mean moved θ");
+    let spent = handle.coordinator.privacy_spent().unwrap();
+    assert_eq!(spent.rounds_charged, 1);
+    let want = fedpersona_shared::accountant::epsilon(0.8, 4.0 / 400.0, 1, 1e-5).unwrap();
+    assert!((spent.epsilon - want).abs() < 1e-9);
+}
