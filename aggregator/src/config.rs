@@ -734,8 +734,8 @@ fn privacy_policy(
             "secure aggregation sums updates unweighted: update.weighting must be \"uniform\""
         );
         ensure!(
-            assigned >= 3,
-            "secure aggregation needs at least 3 devices per round (cohort and over-selection)"
+            rounds.target_reports.get() >= 3,
+            "secure aggregation needs rounds.cohort_size of at least 3"
         );
         ensure!(
             (2..=254).contains(&s.max_neighbours),

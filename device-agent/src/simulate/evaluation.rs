@@ -53,6 +53,8 @@ impl FewShot {
 pub struct Starts {
     pub fedavg: Option<AdapterTensors>,
     pub meta: Option<AdapterTensors>,
+    /// The FedAvg adapter trained without DP (private runs: the reference for privacy's cost).
+    pub fedavg_nonprivate: Option<AdapterTensors>,
 }
 
 /// One held-out user's scores: `base`, and per adapted method its curve over checkpoints.
@@ -84,7 +86,11 @@ pub fn personalize(
         "local_only",
         fine_tune(base, fresh, &train_w, &query_w, fs)?,
     );
-    for (name, start) in [("fedavg", &starts.fedavg), ("meta", &starts.meta)] {
+    for (name, start) in [
+        ("fedavg", &starts.fedavg),
+        ("meta", &starts.meta),
+        ("fedavg_nonprivate", &starts.fedavg_nonprivate),
+    ] {
         if let Some(theta) = start {
             let adapter = LoraAdapter::from_tensors(
                 base.model.config(),

@@ -50,6 +50,69 @@ pub struct FederationSpec {
     /// Chance that a picked device takes the task and never reports.
     pub dropout: f64,
     pub seed: u64,
+    pub privacy: PrivacyPlan,
+}
+
+/// Differential privacy and secure aggregation of a simulated federation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PrivacyPlan {
+    pub mode: super::PrivacyMode,
+    /// Target ε over all the rounds (the noise multiplier is solved for it), or None.
+    pub epsilon: Option<f64>,
+    /// z, or None to solve it from `epsilon`.
+    pub noise_multiplier: Option<f64>,
+    pub delta: f64,
+    pub secure_aggregation: bool,
+}
+
+/// What the aggregator is configured with, resolved for the population.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ResolvedPrivacy {
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+    pub epsilon_budget: f64,
+}
+
+/// Cohort size and over-selection for a federation of `users`.
+fn cohort_of(spec: &FederationSpec, users: usize) -> (usize, f64) {
+    let cohort = spec.clients_per_round.clamp(1, users);
+    // Over-selection leaves room for the expected dropouts (and then some).
+    let over = if spec.dropout > 0.0 {
+        (3.0 * spec.dropout / (1.0 - spec.dropout)).clamp(0.1, 10.0)
+    } else {
+        0.0
+    };
+    (cohort, over)
+}
+
+impl PrivacyPlan {
+    /// The noise multiplier and budget for `users` devices (None without DP). The sampling
+    /// rate is the aggregator's: devices assigned per round over the population.
+    pub fn resolve(
+        &self,
+        spec: &FederationSpec,
+        users: usize,
+    ) -> anyhow::Result<Option<ResolvedPrivacy>> {
+        use fedpersona_shared::accountant;
+        if self.mode == super::PrivacyMode::None {
+            return Ok(None);
+        }
+        let (cohort, over) = cohort_of(spec, users);
+        let assigned = (cohort as f64 * (1.0 + over)).ceil().min(users as f64);
+        let q = assigned / users as f64;
+        let z = match (self.noise_multiplier, self.epsilon) {
+            (Some(z), _) => z,
+            (None, Some(e)) => accountant::noise_multiplier_for(e, q, spec.rounds, self.delta)?,
+            (None, None) => bail!("a private simulation needs --epsilon or --noise-multiplier"),
+        };
+        let planned = accountant::epsilon(z, q, spec.rounds, self.delta)?;
+        Ok(Some(ResolvedPrivacy {
+            noise_multiplier: z,
+            sampling_rate: q,
+            // A hair above the plan so that the last round fits despite float rounding.
+            epsilon_budget: self.epsilon.unwrap_or(planned).max(planned) * (1.0 + 1e-9),
+        }))
+    }
 }
 
 /// What the federations of a run share.
@@ -68,6 +131,8 @@ pub struct Env {
 #[derive(Debug)]
 pub struct Federation {
     pub spec: FederationSpec,
+    /// The noise multiplier and budget the aggregator runs with (None without DP).
+    pub privacy: Option<ResolvedPrivacy>,
     coordinator: Arc<Coordinator>,
     agents: Vec<Option<Agent>>,
     rng: rand_chacha::ChaCha20Rng,
@@ -98,9 +163,10 @@ impl Federation {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let token = hex::encode(rand::random::<[u8; 24]>());
         let config_path = dir.join("aggregator.toml");
+        let privacy = spec.privacy.resolve(&spec, users.len())?;
         fedpersona_shared::checkpoint::write_atomic(
             &config_path,
-            aggregator_toml(&spec, env, &token, users.len()).as_bytes(),
+            aggregator_toml(&spec, env, &token, users.len(), privacy).as_bytes(),
         )?;
         aggregator::tls::set_private(&config_path)?;
         let config = aggregator::config::Config::load(&config_path)?;
@@ -173,6 +239,7 @@ impl Federation {
         let seed = spec.seed;
         Ok(Federation {
             spec,
+            privacy,
             coordinator,
             agents,
             rng: rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x5eed_f00d),
@@ -180,6 +247,16 @@ impl Federation {
             server: Some(server),
             env: env.clone(),
         })
+    }
+
+    /// Whether the aggregator refuses further rounds for its privacy budget.
+    pub fn budget_exhausted(&self) -> bool {
+        self.coordinator.view().state == "budget_exhausted"
+    }
+
+    /// ε spent by the rounds charged so far (None without DP).
+    pub fn epsilon_spent(&self) -> Option<f64> {
+        self.coordinator.privacy_spent().map(|p| p.epsilon)
     }
 
     /// The server's current global adapter θ.
@@ -225,14 +302,22 @@ impl Federation {
                     drops += 1;
                 }
             }
-            let limit = Arc::new(Semaphore::new(self.env.workers.max(1)));
+            // Secure aggregation needs every live device in its phases at once (each waits
+            // for the others); otherwise as many train at a time as there are workers.
+            let secure = self.spec.privacy.secure_aggregation;
+            let permits = if secure { live.len() } else { self.env.workers };
+            let limit = Arc::new(Semaphore::new(permits.max(1)));
             let mut tasks = Vec::new();
             for &i in &live {
                 let mut agent = self.agents[i].take().expect("agents are returned");
-                let limit = limit.clone();
+                let (limit, coordinator) = (limit.clone(), self.coordinator.clone());
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await;
                     let r = participate(&mut agent).await;
+                    if secure && !matches!(r, Ok(Some(_))) {
+                        // The others wait in a phase for this device: close it now.
+                        coordinator.close_early();
+                    }
                     (i, agent, r)
                 }));
             }
@@ -299,7 +384,7 @@ impl Federation {
             drops,
             rejects: self.coordinator.metrics().rejects_total() - rejects_before,
             train_loss: loss,
-            epsilon_spent: None,
+            epsilon_spent: self.coordinator.privacy_spent().map(|p| p.epsilon),
             seconds: started.elapsed().as_secs_f64(),
             upload_bytes: reports.iter().map(|r| r.upload_bytes).sum(),
             download_bytes: reports.iter().map(|r| r.download_bytes).sum(),
@@ -331,13 +416,35 @@ async fn participate(agent: &mut Agent) -> anyhow::Result<Option<Report>> {
 }
 
 /// The aggregator's config for a federation, as an operator would write it.
-fn aggregator_toml(spec: &FederationSpec, env: &Env, token: &str, users: usize) -> String {
-    let cohort = spec.clients_per_round.clamp(1, users);
-    // Over-selection leaves room for the expected dropouts (and then some).
-    let over = if spec.dropout > 0.0 {
-        (3.0 * spec.dropout / (1.0 - spec.dropout)).clamp(0.1, 10.0)
+fn aggregator_toml(
+    spec: &FederationSpec,
+    env: &Env,
+    token: &str,
+    users: usize,
+    privacy: Option<ResolvedPrivacy>,
+) -> String {
+    let (cohort, over) = cohort_of(spec, users);
+    let privacy = match privacy {
+        None => String::new(),
+        Some(p) => format!(
+            "\n[privacy]\nmode = {:?}\nnoise_multiplier = {:?}\npopulation = {users}\nepsilon_budget = {:?}\ndelta = {:?}\n",
+            spec.privacy.mode.name(),
+            p.noise_multiplier,
+            p.epsilon_budget,
+            spec.privacy.delta
+        ),
+    };
+    let secure = if spec.privacy.secure_aggregation {
+        "\n[secure_aggregation]\nenabled = true\nmax_neighbours = 20\nphase_timeout_s = 120\n"
     } else {
-        0.0
+        ""
+    };
+    // Distributed noise is sized for the least number of reports a round accepts: with no
+    // dropouts, every assigned device.
+    let min_reports = if spec.privacy.mode == super::PrivacyMode::Distributed {
+        ((cohort as f64 * (1.0 - spec.dropout)).floor() as usize).clamp(cohort.div_ceil(2), cohort)
+    } else {
+        cohort.div_ceil(2)
     };
     let targets: Vec<String> = spec
         .lora
@@ -397,7 +504,7 @@ encoding = "q8"
 optimizer = "{opt}"
 server_lr = {slr:?}
 momentum = {mom:?}
-"#,
+{privacy}{secure}"#,
         name = spec.name,
         cert = path(&env.tls_dir.join("server.pem")),
         key = path(&env.tls_dir.join("server.key")),
@@ -406,7 +513,6 @@ momentum = {mom:?}
         alpha = spec.lora.alpha,
         targets = targets.join(", "),
         seed = spec.lora.seed,
-        min_reports = cohort.div_ceil(2),
         rounds = spec.rounds,
         steps = spec.local_steps,
         lr = spec.lr,

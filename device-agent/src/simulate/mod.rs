@@ -31,6 +31,9 @@ use evaluation::{FewShot, Starts, UserScores};
 use federation::{Env, Federation, FederationSpec, Interrupted, ServerStep};
 use report::{MethodResult, Report, RoundRecord};
 
+/// The FedAvg federation without DP that a private run trains as its reference.
+const NONPRIVATE: &str = "fedavg_nonprivate";
+
 /// Privacy of the simulated federation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,6 +42,17 @@ pub enum PrivacyMode {
     Local,
     Distributed,
     Central,
+}
+
+impl PrivacyMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrivacyMode::None => "none",
+            PrivacyMode::Local => "local",
+            PrivacyMode::Distributed => "distributed",
+            PrivacyMode::Central => "central",
+        }
+    }
 }
 
 /// Flags of `device-agent simulate`. Unset values come from the preset (default or
@@ -113,17 +127,21 @@ pub struct SimulateArgs {
     /// Chance that a picked device takes the task and never reports.
     #[arg(long)]
     pub dropout: Option<f64>,
-    /// Differential privacy of the updates (only `none` runs today: the noise and secure
-    /// aggregation are not built yet).
+    /// Differential privacy of the updates: noise on each device (`local`), shares summed
+    /// under secure aggregation (`distributed`), or at the aggregator (`central`).
     #[arg(long, value_enum, default_value_t = PrivacyMode::None)]
     pub privacy: PrivacyMode,
-    /// Target ε of the whole run (with `--privacy`).
+    /// Target user-level ε of each federation over all its rounds (with `--privacy`; the
+    /// noise multiplier is solved for it).
     #[arg(long)]
     pub epsilon: Option<f64>,
     /// Noise multiplier z (with `--privacy`; instead of `--epsilon`).
     #[arg(long)]
     pub noise_multiplier: Option<f64>,
-    /// Secure aggregation of the cohort's updates.
+    /// δ of the (ε, δ) guarantee.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// Secure aggregation (SecAgg+) of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,
     /// Seeds the split, device availability, training and the adapters' initialization: the
@@ -175,7 +193,7 @@ pub struct Settings {
     pub eval_every: u64,
     pub monitor_windows: usize,
     pub workers: usize,
-    pub privacy: PrivacyMode,
+    pub privacy: federation::PrivacyPlan,
 }
 
 impl Settings {
@@ -223,7 +241,13 @@ impl Settings {
             eval_every: a.eval_every.unwrap_or((rounds / 10).max(1)),
             monitor_windows: if quick { 32 } else { 128 },
             workers: a.threads.unwrap_or_else(crate::available_cores).max(1),
-            privacy: a.privacy,
+            privacy: federation::PrivacyPlan {
+                mode: a.privacy,
+                epsilon: a.epsilon,
+                noise_multiplier: a.noise_multiplier,
+                delta: a.delta,
+                secure_aggregation: a.secure_aggregation,
+            },
         };
         ensure!(s.rounds >= 1, "--rounds must be at least 1");
         ensure!(
@@ -249,18 +273,34 @@ impl Settings {
             "--dropout must be in [0, 0.9)"
         );
         ensure!(s.max_train_users != Some(0), "--agents must be at least 1");
-        if s.privacy != PrivacyMode::None
-            || a.secure_aggregation
-            || a.epsilon.is_some()
-            || a.noise_multiplier.is_some()
-        {
-            bail!(
-                "--privacy {:?}, --secure-aggregation, --epsilon and --noise-multiplier need the \
-                 aggregator's DP noise and secure aggregation, which are not built yet; only \
-                 --privacy none runs today",
-                s.privacy
-            );
+        let p = &s.privacy;
+        match (p.mode, p.epsilon, p.noise_multiplier) {
+            (PrivacyMode::None, None, None) => {}
+            (PrivacyMode::None, _, _) => {
+                bail!(
+                    "--epsilon and --noise-multiplier need --privacy local, distributed or central"
+                )
+            }
+            (_, Some(_), Some(_)) => bail!("give --epsilon or --noise-multiplier, not both"),
+            (_, None, None) => bail!(
+                "--privacy {} needs --epsilon (the noise is solved for it) or --noise-multiplier",
+                p.mode.name()
+            ),
+            (_, Some(e), None) => ensure!(e.is_finite() && e > 0.0, "--epsilon must be positive"),
+            (_, None, Some(z)) => ensure!(
+                z.is_finite() && z > 0.0,
+                "--noise-multiplier must be positive"
+            ),
         }
+        ensure!(
+            p.delta > 0.0 && p.delta < 1e-2,
+            "--delta must be in (0, 0.01)"
+        );
+        ensure!(
+            p.mode != PrivacyMode::Distributed || p.secure_aggregation,
+            "--privacy distributed needs --secure-aggregation: without it the aggregator sees \
+             each device's under-noised update"
+        );
         Ok(s)
     }
 
@@ -312,6 +352,18 @@ impl Settings {
             },
             dropout: self.dropout,
             seed: self.seed,
+            // The reference for privacy's cost: FedAvg as it would run without DP.
+            privacy: if name == NONPRIVATE {
+                federation::PrivacyPlan {
+                    mode: PrivacyMode::None,
+                    epsilon: None,
+                    noise_multiplier: None,
+                    secure_aggregation: false,
+                    ..self.privacy
+                }
+            } else {
+                self.privacy
+            },
         }
     }
 
@@ -466,7 +518,14 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut thetas: BTreeMap<&'static str, AdapterTensors> = BTreeMap::new();
     let mut interrupted = None;
     let mut rounds_completed = u64::MAX;
-    for name in ["fedavg", "meta"] {
+    let mut spent = Vec::new();
+    let private = settings.privacy.mode != PrivacyMode::None;
+    let names: &[&'static str] = if private {
+        &[NONPRIVATE, "fedavg", "meta"]
+    } else {
+        &["fedavg", "meta"]
+    };
+    for &name in names {
         let spec = settings.federation(name);
         let dir = args.out.join(name);
         let enroll = progress.bar(
@@ -483,6 +542,13 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         for n in 1..=settings.rounds {
             if stop.load(Ordering::Relaxed) {
                 interrupted = Some("federation");
+                break;
+            }
+            if fed.budget_exhausted() {
+                tracing::warn!(
+                    federation = name,
+                    "the privacy budget is spent: no more rounds"
+                );
                 break;
             }
             let mut record = match fed.round(&rt) {
@@ -528,6 +594,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             "federation finished"
         );
         rounds_completed = rounds_completed.min(done);
+        spent.push((fed.privacy, fed.epsilon_spent()));
         thetas.insert(name, fed.theta());
         fed.shutdown(&rt)?;
         if interrupted.is_some() {
@@ -540,6 +607,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
 
     // Evaluation (skipped when the federation was interrupted).
     let mut global_accuracy = None;
+    let mut global_accuracy_nonprivate = None;
     let mut base_accuracy_train_users = None;
     let mut methods = BTreeMap::new();
     let mut comparisons = Vec::new();
@@ -553,6 +621,16 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             settings.workers,
         )?;
         let b = evaluation::score_windows(&base, None, &lora, &train_test, settings.workers)?;
+        if let Some(theta) = thetas.get(NONPRIVATE) {
+            let reference = evaluation::score_windows(
+                &base,
+                Some(theta),
+                &lora,
+                &train_test,
+                settings.workers,
+            )?;
+            global_accuracy_nonprivate = Some(reference.accuracy);
+        }
         tracing::info!(
             peak_rss_mb = fedpersona_shared::runtime::peak_rss_mb(),
             "global accuracy scored"
@@ -564,6 +642,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         let starts = Starts {
             fedavg,
             meta: thetas.get("meta").cloned(),
+            fedavg_nonprivate: thetas.get(NONPRIVATE).cloned(),
         };
         let bar = progress.bar(splits.heldout_users.len() as u64, "held-out users");
         let scores = evaluation::par_map(
@@ -589,11 +668,12 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             dropped: splits.dropped_users,
         },
         rounds_completed,
-        privacy: report::PrivacyReport {
-            mode: "none".into(),
-            epsilon: None,
-            delta: None,
-        },
+        privacy: report::PrivacyReport::new(
+            &settings.privacy,
+            &spent,
+            global_accuracy,
+            global_accuracy_nonprivate,
+        ),
         global_accuracy,
         base_accuracy_train_users,
         methods,
@@ -637,6 +717,8 @@ fn user_report<'a>(
         "fedavg_finetune" => ("fedavg", budget),
         "meta_finetune" => ("meta", budget),
         "local_only" => ("local_only", budget),
+        "global_nonprivate" => (NONPRIVATE, 0),
+        "fedavg_finetune_nonprivate" => (NONPRIVATE, budget),
         _ => return None,
     };
     s.curves
@@ -652,6 +734,7 @@ fn method_curve(method: &str) -> Option<&'static str> {
         "local_only" => Some("local_only"),
         "fedavg_finetune" => Some("fedavg"),
         "meta_finetune" => Some("meta"),
+        "fedavg_finetune_nonprivate" => Some(NONPRIVATE),
         _ => None,
     }
 }
@@ -664,6 +747,9 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
         ("fedavg_finetune", "global"),
         ("global", "base"),
         ("local_only", "base"),
+        // Privacy's cost on held-out users (private runs).
+        ("global", "global_nonprivate"),
+        ("fedavg_finetune", "fedavg_finetune_nonprivate"),
     ]
     .into_iter()
     .filter_map(|(better, worse)| {

@@ -106,6 +106,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
         },
         dropout: 0.0,
         seed: settings.seed,
+        privacy: settings.privacy,
     };
     let progress = Progress::new(!args.no_progress);
     fedpersona_shared::runtime::return_freed_memory();

@@ -198,18 +198,86 @@ fn ctrl_c_stops_cleanly_with_a_partial_report() {
         .contains("Partial report"));
 }
 
+/// The privacy issue's run in miniature: distributed noise under secure aggregation with a
+/// target ε; every round is charged and the report says what was spent.
+#[test]
+fn a_private_simulation_spends_no_more_than_its_epsilon() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("run");
+    let mut args = tiny_args(&data, &out, "2");
+    let set = |args: &mut Vec<String>, flag: &str, v: &str| {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = v.into();
+    };
+    set(&mut args, "--clients-per-round", "3");
+    set(&mut args, "--dropout", "0");
+    args.extend(
+        [
+            "--privacy",
+            "distributed",
+            "--secure-aggregation",
+            "--epsilon",
+            "8",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["rounds_completed"], 2);
+    let p = &r["privacy"];
+    assert_eq!(p["mode"], "distributed");
+    assert_eq!(p["secure_aggregation"], true);
+    assert_eq!(p["delta"], 1e-5);
+    let eps = p["epsilon"].as_f64().unwrap();
+    assert!(eps > 0.0 && eps <= 8.0, "{eps}");
+    // 3 of 6 devices a round: q = 0.5; z was solved so that two rounds spend at most 8.
+    assert_eq!(p["sampling_rate"], 0.5);
+    let z = p["noise_multiplier"].as_f64().unwrap();
+    let want = fedpersona_shared::accountant::epsilon(z, 0.5, 2, 1e-5).unwrap();
+    assert!((eps - want).abs() < 1e-9, "{eps} vs {want}");
+    // What privacy costs: the same FedAvg without DP, trained and scored in the same run.
+    let g = r["global_accuracy"].as_f64().unwrap();
+    let n = p["global_accuracy_nonprivate"].as_f64().unwrap();
+    assert!((p["accuracy_cost"].as_f64().unwrap() - (g - n)).abs() < 1e-12);
+    for m in ["global_nonprivate", "fedavg_finetune_nonprivate"] {
+        assert!(r["methods"][m]["accuracy"].as_f64().is_some(), "{m}");
+    }
+    assert!(r["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["worse"] == "global_nonprivate"));
+    let rounds = std::fs::read_to_string(out.join("rounds.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(rounds.lines().last().unwrap()).unwrap();
+    assert!((last["epsilon_spent"].as_f64().unwrap() - eps).abs() < 1e-9);
+}
+
 #[test]
 fn refused_settings_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
     let out = dir.path().join("run");
-    let mut args = tiny_args(&data, &out, "2");
-    args.extend(["--privacy".into(), "local".into()]);
-    let o = bin().args(&args).output().unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("not built yet"), "{err}");
-    assert!(!out.exists(), "nothing written");
+    let args = tiny_args(&data, &out, "2");
+    for (extra, want) in [
+        (vec!["--privacy", "local"], "needs --epsilon"),
+        (
+            vec!["--privacy", "distributed", "--epsilon", "8"],
+            "needs --secure-aggregation",
+        ),
+        (vec!["--noise-multiplier", "1"], "need --privacy"),
+    ] {
+        let mut args = args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = bin().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(!out.exists(), "nothing written");
+    }
     let mut args = tiny_args(&data, &out, "2");
     let at = args.iter().position(|a| a == "--min-lines").unwrap();
     args[at + 1] = "50".into();

@@ -19,6 +19,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+mod secagg;
+
 use crate::aggregate::{RunningSum, UpdateSpec};
 use crate::config::Config;
 
@@ -26,6 +28,9 @@ use crate::config::Config;
 pub enum BenchCommand {
     /// Upload ingest: updates/s, MB/s and peak memory for each upload count.
     Ingest(IngestArgs),
+    /// A secure-aggregation round's per-client and server costs (ms, bytes), beside the
+    /// plain upload path of the same updates, and the DP noise sampling cost per parameter.
+    Secagg(secagg::SecaggArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -70,7 +75,10 @@ pub struct IngestReport {
 }
 
 pub async fn run(cmd: &BenchCommand) -> anyhow::Result<String> {
-    let BenchCommand::Ingest(args) = cmd;
+    let args = match cmd {
+        BenchCommand::Ingest(args) => args,
+        BenchCommand::Secagg(args) => return secagg::run(args),
+    };
     if args.child {
         let [n] = args.uploads[..] else {
             bail!("--child measures exactly one upload count");
