@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -23,6 +23,7 @@ pub struct Metrics {
     enrollments: IntCounter,
     current_round: IntGauge,
     model_version: IntGauge,
+    epsilon_spent: Gauge,
 }
 
 impl Default for Metrics {
@@ -67,6 +68,11 @@ impl Metrics {
             IntGauge::new("current_round", "Id of the round being run").expect("valid metric");
         let model_version = IntGauge::new("model_version", "Published global adapter version")
             .expect("valid metric");
+        let epsilon_spent = Gauge::new(
+            "privacy_epsilon_spent",
+            "User-level epsilon charged to the privacy ledger (at the budget's delta)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(rounds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reports.clone()),
@@ -78,6 +84,7 @@ impl Metrics {
             Box::new(enrollments.clone()),
             Box::new(current_round.clone()),
             Box::new(model_version.clone()),
+            Box::new(epsilon_spent.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -93,7 +100,12 @@ impl Metrics {
             enrollments,
             current_round,
             model_version,
+            epsilon_spent,
         }
+    }
+
+    pub fn set_epsilon_spent(&self, epsilon: f64) {
+        self.epsilon_spent.set(epsilon);
     }
 
     pub fn report(&self, bytes: usize) {

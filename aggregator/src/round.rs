@@ -229,6 +229,9 @@ impl Coordinator {
             "aggregator state recovered"
         );
         metrics.set_round(rec.next_round, published.version);
+        if let Some(b) = config.privacy.budget {
+            metrics.set_epsilon_spent(accountant.epsilon(b.delta)?.0);
+        }
         Ok(Coordinator {
             config,
             store,
@@ -897,6 +900,10 @@ impl Coordinator {
             }
         }
         self.metrics.set_round(id + 1, st.published.version);
+        if let Some(b) = self.config.privacy.budget {
+            self.metrics
+                .set_epsilon_spent(st.accountant.epsilon(b.delta)?.0);
+        }
         drop(st);
         if let Outcome::Committed { .. } = outcome {
             self.prune();

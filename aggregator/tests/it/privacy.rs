@@ -94,6 +94,13 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
         let spent = h.coordinator.privacy_spent().unwrap();
         assert_eq!(spent.rounds_charged, 2);
         assert!((spent.epsilon - e2).abs() < 1e-9);
+        assert!(
+            h.coordinator
+                .metrics()
+                .render()
+                .contains(&format!("fedpersona_privacy_epsilon_spent {e2}")),
+            "ε spent is exported to Prometheus"
+        );
         let refused = check_in_code(&srv, &a).unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert!(
@@ -141,4 +148,57 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
         let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
         assert!(err.contains(want), "{extra}: {err}");
     }
+}
+
+/// A secure round takes updates only through secure aggregation, and only from cohort
+/// members with key adverts their enrolled key signed.
+#[test]
+fn secure_rounds_refuse_plain_uploads_and_unsigned_adverts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 3\nover_selection = 0\nmin_reports = 3\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[secure_aggregation]\nenabled = true\nmax_neighbours = 2\nphase_timeout_s = 5",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let (a, outsider) = (srv.device(), srv.device());
+    let t = srv.task(&a);
+    let s = t.secure_aggregation.unwrap();
+    assert!(s.enabled && s.granularity > 0.0 && s.phase_timeout_ms == 5000);
+
+    let plain = srv.upload(Upload::new(&a, t.round, delta(h, 1e-3, Encoding::Q8)));
+    assert_eq!(plain.unwrap_err().code(), Code::FailedPrecondition);
+
+    let call = |signer: &fedpersona_proto::auth::Signer, round: u64, signature: Vec<u8>| {
+        let (_, c_pk, s_pk) = fedpersona_shared::secagg::Client::new(round).unwrap();
+        let mut req = pb::SecAggRequest {
+            auth: None,
+            round,
+            step: Some(pb::sec_agg_request::Step::Advertise(pb::SecAggAdvertise {
+                c_pk: c_pk.to_vec(),
+                s_pk: s_pk.to_vec(),
+                signature,
+            })),
+        };
+        req.auth = Some(signer.auth("SecureAggregate", &req));
+        srv.rt
+            .block_on(FederationClient::new(srv.channel()).secure_aggregate(req))
+            .map(|_| ())
+    };
+    // An advert signed by nobody, one for another round, one from a device not in the cohort.
+    assert_eq!(
+        call(&a, t.round, vec![0; 64]).unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        call(&a, t.round + 1, vec![0; 64]).unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        call(&outsider, t.round, vec![0; 64]).unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(h.coordinator.store().summary().unwrap().uploads, 0);
+    assert_eq!(h.coordinator.view().state, "open");
 }
