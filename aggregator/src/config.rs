@@ -239,7 +239,8 @@ impl Default for SecAggFile {
 }
 
 /// Where differential-privacy noise is added (see `shared::privacy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PrivacyMode {
     /// Clipping only: no DP guarantee, no accounting.
     None,

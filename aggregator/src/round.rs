@@ -676,6 +676,27 @@ impl Coordinator {
         secure.reply(device, after).map(Some)
     }
 
+    /// Closes the open round if it is due (full, closing or past its deadline), or moves its
+    /// secure aggregation on.
+    fn close_if_due(&self) -> anyhow::Result<Option<Outcome>> {
+        let due = {
+            let mut st = self.lock();
+            match st.round.as_mut() {
+                Some(r) if r.secure.is_some() => None,
+                Some(r) if r.closing || r.deadline.is_some_and(|d| Instant::now() >= d.0) => {
+                    r.closing = true;
+                    Some(true)
+                }
+                _ => Some(false),
+            }
+        };
+        match due {
+            None => self.advance_secure(),
+            Some(true) => self.close_round().map(Some),
+            Some(false) => Ok(None),
+        }
+    }
+
     /// Moves the open round's secure aggregation on if its phase is due: closes the phase,
     /// or unmasks the sum and closes the round, or abandons it when too few devices are left.
     fn advance_secure(&self) -> anyhow::Result<Option<Outcome>> {
@@ -757,7 +778,7 @@ impl Coordinator {
     pub async fn drive(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let (deadline, secure) = {
+            let deadline = {
                 let st = self.lock();
                 let secure = st.round.as_ref().and_then(|r| r.secure.as_ref());
                 let wake = match &st.round {
@@ -769,7 +790,7 @@ impl Coordinator {
                         Some((_, due)) => due,
                     },
                 };
-                (wake.map(tokio::time::Instant::from_std), secure.is_some())
+                wake.map(tokio::time::Instant::from_std)
             };
             let wake = async {
                 match deadline {
@@ -783,44 +804,17 @@ impl Coordinator {
                 _ = self.deadline_set.notified() => continue,
                 _ = wake => {}
             }
-            if secure {
-                let this = self.clone();
-                match tokio::task::spawn_blocking(move || this.advance_secure()).await {
-                    Ok(Ok(Some(outcome))) => tracing::info!(?outcome, "round closed"),
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "closing the round failed; stopping rounds");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "closing the round panicked; stopping rounds");
-                        return;
-                    }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.close_if_due()).await {
+                Ok(Ok(Some(outcome))) => tracing::info!(?outcome, "round closed"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "closing the round failed; stopping rounds");
+                    return;
                 }
-                continue;
-            }
-            let due = {
-                let mut st = self.lock();
-                match st.round.as_mut() {
-                    Some(r) if r.closing || r.deadline.is_some_and(|d| Instant::now() >= d.0) => {
-                        r.closing = true;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if due {
-                let this = self.clone();
-                match tokio::task::spawn_blocking(move || this.close_round()).await {
-                    Ok(Ok(outcome)) => tracing::info!(?outcome, "round closed"),
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "closing the round failed; stopping rounds");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "closing the round panicked; stopping rounds");
-                        return;
-                    }
+                Err(e) => {
+                    tracing::error!(error = %e, "closing the round panicked; stopping rounds");
+                    return;
                 }
             }
         }

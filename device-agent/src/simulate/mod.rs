@@ -34,26 +34,7 @@ use report::{MethodResult, Report, RoundRecord};
 /// The FedAvg federation without DP that a private run trains as its reference.
 const NONPRIVATE: &str = "fedavg_nonprivate";
 
-/// Privacy of the simulated federation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PrivacyMode {
-    None,
-    Local,
-    Distributed,
-    Central,
-}
-
-impl PrivacyMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            PrivacyMode::None => "none",
-            PrivacyMode::Local => "local",
-            PrivacyMode::Distributed => "distributed",
-            PrivacyMode::Central => "central",
-        }
-    }
-}
+pub use aggregator::config::PrivacyMode;
 
 /// Flags of `device-agent simulate`. Unset values come from the preset (default or
 /// `--quick`); `report.json` records the resolved settings.
