@@ -4,7 +4,10 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["fedpersona/v1/federation.proto"];
+    let files = [
+        "fedpersona/v1/federation.proto",
+        "fedpersona/local/v1/local.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -53,6 +53,7 @@ struct DeviceFile {
     user: Option<String>,
     #[serde(default)]
     threads: usize,
+    local_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +95,8 @@ pub struct AgentConfig {
     /// Fixes the randomness of local training and encoding per round (the simulation's
     /// reproducible runs); None, as on a real device, draws it from the OS.
     pub seed: Option<u64>,
+    /// Where `run` also serves the local API for apps on the device (None: it does not).
+    pub local_socket: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -174,6 +177,7 @@ impl AgentConfig {
             },
             max_rounds: (s.max_rounds > 0).then_some(s.max_rounds),
             seed: None,
+            local_socket: f.device.local_socket.as_ref().map(|p| resolve(p)),
         })
     }
 }
@@ -769,8 +773,26 @@ pub async fn run_from_config(path: &Path) -> anyhow::Result<RunSummary> {
     let base = BaseModel::load(&config.model_dir, &Device::Cpu)
         .with_context(|| format!("loading base model {}", config.model_dir.display()))?;
     let examples = config.data.load()?;
-    let mut agent = Agent::start(config, Arc::new(base), examples).await?;
-    agent.run(shutdown_signal()).await
+    let base = Arc::new(base);
+    let local = match &config.local_socket {
+        Some(socket) => {
+            let state = crate::local::LocalState::open(&config.state_dir, base.clone())?;
+            let socket = socket.clone();
+            tracing::info!(socket = %socket.display(), "local API serving");
+            Some(tokio::spawn(async move {
+                crate::local::serve(state, &socket, shutdown_signal()).await
+            }))
+        }
+        None => None,
+    };
+    let mut agent = Agent::start(config, base, examples).await?;
+    let summary = agent.run(shutdown_signal()).await;
+    if let Some(local) = local {
+        // The local API stops with the same signal; when rounds ended by themselves
+        // (`max_rounds`) it goes on until then.
+        local.await.context("local API task")??;
+    }
+    summary
 }
 
 async fn shutdown_signal() {

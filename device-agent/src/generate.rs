@@ -31,19 +31,30 @@ pub struct GenerateArgs {
     pub stop: Option<String>,
 }
 
-/// Writes tokens as they come; multi-byte characters split across byte tokens are held
-/// until complete.
-struct Output<'a> {
+/// Decodes tokens as they come into new pieces of text; multi-byte characters split across
+/// byte tokens are held until complete.
+#[derive(Debug)]
+pub struct TextStream<'a> {
     tok: &'a Tokenizer,
     ids: Vec<u32>,
-    printed: usize,
-    out: std::io::StdoutLock<'static>,
+    text: String,
+    emitted: usize,
 }
 
-impl Output<'_> {
-    fn push(&mut self, id: u32) -> std::io::Result<String> {
+impl<'a> TextStream<'a> {
+    pub fn new(tok: &'a Tokenizer) -> Self {
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Adds a token; returns the text that became complete with it (maybe empty).
+    pub fn push(&mut self, id: u32) -> &str {
         self.ids.push(id);
-        let text = match self.tok {
+        self.text = match self.tok {
             Tokenizer::Bytes { .. } => {
                 let bytes = self.tok.decode_bytes(&self.ids);
                 match std::str::from_utf8(&bytes) {
@@ -56,12 +67,18 @@ impl Output<'_> {
             }
             Tokenizer::Hf(_) => self.tok.decode(&self.ids).unwrap_or_default(),
         };
-        if text.len() > self.printed && text.is_char_boundary(self.printed) {
-            self.out.write_all(&text.as_bytes()[self.printed..])?;
-            self.out.flush()?;
-            self.printed = text.len();
+        let start = self.emitted;
+        if self.text.len() > start && self.text.is_char_boundary(start) {
+            self.emitted = self.text.len();
+            &self.text[start..]
+        } else {
+            ""
         }
-        Ok(text)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 }
 
@@ -85,12 +102,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         cfg.eos_token_ids.clone()
     };
-    let mut out = Output {
-        tok: &base.tokenizer,
-        ids: Vec::new(),
-        printed: 0,
-        out: std::io::stdout().lock(),
-    };
+    let mut stream = TextStream::new(&base.tokenizer);
+    let mut out = std::io::stdout().lock();
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -107,13 +120,15 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             if eos.contains(&id) {
                 return false;
             }
-            match out.push(id) {
-                Ok(text) => !args.stop.as_deref().is_some_and(|s| text.contains(s)),
-                Err(e) => {
-                    io_error = Some(e);
-                    false
-                }
+            let piece = stream.push(id);
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+                io_error = Some(e);
+                return false;
             }
+            !args
+                .stop
+                .as_deref()
+                .is_some_and(|s| stream.text().contains(s))
         },
     )?;
     if let Some(e) = io_error {

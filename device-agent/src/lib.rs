@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod evaluate;
 pub mod generate;
 pub mod interactions;
+pub mod local;
 pub mod profile;
 #[cfg(feature = "simulate")]
 pub mod simulate;

@@ -27,6 +27,9 @@ enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// The local API for apps on the device (Unix socket): serve it, or call it.
+    #[command(subcommand)]
+    Local(device_agent::local::LocalCommand),
     /// Time training steps or decoding (prints medians after warm-up).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -121,6 +124,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         _ => String::new(),
                     }
                 );
+            }
+        }
+        Command::Local(cmd) => {
+            fedpersona_shared::runtime::set_kernel_threads(1);
+            let out = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(device_agent::local::run(cmd))?;
+            if !out.is_empty() {
+                println!("{out}");
             }
         }
         Command::Run { config } => {

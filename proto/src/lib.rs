@@ -14,3 +14,8 @@ pub mod v1 {
     /// The encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fedpersona_v1");
 }
+
+/// `fedpersona.local.v1`: the device agent's local API for apps on the device (Unix socket).
+pub mod local {
+    tonic::include_proto!("fedpersona.local.v1");
+}

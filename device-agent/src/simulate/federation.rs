@@ -215,6 +215,7 @@ impl Federation {
                     },
                     max_rounds: None,
                     seed: Some(spec.seed ^ (i as u64).wrapping_mul(0xa076_1d64_78bd_642f)),
+                    local_socket: None,
                 };
                 let (channel, base, limit, tick) = (
                     channel.clone(),

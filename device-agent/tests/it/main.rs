@@ -2,6 +2,7 @@
 //! one-line errors with exit code 2 on bad input.
 
 mod federation;
+mod local;
 mod simulate;
 
 use std::path::{Path, PathBuf};

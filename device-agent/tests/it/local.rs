@@ -1,0 +1,262 @@
+//! The local API end to end through its real Unix socket: logging, feedback, profile,
+//! export, generation, consent and forgetting, with the store's files checked on disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use device_agent::local::{self, LocalState};
+use fedpersona_proto::local as pb;
+use fedpersona_shared::BaseModel;
+use tonic::Code;
+
+use crate::{bin, fixture};
+
+const CANARY: &str = "canary-local-api-51e9";
+
+/// Every byte of the store's files (database, WAL, shared memory).
+fn store_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in [
+        "interactions.sqlite",
+        "interactions.sqlite-wal",
+        "interactions.sqlite-shm",
+    ] {
+        if let Ok(b) = std::fs::read(dir.join(f)) {
+            out.extend(b);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+fn rated(kind: pb::FeedbackKind, rating: u32) -> Option<pb::FeedbackValue> {
+    Some(pb::FeedbackValue {
+        kind: kind as i32,
+        rating,
+    })
+}
+
+#[test]
+fn the_local_api_works_end_to_end_over_its_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent");
+    let socket = dir.path().join("local.sock");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
+    let local_state = LocalState::open(&state, base).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let socket = socket.clone();
+        rt.spawn(async move {
+            local::serve(local_state, &socket, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    rt.block_on(async {
+        while !socket.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "only the user's own processes may connect"
+    );
+    // Pretend the device has enrolled in a federation.
+    std::fs::write(state.join("device.key"), b"key").unwrap();
+    std::fs::write(state.join("agent.json"), b"{}").unwrap();
+
+    rt.block_on(async {
+        let mut c = local::connect(&socket).await.unwrap();
+        let mut ids = Vec::new();
+        for (i, fb) in [
+            (0, rated(pb::FeedbackKind::Accepted, 0)),
+            (1, rated(pb::FeedbackKind::Rejected, 0)),
+            (2, None),
+        ] {
+            let r = c
+                .log_interaction(pb::LogInteractionRequest {
+                    time_ms: 0,
+                    context: Some(format!("the question {i}")),
+                    suggestion: Some(format!("a suggestion {i}")),
+                    text: format!("{CANARY} what the user wrote {i}"),
+                    feedback: fb,
+                    app: "mail".into(),
+                    kind: "reply".into(),
+                })
+                .await
+                .unwrap();
+            ids.push(r.into_inner().id);
+        }
+        c.feedback(pb::FeedbackRequest {
+            id: ids[2],
+            feedback: rated(pb::FeedbackKind::Rating, 4),
+        })
+        .await
+        .unwrap();
+
+        // Bad input is refused and changes nothing.
+        let bad = c
+            .feedback(pb::FeedbackRequest {
+                id: ids[0],
+                feedback: rated(pb::FeedbackKind::Rating, 9),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument);
+        let unknown = c
+            .feedback(pb::FeedbackRequest {
+                id: 9999,
+                feedback: rated(pb::FeedbackKind::Accepted, 0),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::InvalidArgument);
+        let empty = c
+            .log_interaction(pb::LogInteractionRequest {
+                text: String::new(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(empty.code(), Code::InvalidArgument);
+
+        let profile: serde_json::Value = serde_json::from_str(
+            &c.get_profile(pb::GetProfileRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .json,
+        )
+        .unwrap();
+        assert_eq!(profile["interactions"], 3);
+        assert_eq!(profile["ratings"], 1);
+        assert_eq!(profile["context_mix"]["mail/reply"], 3);
+
+        // Export returns everything, decrypted.
+        let export: serde_json::Value = serde_json::from_str(
+            &c.export(pb::ExportRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .json,
+        )
+        .unwrap();
+        let items = export["interactions"].as_array().unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0]["text"], format!("{CANARY} what the user wrote 0"));
+        assert_eq!(items[0]["context"], "the question 0");
+        assert_eq!(items[0]["suggestion"], "a suggestion 0");
+        assert_eq!(items[2]["feedback"]["value"], 4);
+        assert_eq!(export["enrolled_in_federation"], true);
+        assert_eq!(export["profile"]["interactions"], 3);
+
+        // Generation streams the continuation.
+        let mut stream = c
+            .generate(pb::GenerateRequest {
+                prompt: "To be".into(),
+                max_tokens: 8,
+                temperature: 0.0,
+                top_p: 0.0,
+                seed: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut pieces = 0;
+        while let Some(chunk) = stream.message().await.unwrap() {
+            assert!(!chunk.text.is_empty());
+            pieces += 1;
+        }
+        assert!(pieces <= 8);
+        let refused = c
+            .generate(pb::GenerateRequest {
+                prompt: "x".into(),
+                max_tokens: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+
+        // Consent off is recorded where the federation loop reads it.
+        let r = c
+            .set_consent(pb::SetConsentRequest { federated: false })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.federated);
+        assert!(!device_agent::consent::Consent::allows_federation(&state));
+    });
+
+    // Encryption at rest: the canary is nowhere in the store's files.
+    assert!(!contains(&store_bytes(&state), CANARY));
+
+    // The command-line client talks to the same socket.
+    let o = bin()
+        .args(["local", "log", "--socket"])
+        .arg(&socket)
+        .args([
+            "--text",
+            &format!("{CANARY} from the cli"),
+            "--feedback",
+            "edited",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = bin()
+        .args(["local", "profile", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let profile: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(profile["interactions"], 4);
+
+    // Forget leaves nothing readable, and leaving the federation removes its credentials.
+    std::fs::create_dir_all(state.join("personal")).unwrap();
+    std::fs::write(state.join("personal/adapter_config.json"), b"{}").unwrap();
+    rt.block_on(async {
+        let mut c = local::connect(&socket).await.unwrap();
+        let r = c
+            .forget(pb::ForgetRequest {
+                leave_federation: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.interactions_erased, 4);
+        assert!(r.adapter_erased && r.left_federation);
+        let export: serde_json::Value = serde_json::from_str(
+            &c.export(pb::ExportRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .json,
+        )
+        .unwrap();
+        assert!(export["interactions"].as_array().unwrap().is_empty());
+        assert_eq!(export["enrolled_in_federation"], false);
+        assert_eq!(export["consent"]["federated"], false);
+    });
+    assert!(!state.join("personal").exists());
+    assert!(!state.join("device.key").exists() && !state.join("agent.json").exists());
+    assert!(!contains(&store_bytes(&state), "from the cli"));
+    assert!(!contains(&store_bytes(&state), CANARY));
+
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+    assert!(!socket.exists(), "the socket is removed at shutdown");
+}
