@@ -3,6 +3,7 @@
 //! these.
 
 pub mod adapt;
+pub mod adaptation;
 pub mod agent;
 pub mod bench;
 pub mod client;

@@ -455,6 +455,22 @@ pub fn fit(
     cfg: &FitConfig,
     mut on_step: impl FnMut(usize, StepStats),
 ) -> Result<(), ModelError> {
+    fit_while(model, adapter, windows, cfg, |step, stats| {
+        on_step(step, stats);
+        true
+    })
+    .map(drop)
+}
+
+/// As [`fit`], but stops early when `on_step` returns false (early stopping); returns the
+/// steps taken.
+pub fn fit_while(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    windows: &[Window],
+    cfg: &FitConfig,
+    mut on_step: impl FnMut(usize, StepStats) -> bool,
+) -> Result<usize, ModelError> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     if windows.is_empty() {
@@ -475,7 +491,9 @@ pub fn fit(
         let parts = split_batches(&picked, cfg.workers, model.device())?;
         let stats =
             trainer.step_parallel(&parts, |p, total| loss_part(model, Some(adapter), p, total))?;
-        on_step(step, stats);
+        if !on_step(step, stats) {
+            return Ok(step + 1);
+        }
     }
-    Ok(())
+    Ok(cfg.steps)
 }

@@ -29,6 +29,8 @@ pub struct FewShot {
     pub train_seq_len: usize,
     pub eval_seq_len: usize,
     pub seed: u64,
+    /// Also run the profile-driven adaptation (issue 5's ablation) from the FedAvg start.
+    pub adaptive: bool,
 }
 
 impl FewShot {
@@ -61,8 +63,116 @@ pub struct Starts {
 #[derive(Debug, Clone)]
 pub struct UserScores {
     pub base: EvalReport,
-    /// `local_only`, `fedavg`, `meta` → (steps, report) in step order.
+    /// `local_only`, `fedavg`, `meta` → (steps, report) in step order; `adaptive` has one
+    /// entry, at the scored budget's key, for the profile-driven run from the FedAvg start.
     pub curves: BTreeMap<&'static str, Vec<(usize, EvalReport)>>,
+    /// The adaptive run (with a FedAvg start).
+    pub adaptive: Option<AdaptiveRun>,
+}
+
+/// What the profile-driven adaptation of one held-out user did.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AdaptiveRun {
+    pub steps: usize,
+    pub stopped_early: bool,
+    pub lr: f64,
+    pub accepted: usize,
+    pub edited: usize,
+    pub rejected: usize,
+}
+
+/// The user's support lines replayed as interactions, one a day up to `now_ms`: the agent
+/// (with `start`) suggests a continuation of each line's context, greedy, as long as the
+/// line; the line is what the user "wrote"; the feedback is
+/// [`simulated_feedback`](crate::adaptation::simulated_feedback) of the two.
+fn replay(
+    base: &BaseModel,
+    start: &LoraAdapter,
+    support: &[fedpersona_shared::train::Example],
+    now_ms: i64,
+) -> anyhow::Result<Vec<crate::interactions::Stored>> {
+    use crate::interactions::{Interaction, Stored};
+    let mut out = Vec::with_capacity(support.len());
+    for (i, ex) in support.iter().enumerate() {
+        let mut prompt: Vec<u32> = base.bos().into_iter().collect();
+        if let Some(c) = &ex.context {
+            prompt.extend(base.tokenizer.encode(c)?);
+        }
+        prompt.extend(base.tokenizer.encode("\n\n")?);
+        let want = base.tokenizer.encode(&ex.text)?.len().clamp(1, 96);
+        let ids = fedpersona_shared::generate::generate(
+            &base.model,
+            Some(start),
+            &prompt,
+            want,
+            fedpersona_shared::generate::Sampling::default(),
+            |_| true,
+        )?;
+        let suggestion = base.tokenizer.decode(&ids).unwrap_or_default();
+        let feedback = crate::adaptation::simulated_feedback(&suggestion, &ex.text);
+        out.push(Stored {
+            id: i as i64 + 1,
+            interaction: Interaction {
+                time_ms: now_ms - (support.len() - i) as i64 * 86_400_000,
+                context: ex.context.clone(),
+                suggestion: Some(suggestion),
+                text: ex.text.clone(),
+                feedback,
+                app: "simulation".into(),
+                kind: "speech".into(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Profile-driven adaptation from `start` on the replayed support lines, scored on the query.
+fn adaptive(
+    base: &BaseModel,
+    start: &AdapterTensors,
+    support: &[fedpersona_shared::train::Example],
+    query: &[Window],
+    fs: &FewShot,
+) -> anyhow::Result<(EvalReport, AdaptiveRun)> {
+    use crate::adaptation::{adapt, Plan, Weights};
+    use crate::interactions::Feedback;
+    let now_ms = 1_750_000_000_000;
+    let mut adapter =
+        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
+    let items = replay(base, &adapter.frozen(), support, now_ms)?;
+    let examples = Weights::default().examples(&items, now_ms);
+    let scorer_windows = |ex: &[fedpersona_shared::train::Example]| -> anyhow::Result<f64> {
+        let w = to_windows(base, ex, fs.eval_seq_len)?;
+        Ok(evaluate(&base.model, Some(&adapter), &base.tokenizer, &w, 16)?.loss)
+    };
+    let profile = crate::profile::Profile::compute(&items, now_ms, Some(&scorer_windows))?;
+    // About three epochs, capped at the curve's length so both arms see comparable compute.
+    let plan = Plan::from_profile(
+        &profile,
+        examples.len(),
+        fs.lr,
+        fs.batch_size,
+        fs.train_seq_len,
+        fs.curve_to.max(fs.steps),
+    );
+    let budget = crate::adaptation::Budget {
+        checkpoint: None,
+        deadline: None,
+    };
+    let outcome = adapt(base, &mut adapter, &examples, &plan, fs.seed, 0, budget)?;
+    let report = evaluate(&base.model, Some(&adapter), &base.tokenizer, query, 16)?;
+    let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
+    Ok((
+        report,
+        AdaptiveRun {
+            steps: outcome.steps,
+            stopped_early: outcome.stopped_early,
+            lr: plan.lr,
+            accepted: count(Feedback::Accepted),
+            edited: count(Feedback::Edited),
+            rejected: count(Feedback::Rejected),
+        },
+    ))
 }
 
 /// Adapts one held-out user with each method and scores it on its query lines.
@@ -102,9 +212,18 @@ pub fn personalize(
             curves.insert(name, fine_tune(base, adapter, &train_w, &query_w, fs)?);
         }
     }
+    let adaptive = match &starts.fedavg {
+        Some(theta) if fs.adaptive => {
+            let (report, run) = adaptive(base, theta, &support, &query_w, fs)?;
+            curves.insert("adaptive", vec![(fs.steps, report)]);
+            Some(run)
+        }
+        _ => None,
+    };
     Ok(UserScores {
         base: base_report,
         curves,
+        adaptive,
     })
 }
 

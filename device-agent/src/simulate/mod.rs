@@ -125,6 +125,9 @@ pub struct SimulateArgs {
     /// Secure aggregation (SecAgg+) of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,
+    /// Skip the ablation of profile-driven adaptation (`adaptive_finetune`) on held-out users.
+    #[arg(long)]
+    pub no_adaptive: bool,
     /// Seeds the split, device availability, training and the adapters' initialization: the
     /// same seed reproduces a run.
     #[arg(long, default_value_t = 0)]
@@ -175,6 +178,7 @@ pub struct Settings {
     pub monitor_windows: usize,
     pub workers: usize,
     pub privacy: federation::PrivacyPlan,
+    pub adaptive: bool,
 }
 
 impl Settings {
@@ -222,6 +226,7 @@ impl Settings {
             eval_every: a.eval_every.unwrap_or((rounds / 10).max(1)),
             monitor_windows: if quick { 32 } else { 128 },
             workers: a.threads.unwrap_or_else(crate::available_cores).max(1),
+            adaptive: !a.no_adaptive,
             privacy: federation::PrivacyPlan {
                 mode: a.privacy,
                 epsilon: a.epsilon,
@@ -359,6 +364,7 @@ impl Settings {
             train_seq_len: self.train_seq_len as usize,
             eval_seq_len: self.eval_seq_len,
             seed: self.seed,
+            adaptive: self.adaptive,
         }
     }
 }
@@ -592,6 +598,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut base_accuracy_train_users = None;
     let mut methods = BTreeMap::new();
     let mut comparisons = Vec::new();
+    let mut adaptive = None;
     if interrupted.is_none() {
         let fedavg = thetas.get("fedavg").cloned();
         let g = evaluation::score_windows(
@@ -639,6 +646,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             interrupted = Some("evaluation");
         }
         methods = method_results(&scores, settings.finetune_steps);
+        adaptive = report::AdaptiveSummary::of(scores.iter().filter_map(|s| s.adaptive));
         comparisons = method_comparisons(&scores, settings.finetune_steps);
     }
 
@@ -659,6 +667,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         base_accuracy_train_users,
         methods,
         comparisons,
+        adaptive,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
         complete: interrupted.is_none(),
@@ -699,6 +708,7 @@ fn user_report<'a>(
         "meta_finetune" => ("meta", budget),
         "local_only" => ("local_only", budget),
         "global_nonprivate" => (NONPRIVATE, 0),
+        "adaptive_finetune" => ("adaptive", budget),
         "fedavg_finetune_nonprivate" => (NONPRIVATE, budget),
         _ => return None,
     };
@@ -728,6 +738,9 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
         ("fedavg_finetune", "global"),
         ("global", "base"),
         ("local_only", "base"),
+        // Issue 5's ablation: profile-weighted, profile-scheduled adaptation against the plain
+        // one (uniform weights, fixed steps), both from the FedAvg adapter.
+        ("adaptive_finetune", "fedavg_finetune"),
         // Privacy's cost on held-out users (private runs).
         ("global", "global_nonprivate"),
         ("fedavg_finetune", "fedavg_finetune_nonprivate"),

@@ -1,6 +1,7 @@
 //! The `device-agent` binary end to end: train, eval and generate on a small HF model, and
 //! one-line errors with exit code 2 on bad input.
 
+mod adaptation;
 mod federation;
 mod local;
 mod simulate;

@@ -92,6 +92,7 @@ fn a_tiny_simulation_writes_a_complete_report() {
         "global",
         "fedavg_finetune",
         "meta_finetune",
+        "adaptive_finetune",
     ] {
         let x = &r["methods"][m];
         let acc = x["accuracy"].as_f64().unwrap_or_else(|| panic!("{m}: {x}"));
@@ -100,6 +101,18 @@ fn a_tiny_simulation_writes_a_complete_report() {
         assert!(x["bits_per_byte"].as_f64().unwrap() > 0.0, "{m}");
         assert_eq!(x["users"], 2, "{m}");
     }
+    // The adaptive-vs-plain ablation: its comparison and what the runs did.
+    assert!(r["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["better"] == "adaptive_finetune" && c["worse"] == "fedavg_finetune"));
+    assert_eq!(r["adaptive"]["users"], 2);
+    let a = &r["adaptive"];
+    let replayed = a["accepted"].as_u64().unwrap()
+        + a["edited"].as_u64().unwrap()
+        + a["rejected"].as_u64().unwrap();
+    assert_eq!(replayed, 2 * 4, "every support line replayed once");
     // Fine-tuning curves: 0, 1 and 2 steps.
     assert_eq!(
         r["methods"]["local_only"]["accuracy_by_steps"]
