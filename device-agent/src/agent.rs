@@ -780,7 +780,7 @@ pub async fn run_from_config(path: &Path) -> anyhow::Result<RunSummary> {
             let socket = socket.clone();
             tracing::info!(socket = %socket.display(), "local API serving");
             Some(tokio::spawn(async move {
-                crate::local::serve(state, &socket, shutdown_signal()).await
+                crate::local::serve(state, Default::default(), &socket, shutdown_signal()).await
             }))
         }
         None => None,

@@ -50,6 +50,8 @@ pub enum LocalCommand {
         /// Socket path (default: STATE_DIR/local.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        #[command(flatten)]
+        schedule: Schedule,
     },
     /// Record an interaction; prints its id.
     Log {
@@ -132,6 +134,7 @@ pub async fn run(cmd: LocalCommand) -> anyhow::Result<String> {
             state_dir,
             base,
             socket,
+            schedule,
         } => {
             let base_dir = base.unwrap_or_else(fedpersona_shared::checkpoint::default_model_dir);
             let base = BaseModel::load(&base_dir, &Device::Cpu)
@@ -139,7 +142,7 @@ pub async fn run(cmd: LocalCommand) -> anyhow::Result<String> {
             let socket = socket.unwrap_or_else(|| state_dir.join(SOCKET_FILE));
             let local = LocalState::open(&state_dir, Arc::new(base))?;
             tracing::info!(socket = %socket.display(), "local API serving");
-            serve(local, &socket, shutdown_signal()).await?;
+            serve(local, schedule, &socket, shutdown_signal()).await?;
             Ok(String::new())
         }
         LocalCommand::Log {
@@ -321,6 +324,73 @@ pub struct LocalState {
     dir: PathBuf,
     store: Mutex<InteractionStore>,
     base: Arc<BaseModel>,
+    /// When an app last called the API (the device counts as idle after a while).
+    last_call: Mutex<std::time::Instant>,
+    /// One adaptation at a time.
+    adapting: tokio::sync::Mutex<()>,
+}
+
+/// When the personal adapter is trained: after `min_new` new interactions, once the API has
+/// been idle for `idle`, within a time budget (a cut run resumes next time) and a memory
+/// budget (tokens per batch).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Schedule {
+    /// New interactions since the last adaptation that make it due.
+    #[arg(long, default_value_t = 20)]
+    pub min_new: u64,
+    /// Seconds without an API call before the device counts as idle.
+    #[arg(long, default_value_t = 120.0)]
+    pub idle_s: f64,
+    /// Seconds between checks.
+    #[arg(long, default_value_t = 60.0)]
+    pub check_s: f64,
+    /// Longest one adaptation may run, in seconds (it resumes at the next chance).
+    #[arg(long, default_value_t = 300.0)]
+    pub time_budget_s: f64,
+    /// Memory budget: tokens in one training batch (batch size × sequence length).
+    #[arg(long, default_value_t = 1024)]
+    pub max_batch_tokens: usize,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            min_new: 20,
+            idle_s: 120.0,
+            check_s: 60.0,
+            time_budget_s: 300.0,
+            max_batch_tokens: 1024,
+        }
+    }
+}
+
+impl Schedule {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (v, what) in [
+            (self.idle_s, "idle"),
+            (self.check_s, "check"),
+            (self.time_budget_s, "time budget"),
+        ] {
+            anyhow::ensure!(
+                v.is_finite() && (0.0..1e7).contains(&v),
+                "the {what} seconds must be a non-negative number"
+            );
+        }
+        anyhow::ensure!(self.min_new >= 1, "min_new must be at least 1");
+        anyhow::ensure!(
+            self.max_batch_tokens >= 64,
+            "max_batch_tokens must be at least 64"
+        );
+        Ok(())
+    }
+}
+
+/// What the last finished adaptation covered (`personal/state.json`).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AdaptedState {
+    pub interactions: u64,
+    pub adapted_ms: i64,
+    pub steps: usize,
 }
 
 impl LocalState {
@@ -333,7 +403,144 @@ impl LocalState {
             dir: dir.to_path_buf(),
             store: Mutex::new(store),
             base,
+            last_call: Mutex::new(std::time::Instant::now()),
+            adapting: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Logs a note (no suggestion, no feedback) without going through the socket.
+    pub fn log_note(&self, text: &str, context: Option<&str>) -> anyhow::Result<i64> {
+        Ok(self.store().log(&Interaction {
+            time_ms: now_ms(),
+            context: context.map(String::from),
+            suggestion: None,
+            text: text.into(),
+            feedback: Feedback::None,
+            app: "test".into(),
+            kind: "note".into(),
+        })?)
+    }
+
+    fn touch(&self) {
+        *self.last_call.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    fn idle_for(&self) -> std::time::Duration {
+        self.last_call
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+
+    fn adapted_state(&self) -> AdaptedState {
+        std::fs::read(self.dir.join(PERSONAL_DIR).join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Trains the personal adapter if the schedule says it is due: enough new interactions
+    /// and the API idle. Returns what the run did (None: not due).
+    pub async fn adapt_if_due(
+        self: &Arc<Self>,
+        schedule: &Schedule,
+    ) -> anyhow::Result<Option<crate::adaptation::Outcome>> {
+        let Ok(_one) = self.adapting.try_lock() else {
+            return Ok(None);
+        };
+        let count = self.store().count()?;
+        let new = count.saturating_sub(self.adapted_state().interactions);
+        if new < schedule.min_new
+            || self.idle_for() < std::time::Duration::from_secs_f64(schedule.idle_s)
+        {
+            return Ok(None);
+        }
+        let this = self.clone();
+        let schedule = *schedule;
+        tokio::task::spawn_blocking(move || this.adapt_now(&schedule))
+            .await
+            .context("adaptation task")?
+            .map(Some)
+    }
+
+    /// One adaptation of the personal adapter on every stored interaction (profile-weighted,
+    /// profile-planned, early-stopped), within the schedule's budgets. The new adapter
+    /// replaces the old one only when the run finishes.
+    fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<crate::adaptation::Outcome> {
+        use crate::adaptation::{adapt, Budget, Plan, Weights};
+        let items = self.store().all()?;
+        let data_id = items.last().map_or(0, |s| s.id);
+        let now = now_ms();
+        let mut adapter = match self.personal_adapter()? {
+            Some(a) => a,
+            None => LoraAdapter::new(
+                self.base.model.config(),
+                fedpersona_shared::LoraConfig::default(),
+                &Device::Cpu,
+            )?,
+        };
+        let seq_len = 128.min(self.base.model.config().max_position_embeddings);
+        let examples = Weights::default().examples(&items, now);
+        let profile = {
+            let scorer = |ex: &[fedpersona_shared::train::Example]| -> anyhow::Result<f64> {
+                let w = crate::adapt::to_windows(&self.base, ex, seq_len)?;
+                Ok(fedpersona_shared::train::evaluate(
+                    &self.base.model,
+                    Some(&adapter),
+                    &self.base.tokenizer,
+                    &w,
+                    16,
+                )?
+                .loss)
+            };
+            Profile::compute(&items, now, Some(&scorer))?
+        };
+        let batch = (schedule.max_batch_tokens / seq_len).clamp(1, 16);
+        let plan = Plan::from_profile(&profile, examples.len(), 1e-3, batch, seq_len, 200);
+        let progress = self.dir.join("personal.progress");
+        std::fs::create_dir_all(&progress)?;
+        let budget = Budget {
+            checkpoint: Some(&progress),
+            deadline: Some(
+                std::time::Instant::now()
+                    + std::time::Duration::from_secs_f64(schedule.time_budget_s),
+            ),
+        };
+        let outcome = adapt(
+            &self.base,
+            &mut adapter,
+            &examples,
+            &plan,
+            rand::random(),
+            data_id,
+            budget,
+        )?;
+        if outcome.finished {
+            // Written beside, then swapped in: `Generate` never sees half an adapter.
+            let fresh = self.dir.join("personal.new");
+            let _ = std::fs::remove_dir_all(&fresh);
+            adapter.save(&fresh)?;
+            let state = AdaptedState {
+                interactions: items.len() as u64,
+                adapted_ms: now,
+                steps: outcome.steps,
+            };
+            fedpersona_shared::checkpoint::write_atomic(
+                &fresh.join("state.json"),
+                &serde_json::to_vec(&state).expect("plain struct"),
+            )?;
+            let personal = self.dir.join(PERSONAL_DIR);
+            let old = self.dir.join("personal.old");
+            let _ = std::fs::remove_dir_all(&old);
+            if personal.exists() {
+                std::fs::rename(&personal, &old)?;
+            }
+            std::fs::rename(&fresh, &personal)?;
+            let _ = std::fs::remove_dir_all(&old);
+            let _ = std::fs::remove_dir_all(&progress);
+            tracing::info!(steps = outcome.steps, "personal adapter updated");
+        }
+        Ok(outcome)
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, InteractionStore> {
@@ -361,9 +568,11 @@ impl LocalState {
 /// file is replaced; any other file there is an error.
 pub async fn serve(
     state: LocalState,
+    schedule: Schedule,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    schedule.validate()?;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(socket) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(socket)
@@ -378,15 +587,30 @@ pub async fn serve(
         .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
+    let state = Arc::new(state);
+    let scheduler = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_secs_f64(schedule.check_s.max(0.01));
+            loop {
+                tokio::time::sleep(every).await;
+                match state.adapt_if_due(&schedule).await {
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "adaptation failed"),
+                }
+            }
+        })
+    };
     let result = tonic::transport::Server::builder()
         .add_service(LocalAgentServer::new(LocalService {
-            state: Arc::new(state),
+            state: state.clone(),
         }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
         )
         .await;
+    scheduler.abort();
     let _ = std::fs::remove_file(socket);
     result.context("local API server")
 }
@@ -458,6 +682,7 @@ impl LocalAgent for LocalService {
         &self,
         request: Request<pb::LogInteractionRequest>,
     ) -> Result<Response<pb::LogInteractionResponse>, Status> {
+        self.state.touch();
         let r = request.into_inner();
         if r.text.is_empty() {
             return Err(Status::invalid_argument("text is empty"));
@@ -488,6 +713,7 @@ impl LocalAgent for LocalService {
         &self,
         request: Request<pb::FeedbackRequest>,
     ) -> Result<Response<pb::FeedbackResponse>, Status> {
+        self.state.touch();
         let r = request.into_inner();
         let fb = feedback(r.feedback)?;
         self.state.store().set_feedback(r.id, fb).map_err(status)?;
@@ -500,6 +726,7 @@ impl LocalAgent for LocalService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        self.state.touch();
         let r = request.into_inner();
         check_text("prompt", &r.prompt)?;
         if r.prompt.is_empty() {
@@ -584,6 +811,7 @@ impl LocalAgent for LocalService {
         &self,
         _: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        self.state.touch();
         let profile = self
             .state
             .profile()
@@ -600,6 +828,7 @@ impl LocalAgent for LocalService {
         &self,
         _: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportResponse>, Status> {
+        self.state.touch();
         let dir = &self.state.dir;
         let items = self.state.store().all().map_err(status)?;
         let profile = Profile::compute(&items, now_ms(), None)
@@ -624,6 +853,7 @@ impl LocalAgent for LocalService {
         &self,
         request: Request<pb::ForgetRequest>,
     ) -> Result<Response<pb::ForgetResponse>, Status> {
+        self.state.touch();
         let r = request.into_inner();
         let dir = &self.state.dir;
         let erased = {
@@ -659,6 +889,7 @@ impl LocalAgent for LocalService {
         &self,
         request: Request<pb::SetConsentRequest>,
     ) -> Result<Response<pb::SetConsentResponse>, Status> {
+        self.state.touch();
         let r = request.into_inner();
         let c = Consent::set(&self.state.dir, r.federated, now_ms())
             .map_err(|e| internal("recording consent", e))?;

@@ -56,7 +56,7 @@ fn the_local_api_works_end_to_end_over_its_unix_socket() {
     let server = {
         let socket = socket.clone();
         rt.spawn(async move {
-            local::serve(local_state, &socket, async {
+            local::serve(local_state, local::Schedule::default(), &socket, async {
                 let _ = stopped.await;
             })
             .await
@@ -259,4 +259,63 @@ fn the_local_api_works_end_to_end_over_its_unix_socket() {
     let _ = stop.send(());
     rt.block_on(server).unwrap().unwrap();
     assert!(!socket.exists(), "the socket is removed at shutdown");
+}
+
+/// The schedule trains the personal adapter once enough interactions arrived and the API is
+/// idle, and `Generate` then uses it.
+#[test]
+fn the_personal_adapter_is_trained_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
+    let state = Arc::new(LocalState::open(dir.path(), base).unwrap());
+    let schedule = local::Schedule {
+        min_new: 12,
+        idle_s: 0.0,
+        check_s: 1.0,
+        time_budget_s: 60.0,
+        max_batch_tokens: 128,
+    };
+    for i in 0..11 {
+        state
+            .log_note(
+                &format!("I would say {i} things my way."),
+                Some("What now?"),
+            )
+            .unwrap();
+    }
+    assert!(
+        rt.block_on(state.adapt_if_due(&schedule))
+            .unwrap()
+            .is_none(),
+        "11 < 12 new"
+    );
+    state.log_note("One more line of mine.", None).unwrap();
+    let out = rt
+        .block_on(state.adapt_if_due(&schedule))
+        .unwrap()
+        .expect("due: 12 new interactions, idle");
+    assert!(out.finished && out.steps >= 1);
+    assert!(dir.path().join("personal/adapter_config.json").exists());
+    assert!(!dir.path().join("personal.progress").exists());
+    assert!(
+        rt.block_on(state.adapt_if_due(&schedule))
+            .unwrap()
+            .is_none(),
+        "nothing new since"
+    );
+    let busy = local::Schedule {
+        idle_s: 3600.0,
+        min_new: 1,
+        ..schedule
+    };
+    state.log_note("Another.", None).unwrap();
+    assert!(
+        rt.block_on(state.adapt_if_due(&busy)).unwrap().is_none(),
+        "not while apps are using the API"
+    );
 }
