@@ -6,9 +6,9 @@
 //! * **Weights** ([`Weights`]): feedback says where the model was wrong, so text the user
 //!   wrote after editing or rejecting a suggestion counts more than text that only accepted
 //!   it; explicit ratings likewise (a low rating: the suggestion missed). Older text counts
-//!   less (exponential decay with a half-life, floored). Rejected suggestions are not used as
-//!   negatives: an unlikelihood term on a byte model pushes down whole common prefixes the
-//!   user also writes, and the ablation is measured without it.
+//!   less (exponential decay with a half-life, floored). Rejected suggestions can be pushed
+//!   down by an unlikelihood term (`Plan::unlikelihood`); the default leaves them out, as
+//!   the simulation's ablation measured (see README).
 //! * **Plan** ([`Plan::from_profile`]): steps from the data volume (a few epochs, capped),
 //!   the learning rate raised when the user's recent text drifts from the adapter and lowered
 //!   when suggestions are mostly accepted.
@@ -93,6 +93,23 @@ impl Weights {
         feedback * recency
     }
 
+    /// The suggestions the user rejected, in their contexts, weighted by recency: what an
+    /// unlikelihood term pushes down.
+    pub fn negatives(&self, items: &[Stored], now_ms: i64) -> Vec<Example> {
+        items
+            .iter()
+            .filter(|s| s.interaction.feedback == Feedback::Rejected)
+            .filter_map(|s| {
+                let text = s.interaction.suggestion.clone().filter(|t| !t.is_empty())?;
+                let mut e = Example::new(s.interaction.context.clone(), text);
+                let age_days = ((now_ms - s.interaction.time_ms).max(0) as f64) / DAY_MS;
+                e.weight =
+                    (0.5f64.powf(age_days / self.half_life_days) as f32).max(self.min_recency);
+                Some(e)
+            })
+            .collect()
+    }
+
     /// The interactions as weighted training examples, oldest first.
     pub fn examples(&self, items: &[Stored], now_ms: i64) -> Vec<Example> {
         items
@@ -119,6 +136,8 @@ pub struct Plan {
     pub patience: usize,
     /// Share of the most recent examples held out for early stopping.
     pub holdout: f64,
+    /// Weight of the unlikelihood term on rejected suggestions (0: they are left out).
+    pub unlikelihood: f64,
 }
 
 impl Plan {
@@ -132,6 +151,7 @@ impl Plan {
             eval_every: usize::MAX,
             patience: usize::MAX,
             holdout: 0.0,
+            unlikelihood: 0.0,
         }
     }
 
@@ -162,6 +182,7 @@ impl Plan {
             eval_every: 2,
             patience: 2,
             holdout: 0.1,
+            unlikelihood: 0.0,
         }
     }
 }
@@ -201,18 +222,32 @@ pub struct Budget<'a> {
     pub deadline: Option<std::time::Instant>,
 }
 
-/// Adapts `adapter` in place on `examples` (oldest first) by `plan`; `data_id` identifies the
-/// data for resuming from the budget's checkpoint. The adapter ends as the best one on the
+/// What a run trains on.
+#[derive(Debug, Clone, Copy)]
+pub struct Data<'a> {
+    /// The user's text, oldest first.
+    pub examples: &'a [Example],
+    /// Rejected suggestions (used with [`Plan::unlikelihood`]).
+    pub negatives: &'a [Example],
+    /// Identifies the data for resuming (e.g. the newest interaction's id).
+    pub id: i64,
+}
+
+/// Adapts `adapter` in place on `data` by `plan`. The adapter ends as the best one on the
 /// held-out slice (or the last, without one).
 pub fn adapt(
     base: &BaseModel,
     adapter: &mut LoraAdapter,
-    examples: &[Example],
+    data: Data<'_>,
     plan: &Plan,
     seed: u64,
-    data_id: i64,
     budget: Budget<'_>,
 ) -> anyhow::Result<Outcome> {
+    let Data {
+        examples,
+        negatives,
+        id: data_id,
+    } = data;
     let checkpoint = budget.checkpoint;
     anyhow::ensure!(!examples.is_empty(), "no examples to adapt on");
     let held = if plan.holdout > 0.0 && examples.len() >= 10 {
@@ -224,6 +259,15 @@ pub fn adapt(
     let train_w = crate::adapt::to_windows(base, train, plan.seq_len)?;
     let val_w = crate::adapt::to_windows(base, val, plan.seq_len)?;
     anyhow::ensure!(!train_w.is_empty(), "no training text");
+    let neg_w = if plan.unlikelihood > 0.0 {
+        crate::adapt::to_windows(base, negatives, plan.seq_len)?
+    } else {
+        Vec::new()
+    };
+    let negatives = fedpersona_shared::train::Negatives {
+        windows: &neg_w,
+        weight: plan.unlikelihood,
+    };
     let score = |a: &LoraAdapter| -> anyhow::Result<Option<f64>> {
         if val_w.is_empty() {
             return Ok(None);
@@ -265,39 +309,46 @@ pub fn adapt(
     let taken = if remaining == 0 {
         0
     } else {
-        fit_while(&base.model, shared, &train_w, &cfg, |step, _| {
-            let step = done + step + 1;
-            if val_w.is_empty() || step % plan.eval_every.max(1) != 0 {
-                return true;
-            }
-            let result = (|| -> anyhow::Result<bool> {
-                let loss = score(shared)?;
-                if loss < best.0 || best.0.is_none() {
-                    best = (loss, shared.to_tensors()?);
-                    best_step = step;
-                    stale = 0;
-                } else {
-                    stale += 1;
+        fit_while(
+            &base.model,
+            shared,
+            &train_w,
+            Some(negatives),
+            &cfg,
+            |step, _| {
+                let step = done + step + 1;
+                if val_w.is_empty() || step % plan.eval_every.max(1) != 0 {
+                    return true;
                 }
-                if let Some(dir) = checkpoint {
-                    save_progress(dir, shared, data, step, best.0, best_step)?;
+                let result = (|| -> anyhow::Result<bool> {
+                    let loss = score(shared)?;
+                    if loss < best.0 || best.0.is_none() {
+                        best = (loss, shared.to_tensors()?);
+                        best_step = step;
+                        stale = 0;
+                    } else {
+                        stale += 1;
+                    }
+                    if let Some(dir) = checkpoint {
+                        save_progress(dir, shared, data, step, best.0, best_step)?;
+                    }
+                    out_of_time = budget
+                        .deadline
+                        .is_some_and(|d| std::time::Instant::now() >= d);
+                    Ok(stale < plan.patience && !out_of_time)
+                })();
+                match result {
+                    Ok(go_on) => {
+                        stopped_early = !go_on && !out_of_time;
+                        go_on
+                    }
+                    Err(e) => {
+                        error = Some(e);
+                        false
+                    }
                 }
-                out_of_time = budget
-                    .deadline
-                    .is_some_and(|d| std::time::Instant::now() >= d);
-                Ok(stale < plan.patience && !out_of_time)
-            })();
-            match result {
-                Ok(go_on) => {
-                    stopped_early = !go_on && !out_of_time;
-                    go_on
-                }
-                Err(e) => {
-                    error = Some(e);
-                    false
-                }
-            }
-        })?
+            },
+        )?
     };
     if let Some(e) = error {
         return Err(e);

@@ -467,7 +467,7 @@ impl LocalState {
     /// profile-planned, early-stopped), within the schedule's budgets. The new adapter
     /// replaces the old one only when the run finishes.
     fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<crate::adaptation::Outcome> {
-        use crate::adaptation::{adapt, Budget, Plan, Weights};
+        use crate::adaptation::{adapt, Budget, Data, Plan, Weights};
         let items = self.store().all()?;
         let data_id = items.last().map_or(0, |s| s.id);
         let now = now_ms();
@@ -506,13 +506,18 @@ impl LocalState {
                     + std::time::Duration::from_secs_f64(schedule.time_budget_s),
             ),
         };
+        let negatives = Weights::default().negatives(&items, now);
+        let data = Data {
+            examples: &examples,
+            negatives: &negatives,
+            id: data_id,
+        };
         let outcome = adapt(
             &self.base,
             &mut adapter,
-            &examples,
+            data,
             &plan,
             rand::random(),
-            data_id,
             budget,
         )?;
         if outcome.finished {

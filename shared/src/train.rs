@@ -410,6 +410,31 @@ pub fn loss_part(
     Ok(((nll * &batch.weights)?.sum_all()? / total_weight)?)
 }
 
+/// The unlikelihood loss of a batch of *negative* windows (text the model should not
+/// produce, e.g. a suggestion the user rejected): Σ w·(−log(1 − p(target))) / `total_weight`
+/// (Welleck et al. 2020), with p = exp(−NLL) from the same fused cross-entropy, so its
+/// gradient comes through that kernel's backward.
+pub fn unlikelihood_part(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+    total_weight: f64,
+) -> Result<Tensor, ModelError> {
+    let logits = model.forward(&batch.inputs, adapter, None)?;
+    let nll = token_nll(&logits, &batch.targets)?;
+    // 1 − p, kept off zero.
+    let unlikely = nll.neg()?.exp()?.affine(-1.0, 1.0 + 1e-5)?;
+    let ul = unlikely.log()?.neg()?;
+    Ok(((ul * &batch.weights)?.sum_all()? / total_weight)?)
+}
+
+/// Negative windows and the weight of their unlikelihood term in each step's loss.
+#[derive(Debug, Clone, Copy)]
+pub struct Negatives<'a> {
+    pub windows: &'a [Window],
+    pub weight: f64,
+}
+
 /// Splits windows into at most `parts` batches of nearly equal size (for data-parallel steps).
 pub fn split_batches(
     windows: &[&Window],
@@ -455,19 +480,21 @@ pub fn fit(
     cfg: &FitConfig,
     mut on_step: impl FnMut(usize, StepStats),
 ) -> Result<(), ModelError> {
-    fit_while(model, adapter, windows, cfg, |step, stats| {
+    fit_while(model, adapter, windows, None, cfg, |step, stats| {
         on_step(step, stats);
         true
     })
     .map(drop)
 }
 
-/// As [`fit`], but stops early when `on_step` returns false (early stopping); returns the
+/// As [`fit`], but stops early when `on_step` returns false (early stopping), and with
+/// `negatives` adds their weighted unlikelihood term to every step (one worker); returns the
 /// steps taken.
 pub fn fit_while(
     model: &Llama,
     adapter: &LoraAdapter,
     windows: &[Window],
+    negatives: Option<Negatives<'_>>,
     cfg: &FitConfig,
     mut on_step: impl FnMut(usize, StepStats) -> bool,
 ) -> Result<usize, ModelError> {
@@ -488,9 +515,29 @@ pub fn fit_while(
             }
             picked.push(&windows[order.pop().expect("refilled above")]);
         }
-        let parts = split_batches(&picked, cfg.workers, model.device())?;
-        let stats =
-            trainer.step_parallel(&parts, |p, total| loss_part(model, Some(adapter), p, total))?;
+        let stats = match negatives.filter(|n| !n.windows.is_empty() && n.weight > 0.0) {
+            None => {
+                let parts = split_batches(&picked, cfg.workers, model.device())?;
+                trainer
+                    .step_parallel(&parts, |p, total| loss_part(model, Some(adapter), p, total))?
+            }
+            Some(n) => {
+                let batch = Batch::new(&picked, model.device())?;
+                let total = f64::from(batch.weights.sum_all()?.to_scalar::<f32>()?);
+                let k = cfg.batch_size.min(n.windows.len());
+                let neg: Vec<&Window> = (0..k)
+                    .map(|_| &n.windows[rand::Rng::random_range(&mut rng, 0..n.windows.len())])
+                    .collect();
+                let neg = Batch::new(&neg, model.device())?;
+                let neg_total = f64::from(neg.weights.sum_all()?.to_scalar::<f32>()?);
+                let mut loss = loss_part(model, Some(adapter), &batch, total.max(1e-9))?;
+                if neg_total > 0.0 {
+                    let ul = unlikelihood_part(model, Some(adapter), &neg, neg_total)?;
+                    loss = (loss + (ul * n.weight)?)?;
+                }
+                trainer.step(&loss)?
+            }
+        };
         if !on_step(step, stats) {
             return Ok(step + 1);
         }

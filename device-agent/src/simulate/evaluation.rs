@@ -133,8 +133,8 @@ fn adaptive(
     support: &[fedpersona_shared::train::Example],
     query: &[Window],
     fs: &FewShot,
-) -> anyhow::Result<(EvalReport, AdaptiveRun)> {
-    use crate::adaptation::{adapt, Plan, Weights};
+) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
+    use crate::adaptation::{adapt, Data, Plan, Weights};
     use crate::interactions::Feedback;
     let now_ms = 1_750_000_000_000;
     let mut adapter =
@@ -159,11 +159,32 @@ fn adaptive(
         checkpoint: None,
         deadline: None,
     };
-    let outcome = adapt(base, &mut adapter, &examples, &plan, fs.seed, 0, budget)?;
+    let mut with_ul =
+        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
+    let plain = Data {
+        examples: &examples,
+        negatives: &[],
+        id: 0,
+    };
+    let outcome = adapt(base, &mut adapter, plain, &plan, fs.seed, budget)?;
     let report = evaluate(&base.model, Some(&adapter), &base.tokenizer, query, 16)?;
+    // The same run with the rejected suggestions pushed down (unlikelihood, weight 0.5).
+    let negatives = Weights::default().negatives(&items, now_ms);
+    let ul_plan = Plan {
+        unlikelihood: 0.5,
+        ..plan
+    };
+    let data = Data {
+        examples: &examples,
+        negatives: &negatives,
+        id: 0,
+    };
+    adapt(base, &mut with_ul, data, &ul_plan, fs.seed, budget)?;
+    let report_ul = evaluate(&base.model, Some(&with_ul), &base.tokenizer, query, 16)?;
     let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
     Ok((
         report,
+        report_ul,
         AdaptiveRun {
             steps: outcome.steps,
             stopped_early: outcome.stopped_early,
@@ -214,8 +235,9 @@ pub fn personalize(
     }
     let adaptive = match &starts.fedavg {
         Some(theta) if fs.adaptive => {
-            let (report, run) = adaptive(base, theta, &support, &query_w, fs)?;
+            let (report, report_ul, run) = adaptive(base, theta, &support, &query_w, fs)?;
             curves.insert("adaptive", vec![(fs.steps, report)]);
+            curves.insert("adaptive_unlikelihood", vec![(fs.steps, report_ul)]);
             Some(run)
         }
         _ => None,

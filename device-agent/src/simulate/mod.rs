@@ -709,6 +709,7 @@ fn user_report<'a>(
         "local_only" => ("local_only", budget),
         "global_nonprivate" => (NONPRIVATE, 0),
         "adaptive_finetune" => ("adaptive", budget),
+        "adaptive_unlikelihood_finetune" => ("adaptive_unlikelihood", budget),
         "fedavg_finetune_nonprivate" => (NONPRIVATE, budget),
         _ => return None,
     };
@@ -741,6 +742,8 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
         // Issue 5's ablation: profile-weighted, profile-scheduled adaptation against the plain
         // one (uniform weights, fixed steps), both from the FedAvg adapter.
         ("adaptive_finetune", "fedavg_finetune"),
+        // Rejected suggestions as negatives (unlikelihood) or left out.
+        ("adaptive_unlikelihood_finetune", "adaptive_finetune"),
         // Privacy's cost on held-out users (private runs).
         ("global", "global_nonprivate"),
         ("fedavg_finetune", "fedavg_finetune_nonprivate"),

@@ -10,7 +10,7 @@ use fedpersona_shared::checkpoint::write_atomic;
 use serde::Serialize;
 
 /// The evaluated methods, in the order tables list them.
-pub const METHODS: [&str; 8] = [
+pub const METHODS: [&str; 9] = [
     "base",
     "local_only",
     "global",
@@ -18,6 +18,8 @@ pub const METHODS: [&str; 8] = [
     "meta_finetune",
     // The profile-driven adaptation from the FedAvg adapter (issue 5's ablation).
     "adaptive_finetune",
+    // The same with rejected suggestions pushed down by an unlikelihood term.
+    "adaptive_unlikelihood_finetune",
     // Private runs only: FedAvg trained without DP in the same run, the cost's reference.
     "global_nonprivate",
     "fedavg_finetune_nonprivate",

@@ -3,7 +3,7 @@
 //! checkpoint.
 
 use candle_core::Device;
-use device_agent::adaptation::{adapt, Budget, Plan};
+use device_agent::adaptation::{adapt, Budget, Data, Plan};
 use fedpersona_shared::train::Example;
 use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
 
@@ -21,6 +21,14 @@ fn examples() -> Vec<Example> {
             )
         })
         .collect()
+}
+
+fn data<'a>(examples: &'a [Example], negatives: &'a [Example], id: i64) -> Data<'a> {
+    Data {
+        examples,
+        negatives,
+        id,
+    }
 }
 
 fn adapter(base: &BaseModel) -> LoraAdapter {
@@ -44,6 +52,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         eval_every: 2,
         patience: 2,
         holdout: 0.1,
+        unlikelihood: 0.0,
     };
     let ex = examples();
     let mut a = adapter(&base);
@@ -51,12 +60,35 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         checkpoint: None,
         deadline: None,
     };
-    let out = adapt(&base, &mut a, &ex, &plan, 1, 7, none).unwrap();
+    let out = adapt(&base, &mut a, data(&ex, &[], 7), &plan, 1, none).unwrap();
     assert!(out.finished && out.steps <= 8 && out.steps >= 2);
     let (start, best) = (out.start_loss.unwrap(), out.best_loss.unwrap());
     assert!(
         best <= start,
         "the kept adapter is the best seen: {best} vs {start}"
+    );
+
+    // With rejected suggestions pushed down by an unlikelihood term, their loss rises.
+    let negatives: Vec<Example> = (0..6)
+        .map(|i| Example::new(Some(format!("Question {i}?")), "Nonsense qqq zzz xxx."))
+        .collect();
+    let neg_windows = device_agent::adapt::to_windows(&base, &negatives, 32).unwrap();
+    let neg_loss = |a: &LoraAdapter| {
+        fedpersona_shared::train::evaluate(&base.model, Some(a), &base.tokenizer, &neg_windows, 8)
+            .unwrap()
+            .loss
+    };
+    let mut u = adapter(&base);
+    let before = neg_loss(&u);
+    let ul = Plan {
+        unlikelihood: 1.0,
+        holdout: 0.0,
+        ..plan
+    };
+    adapt(&base, &mut u, data(&ex, &negatives, 7), &ul, 1, none).unwrap();
+    assert!(
+        neg_loss(&u) > before,
+        "the rejected text became less likely"
     );
 
     // A run whose budget is already spent stops at its first evaluation with its progress
@@ -67,7 +99,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         checkpoint: Some(dir.path()),
         deadline: Some(std::time::Instant::now()),
     };
-    let first = adapt(&base, &mut b, &ex, &plan, 1, 7, cut).unwrap();
+    let first = adapt(&base, &mut b, data(&ex, &[], 7), &plan, 1, cut).unwrap();
     assert!(!first.finished);
     assert_eq!(first.steps, 2);
     assert!(dir.path().join("progress.json").exists());
@@ -76,7 +108,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         checkpoint: Some(dir.path()),
         deadline: None,
     };
-    let second = adapt(&base, &mut c, &ex, &plan, 1, 7, resume).unwrap();
+    let second = adapt(&base, &mut c, data(&ex, &[], 7), &plan, 1, resume).unwrap();
     assert!(second.finished && second.steps > 2 && second.steps <= 8);
     assert!(!dir.path().join("progress.json").exists());
     // Other data does not resume someone else's progress.
@@ -85,8 +117,8 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         checkpoint: Some(dir.path()),
         deadline: Some(std::time::Instant::now()),
     };
-    adapt(&base, &mut d, &ex, &plan, 1, 7, cut_again).unwrap();
+    adapt(&base, &mut d, data(&ex, &[], 7), &plan, 1, cut_again).unwrap();
     let mut e = adapter(&base);
-    let other = adapt(&base, &mut e, &ex[..20], &plan, 1, 8, resume).unwrap();
+    let other = adapt(&base, &mut e, data(&ex[..20], &[], 8), &plan, 1, resume).unwrap();
     assert!(other.finished);
 }
