@@ -142,7 +142,7 @@ pub async fn run(cmd: LocalCommand) -> anyhow::Result<String> {
             let socket = socket.unwrap_or_else(|| state_dir.join(SOCKET_FILE));
             let local = LocalState::open(&state_dir, Arc::new(base))?;
             tracing::info!(socket = %socket.display(), "local API serving");
-            serve(local, schedule, &socket, shutdown_signal()).await?;
+            serve(local, schedule, &socket, crate::agent::shutdown_signal()).await?;
             Ok(String::new())
         }
         LocalCommand::Log {
@@ -307,15 +307,6 @@ pub async fn connect(socket: &Path) -> anyhow::Result<LocalAgentClient<tonic::tr
         .await
         .with_context(|| format!("connecting to the local API at {}", socket.display()))?;
     Ok(LocalAgentClient::new(channel))
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// What the local API works on: the agent's folder, its store and the base model.

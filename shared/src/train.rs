@@ -405,9 +405,17 @@ pub fn loss_part(
     batch: &Batch,
     total_weight: f64,
 ) -> Result<Tensor, ModelError> {
-    let logits = model.forward(&batch.inputs, adapter, None)?;
-    let nll = token_nll(&logits, &batch.targets)?;
+    let nll = batch_nll(model, adapter, batch)?;
     Ok(((nll * &batch.weights)?.sum_all()? / total_weight)?)
+}
+
+fn batch_nll(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+) -> Result<Tensor, ModelError> {
+    let logits = model.forward(&batch.inputs, adapter, None)?;
+    Ok(token_nll(&logits, &batch.targets)?)
 }
 
 /// The unlikelihood loss of a batch of *negative* windows (text the model should not
@@ -420,10 +428,11 @@ pub fn unlikelihood_part(
     batch: &Batch,
     total_weight: f64,
 ) -> Result<Tensor, ModelError> {
-    let logits = model.forward(&batch.inputs, adapter, None)?;
-    let nll = token_nll(&logits, &batch.targets)?;
     // 1 − p, kept off zero.
-    let unlikely = nll.neg()?.exp()?.affine(-1.0, 1.0 + 1e-5)?;
+    let unlikely = batch_nll(model, adapter, batch)?
+        .neg()?
+        .exp()?
+        .affine(-1.0, 1.0 + 1e-5)?;
     let ul = unlikely.log()?.neg()?;
     Ok(((ul * &batch.weights)?.sum_all()? / total_weight)?)
 }
