@@ -168,16 +168,8 @@ fn privacy_status(
     let Some(budget) = config.privacy.budget else {
         return Ok(None);
     };
-    let mut acc = fedpersona_shared::accountant::Accountant::default();
-    for c in store.ledger()? {
-        acc.compose(c.sampling_rate, c.noise_multiplier, 1)?;
-    }
-    Ok(Some(crate::round::PrivacySpent {
-        epsilon: acc.epsilon(budget.delta)?.0,
-        delta: budget.delta,
-        budget: budget.epsilon,
-        rounds_charged: acc.rounds(),
-    }))
+    let accountant = crate::round::ledger_accountant(store)?;
+    Ok(Some(crate::round::PrivacySpent::of(&accountant, budget)?))
 }
 
 pub fn revoke(args: &RevokeArgs) -> anyhow::Result<String> {

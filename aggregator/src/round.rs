@@ -137,6 +137,29 @@ pub struct PrivacySpent {
     pub rounds_charged: u64,
 }
 
+impl PrivacySpent {
+    pub fn of(
+        accountant: &Accountant,
+        budget: crate::config::Budget,
+    ) -> Result<Self, fedpersona_shared::accountant::AccountantError> {
+        Ok(PrivacySpent {
+            epsilon: accountant.epsilon(budget.delta)?.0,
+            delta: budget.delta,
+            budget: budget.epsilon,
+            rounds_charged: accountant.rounds(),
+        })
+    }
+}
+
+/// The journal's privacy ledger, composed.
+pub fn ledger_accountant(store: &Store) -> anyhow::Result<Accountant> {
+    let mut accountant = Accountant::default();
+    for c in store.ledger()? {
+        accountant.compose(c.sampling_rate, c.noise_multiplier, 1)?;
+    }
+    Ok(accountant)
+}
+
 /// How a closed round ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -196,15 +219,16 @@ impl Coordinator {
             }
         };
         let shapes = LoraAdapter::trained_shapes(&config.model, &config.adapter);
-        let spec = UpdateSpec::new(shapes, norm_bound(&config));
+        let values = shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let spec = UpdateSpec::new(shapes, norm_bound(&config, values));
         let finished = config
             .rounds
             .max_rounds
             .is_some_and(|m| rec.rounds_committed >= m);
-        let mut accountant = Accountant::default();
-        for c in store.ledger()? {
-            accountant.compose(c.sampling_rate, c.noise_multiplier, 1)?;
-        }
+        let mut accountant = ledger_accountant(&store)?;
         let (round, exhausted) = if finished {
             (None, None)
         } else {
@@ -285,17 +309,7 @@ impl Coordinator {
     /// ε spent (at the budget's δ) by every round charged so far; None without DP.
     pub fn privacy_spent(&self) -> Option<PrivacySpent> {
         let budget = self.config.privacy.budget?;
-        let st = self.lock();
-        let (epsilon, _) = st
-            .accountant
-            .epsilon(budget.delta)
-            .expect("the config validated delta");
-        Some(PrivacySpent {
-            epsilon,
-            delta: budget.delta,
-            budget: budget.epsilon,
-            rounds_charged: st.accountant.rounds(),
-        })
+        Some(PrivacySpent::of(&self.lock().accountant, budget).expect("the config validated delta"))
     }
 
     pub fn view(&self) -> RoundView {
@@ -615,13 +629,7 @@ impl Coordinator {
             }
             SecureStep::Shares(shares) => secure.submit_shares(device, shares)?,
             SecureStep::Masked(values) => {
-                if phase != Phase::MaskedInput {
-                    return Err(FedError::new(
-                        Kind::WrongRound,
-                        "secagg_phase",
-                        format!("secure aggregation is in phase {phase}, not masked-input"),
-                    ));
-                }
+                secure.check_masked(device, values.len())?;
                 // Journal first: a second report of this device is refused durably.
                 let mut nonce = [0u8; 16];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
@@ -942,15 +950,12 @@ impl Coordinator {
 /// The L2 bound uploads are held to: the clip norm, or with local noise the clip norm plus
 /// a bound on the noise's norm (σ·(√d + 10), over ten standard deviations of a χ_d above its
 /// mean) and the 8-bit encoding's rounding.
-fn norm_bound(config: &Config) -> f64 {
+fn norm_bound(config: &Config, values: usize) -> f64 {
     let c = f64::from(config.update.clip_norm);
     if config.privacy.mode != PrivacyMode::Local {
         return c;
     }
-    let d = LoraAdapter::trained_shapes(&config.model, &config.adapter)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>())
-        .sum::<usize>() as f64;
+    let d = values as f64;
     (c + config.privacy.noise_multiplier * c * (d.sqrt() + 10.0)) * 1.05
 }
 

@@ -193,6 +193,36 @@ impl SecureRound {
         Ok(())
     }
 
+    /// Whether `device` may send a masked input of `len` words now: the phase, its part in
+    /// the key sharing, the length. Checked before the upload is journaled, so a refused
+    /// input leaves no trace.
+    pub fn check_masked(&self, device: &DeviceId, len: usize) -> Result<(), FedError> {
+        let phase = self.phase();
+        if phase != Phase::MaskedInput {
+            return Err(FedError::new(
+                Kind::WrongRound,
+                "secagg_phase",
+                format!("secure aggregation is in phase {phase}, not masked-input"),
+            ));
+        }
+        let index = self.index(device)?;
+        if !self.shares_for.contains_key(&index) {
+            return Err(FedError::new(
+                Kind::WrongRound,
+                "not_in_secagg",
+                "device did not share its keys in this round",
+            ));
+        }
+        let want = self.server.as_ref().map_or(0, |s| s.vector_len());
+        if len != want {
+            return Err(FedError::invalid(
+                "shape",
+                format!("masked input has {len} words, expected {want}"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn submit_masked(&mut self, device: &DeviceId, masked: Vec<u32>) -> Result<(), FedError> {
         let index = self.index(device)?;
         self.server()?

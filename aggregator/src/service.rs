@@ -432,6 +432,20 @@ fn secure_step(
     })
 }
 
+/// Encrypted shares on the wire.
+pub(crate) fn shares_to_pb(shares: &[secagg::EncryptedShare]) -> pb::SecAggShares {
+    pb::SecAggShares {
+        shares: shares
+            .iter()
+            .map(|s| pb::SecAggShare {
+                from: s.from,
+                to: s.to,
+                ciphertext: s.ciphertext.clone(),
+            })
+            .collect(),
+    }
+}
+
 fn secure_reply(reply: Reply) -> pb::sec_agg_response::Step {
     use pb::sec_agg_response::Step;
     match reply {
@@ -454,16 +468,7 @@ fn secure_reply(reply: Reply) -> pb::sec_agg_response::Step {
             own_c_pk: assignment.own.c_pk.to_vec(),
             own_s_pk: assignment.own.s_pk.to_vec(),
         }),
-        Reply::Shares(shares) => Step::SharesForYou(pb::SecAggShares {
-            shares: shares
-                .into_iter()
-                .map(|s| pb::SecAggShare {
-                    from: s.from,
-                    to: s.to,
-                    ciphertext: s.ciphertext,
-                })
-                .collect(),
-        }),
+        Reply::Shares(shares) => Step::SharesForYou(shares_to_pb(&shares)),
         Reply::Survivors(s) => Step::Survivors(pb::SecAggSurvivors {
             survivors: s.survivors,
             dropped: s.dropped,

@@ -219,7 +219,7 @@ pub fn quantize(
     let flat = delta.to_flat();
     let mut scale = 1.0 / g;
     let mut shrink = 1e-4;
-    let mut ints = loop {
+    let (mut ints, norm) = loop {
         let ints: Vec<i32> = flat
             .iter()
             .map(|&x| {
@@ -235,17 +235,11 @@ pub fn quantize(
             .sum::<f64>()
             .sqrt();
         if norm <= bound {
-            break ints;
+            break (ints, norm * g);
         }
         scale *= bound / norm * (1.0 - shrink);
         shrink = (shrink * 2.0).min(0.5);
     };
-    let norm = ints
-        .iter()
-        .map(|&q| f64::from(q).powi(2))
-        .sum::<f64>()
-        .sqrt()
-        * g;
     noise::add_discrete_gaussian(&mut ints, spec.noise_stddev)?;
     Ok(Quantized {
         values: ints.into_iter().map(|v| v as u32).collect(),

@@ -14,7 +14,7 @@ use fedpersona_shared::codec::{self, DecodeLimits, Encoding};
 use fedpersona_shared::delta::AdapterTensors;
 use fedpersona_shared::noise;
 use fedpersona_shared::privacy::{quantize, QuantizationSpec};
-use fedpersona_shared::secagg::{self, Client, Server};
+use fedpersona_shared::secagg::{Client, Server};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -193,7 +193,7 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
         let start = Instant::now();
         let shares = clients[*p as usize].share_keys(a)?;
         client_time[*p as usize] += start.elapsed();
-        sent[*p as usize] += wire_shares(&shares).encoded_len() as u64;
+        sent[*p as usize] += crate::service::shares_to_pb(&shares).encoded_len() as u64;
         let start = Instant::now();
         server.submit_shares(a.index, shares)?;
         server_time += start.elapsed();
@@ -203,7 +203,7 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
     server_time += start.elapsed();
     // Indices follow the participant keys 0..n, so index = device here.
     for (to, inbox) in routed {
-        received[to as usize] += wire_shares(&inbox).encoded_len() as u64;
+        received[to as usize] += crate::service::shares_to_pb(&inbox).encoded_len() as u64;
         if dropped.contains(&to) {
             continue;
         }
@@ -323,17 +323,4 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
         float_gaussian_ns_per_param: float.as_secs_f64() * 1e9 / d as f64,
         threads: std::thread::available_parallelism().map_or(1, |t| t.get()),
     })
-}
-
-fn wire_shares(shares: &[secagg::EncryptedShare]) -> pb::SecAggShares {
-    pb::SecAggShares {
-        shares: shares
-            .iter()
-            .map(|s| pb::SecAggShare {
-                from: s.from,
-                to: s.to,
-                ciphertext: s.ciphertext.clone(),
-            })
-            .collect(),
-    }
 }
