@@ -164,9 +164,7 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         let t0 = Instant::now();
         let refs: Vec<&Window> = windows.iter().collect();
         let parts = train::split_batches(&refs, args.threads, &Device::Cpu)?;
-        let stats = trainer.step_parallel(&parts, |p, total| {
-            train::loss_part(&s.model, Some(&adapter), p, total)
-        })?;
+        let stats = trainer.lora_step(&s.model, &adapter, &parts)?;
         let dt = t0.elapsed().as_secs_f64();
         if step >= args.warmup {
             times.push(dt);

@@ -409,8 +409,8 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Rotary tables shared by every call: `[positions, head_dim]`, `cat(freqs, freqs)` layout.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    cos: Arc<Vec<f32>>,
-    sin: Arc<Vec<f32>>,
+    pub(crate) cos: Arc<Vec<f32>>,
+    pub(crate) sin: Arc<Vec<f32>>,
     head_dim: usize,
 }
 

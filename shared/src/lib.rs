@@ -12,6 +12,7 @@ pub mod delta;
 pub mod generate;
 pub mod kernels;
 pub mod lora;
+pub mod lora_step;
 pub mod model;
 pub mod noise;
 pub mod pretrain;

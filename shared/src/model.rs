@@ -7,6 +7,7 @@
 //! users share one copy of the frozen weights.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -15,6 +16,7 @@ use rand_distr::{Distribution, Normal};
 use crate::config::LlamaConfig;
 use crate::kernels::{self, RopeTables};
 use crate::lora::{LoraAdapter, Target};
+use crate::lora_step::FlatWeights;
 
 /// Errors from building or running the model.
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +45,10 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 
 /// One decoder block's weights. Projections are indexed by [`Target`].
 #[derive(Debug, Clone)]
-struct Block {
-    input_norm: Tensor,
-    post_attention_norm: Tensor,
-    proj: [Tensor; Target::COUNT],
+pub(crate) struct Block {
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
+    pub proj: [Tensor; Target::COUNT],
 }
 
 /// The rotary tables of a config, `[max_positions, head_dim]` in the HF `rotate_half` layout.
@@ -123,6 +125,18 @@ pub struct Llama {
     lm_head: Tensor,
     rope: RopeTables,
     device: Device,
+    /// The frozen weights as flat f32 for the LoRA training step, built on first use and
+    /// shared by clones.
+    flat: Arc<OnceLock<FlatWeights>>,
+}
+
+/// A model's weights, borrowed (for [`FlatWeights`]).
+pub(crate) struct Parts<'a> {
+    pub embed: &'a Tensor,
+    pub lm_head: &'a Tensor,
+    pub norm: &'a Tensor,
+    pub blocks: &'a [Block],
+    pub rope: &'a RopeTables,
 }
 
 /// HF tensor name of a projection weight.
@@ -243,6 +257,7 @@ impl Llama {
             lm_head,
             rope,
             device: device.clone(),
+            flat: Arc::default(),
         })
     }
 
@@ -266,6 +281,25 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    pub(crate) fn parts(&self) -> Parts<'_> {
+        Parts {
+            embed: &self.embed,
+            lm_head: &self.lm_head,
+            norm: &self.norm,
+            blocks: &self.blocks,
+            rope: &self.rope,
+        }
+    }
+
+    /// The frozen weights as flat f32 (built on the first call).
+    pub(crate) fn flat_weights(&self) -> Result<&FlatWeights> {
+        if let Some(f) = self.flat.get() {
+            return Ok(f);
+        }
+        let f = FlatWeights::new(self)?;
+        Ok(self.flat.get_or_init(|| f))
     }
 
     pub fn device(&self) -> &Device {
@@ -299,6 +333,7 @@ impl Llama {
     pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self> {
         adapter.check_fits(&self.cfg)?;
         let mut out = self.clone();
+        out.flat = Arc::default();
         for (l, block) in out.blocks.iter_mut().enumerate() {
             for t in Target::ALL {
                 if let Some(pair) = adapter.pair(l, t) {

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::lora::LoraAdapter;
+use crate::lora_step::{self, Gradients, Workspace};
 use crate::model::{Llama, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -246,6 +247,8 @@ pub struct Trainer {
     opt: AdamW,
     config: TrainConfig,
     checked: bool,
+    /// One per data-parallel worker of [`Trainer::lora_step`], reused from step to step.
+    workspaces: Vec<Workspace>,
 }
 
 impl Trainer {
@@ -265,6 +268,7 @@ impl Trainer {
             opt,
             config,
             checked: false,
+            workspaces: Vec::new(),
         })
     }
 
@@ -335,6 +339,75 @@ impl Trainer {
             }
         }
         self.apply(sum.ok_or_else(no_targets)?, loss)
+    }
+
+    /// One LoRA training step over a batch split into parts: each part's loss and adapter
+    /// gradients on its own thread by [`lora_step`](crate::lora_step) (forward and backward
+    /// written out over reused buffers; `vars` must be `adapter`'s trainable vars), the
+    /// gradients summed, then AdamW. The path `fit`, the agent, the simulation and
+    /// `device-agent bench train` take.
+    pub fn lora_step(
+        &mut self,
+        model: &Llama,
+        adapter: &LoraAdapter,
+        parts: &[Batch],
+    ) -> Result<StepStats, ModelError> {
+        let vars = adapter.trainable_vars();
+        if vars.len() != self.vars.len()
+            || vars
+                .iter()
+                .zip(&self.vars)
+                .any(|(a, b)| a.as_tensor().id() != b.as_tensor().id())
+        {
+            return Err(ModelError::AdapterMismatch(
+                "the trainer was built for another adapter's tensors".into(),
+            ));
+        }
+        let total: f64 = parts
+            .iter()
+            .map(|p| p.weights.sum_all()?.to_scalar::<f32>().map(f64::from))
+            .sum::<candle_core::Result<f64>>()?;
+        if parts.is_empty() || total <= 0.0 {
+            return Err(no_targets());
+        }
+        if self.workspaces.len() < parts.len() {
+            self.workspaces.resize_with(parts.len(), Workspace::default);
+        }
+        let run = |p: &Batch, ws: &mut Workspace| {
+            lora_step::loss_and_gradients(model, adapter, p, total, ws)
+        };
+        let results: Vec<Result<Gradients, ModelError>> = if parts.len() == 1 {
+            vec![run(&parts[0], &mut self.workspaces[0])]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = parts
+                    .iter()
+                    .zip(self.workspaces.iter_mut())
+                    .map(|(p, ws)| s.spawn(|| run(p, ws)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("training worker panicked"))
+                    .collect()
+            })
+        };
+        let mut results = results.into_iter();
+        let mut sum = results.next().expect("at least one part")?;
+        for r in results {
+            let r = r?;
+            sum.loss += r.loss;
+            for (acc, g) in sum.grads.iter_mut().zip(r.grads) {
+                acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        let mut store = GradStore::default();
+        for (var, g) in self.vars.iter().zip(sum.grads) {
+            store.insert(
+                var.as_tensor(),
+                Tensor::from_vec(g, var.shape(), var.device())?,
+            );
+        }
+        self.apply(store, sum.loss)
     }
 
     /// Checks (first step: every var got a gradient; a kernel without backward would silently
@@ -527,8 +600,7 @@ pub fn fit_while(
         let stats = match negatives.filter(|n| !n.windows.is_empty() && n.weight > 0.0) {
             None => {
                 let parts = split_batches(&picked, cfg.workers, model.device())?;
-                trainer
-                    .step_parallel(&parts, |p, total| loss_part(model, Some(adapter), p, total))?
+                trainer.lora_step(model, adapter, &parts)?
             }
             Some(n) => {
                 let batch = Batch::new(&picked, model.device())?;

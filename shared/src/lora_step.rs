@@ -1,0 +1,1354 @@
+//! The LoRA training step with its forward and backward passes written out over reused
+//! buffers: the loss and the adapter's gradients for one batch, the same numbers as
+//! `Llama::forward` + the weighted token cross-entropy + candle's `backward`
+//! (`tests` checks that), at a fraction of the cost.
+//!
+//! Where candle's autograd spends the time this path does not:
+//! - autograd allocates, zero-fills and adds one gradient buffer per graph node; here every
+//!   activation and gradient lives in a per-worker [`Workspace`] reused from step to step;
+//! - q, k and v (and gate and up) are one matrix product each, over weights concatenated once
+//!   per model ([`FlatWeights`]);
+//! - residual additions and gradient accumulation happen inside the matrix products (the
+//!   product is added to its destination);
+//! - causal attention computes only the blocks on or below the diagonal;
+//! - frozen weights get no gradient, and the first layer no input gradient;
+//! - the exponentials (softmax, SiLU, cross-entropy) use a vectorizable `exp`.
+//!
+//! It runs on one thread: [`crate::train::Trainer::lora_step`] gives each core its own part of
+//! the batch and workspace.
+
+use candle_core::{DType, Tensor};
+
+use crate::lora::{LoraAdapter, Target};
+use crate::model::{Llama, ModelError};
+use crate::train::Batch;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Rows of a block of the causal attention products: a block of query rows `r0..r1` only
+/// needs keys `0..r1`.
+const CAUSAL_BLOCK: usize = 32;
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn invalid(msg: String) -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(msg))
+}
+
+// ---------------------------------------------------------------------------------------
+// Frozen weights.
+
+/// A model's frozen weights as row-major f32, projections fused where one product serves
+/// several: q, k, v as one `[q + 2·kv, hidden]` matrix, gate and up as one `[2·inter, hidden]`.
+/// Built once per model and shared by every training step on it.
+pub(crate) struct FlatWeights {
+    lm_head: Vec<f32>,
+    embed: Vec<f32>,
+    norm: Vec<f32>,
+    layers: Vec<FlatLayer>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+struct FlatLayer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+impl std::fmt::Debug for FlatWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FlatWeights({} layers)", self.layers.len())
+    }
+}
+
+impl FlatWeights {
+    pub(crate) fn new(model: &Llama) -> Result<Self> {
+        let parts = model.parts();
+        let mut layers = Vec::with_capacity(parts.blocks.len());
+        for b in parts.blocks {
+            let cat = |ts: &[Target]| -> Result<Vec<f32>> {
+                let mut v = Vec::new();
+                for &t in ts {
+                    v.extend(flat(&b.proj[t as usize])?);
+                }
+                Ok(v)
+            };
+            layers.push(FlatLayer {
+                input_norm: flat(&b.input_norm)?,
+                post_norm: flat(&b.post_attention_norm)?,
+                qkv: cat(&[Target::Q, Target::K, Target::V])?,
+                o: cat(&[Target::O])?,
+                gate_up: cat(&[Target::Gate, Target::Up])?,
+                down: cat(&[Target::Down])?,
+            });
+        }
+        Ok(FlatWeights {
+            lm_head: flat(parts.lm_head)?,
+            embed: flat(parts.embed)?,
+            norm: flat(parts.norm)?,
+            layers,
+            cos: parts.rope.cos.to_vec(),
+            sin: parts.rope.sin.to_vec(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Matrix products.
+
+/// The one unsafe call of the crate: `gemm` takes raw pointers and strides.
+///
+/// `dst (+)= scale · lhs · rhs` for an `m×k` by `k×n` product, each matrix given by its data
+/// and (row stride, column stride); `acc` adds to `dst` instead of overwriting it.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let end = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        end(m, n, dst_rs, 1) < dst.len(),
+        "gemm: destination too short"
+    );
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(end(m, k, lhs_rs, lhs_cs) < lhs.len(), "gemm: lhs too short");
+    assert!(end(k, n, rhs_rs, rhs_cs) < rhs.len(), "gemm: rhs too short");
+    // SAFETY: every element the product reads or writes is inside the slices (checked above),
+    // and `dst` is borrowed mutably, so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `dst[m×n] (+)= s · a[m×k] · b[n×k]ᵀ` (row-major with leading dimensions).
+#[allow(clippy::too_many_arguments)]
+fn a_bt(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    ldd: usize,
+    acc: bool,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    s: f32,
+) {
+    gemm(mnk, dst, ldd, acc, a, (lda, 1), b, (1, ldb), s);
+}
+
+/// `dst[m×n] (+)= s · a[m×k] · b[k×n]`.
+#[allow(clippy::too_many_arguments)]
+fn a_b(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    ldd: usize,
+    acc: bool,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    s: f32,
+) {
+    gemm(mnk, dst, ldd, acc, a, (lda, 1), b, (ldb, 1), s);
+}
+
+/// `dst[m×n] (+)= s · a[k×m]ᵀ · b[k×n]`.
+#[allow(clippy::too_many_arguments)]
+fn at_b(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    ldd: usize,
+    acc: bool,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    s: f32,
+) {
+    gemm(mnk, dst, ldd, acc, a, (1, lda), b, (ldb, 1), s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise kernels.
+
+/// `eˣ` to about 2 ulp, in a form the compiler vectorizes (`f32::exp` is a libm call per
+/// element). Inputs below −87 give 0 (as `f32::exp` underflows), above 88 saturate.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by the float-magic trick, which vectorizes (`round` does not).
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Cephes' minimax polynomial for eʳ on [−ln2/2, ln2/2].
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `y = x · inv · w` row by row, with `inv = 1/√(mean(x²) + eps)` saved for the backward pass.
+fn rms_forward(x: &[f32], w: &[f32], eps: f32, inv: &mut [f32], y: &mut [f32]) {
+    let h = w.len();
+    for ((xr, yr), iv) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        *iv = 1.0 / (ss / h as f32 + eps).sqrt();
+        for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = a * *iv * g;
+        }
+    }
+}
+
+/// `dx (+)= ∂(x · inv · w)/∂x · dy`: `dxᵢ = inv·gᵢ − inv³·xᵢ·(g·x)/h` with `g = w ∘ dy`.
+fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32], acc: bool) {
+    let h = w.len();
+    for (((xr, dyr), dxr), &iv) in x
+        .chunks_exact(h)
+        .zip(dy.chunks_exact(h))
+        .zip(dx.chunks_exact_mut(h))
+        .zip(inv)
+    {
+        let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, d), g)| a * d * g).sum();
+        let c = iv * iv * iv * dot / h as f32;
+        if acc {
+            for (((o, &a), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                *o += iv * g * d - c * a;
+            }
+        } else {
+            for (((o, &a), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                *o = iv * g * d - c * a;
+            }
+        }
+    }
+}
+
+/// Rotates a head vector in place at one position (HF `rotate_half` layout); `sign` −1 applies
+/// the transposed rotation (the backward pass).
+fn rotate_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = x.len() / 2;
+    let (lo, hi) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - sign * b * sin[i];
+        hi[i] = b * cos[i] + sign * a * sin[i];
+    }
+}
+
+/// Causal softmax of one row of raw scores in place: the first `visible` entries, scaled;
+/// the rest set to zero.
+fn softmax_row(row: &mut [f32], visible: usize, scale: f32) {
+    let (seen, rest) = row.split_at_mut(visible);
+    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in seen.iter_mut() {
+        *v = exp((*v - max) * scale);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    seen.iter_mut().for_each(|v| *v *= inv);
+    rest.fill(0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The adapter, as plain numbers for one step.
+
+struct LoraPairData {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+struct LoraData {
+    scale: f32,
+    rank: usize,
+    train_a: bool,
+    /// `[layer][target]`.
+    pairs: Vec<[Option<LoraPairData>; Target::COUNT]>,
+    /// Adapted targets in the adapter config's order (the order of its trainable vars).
+    targets: Vec<Target>,
+}
+
+impl LoraData {
+    fn new(adapter: &LoraAdapter, layers: usize) -> Result<Self> {
+        let cfg = adapter.config();
+        let mut pairs = Vec::with_capacity(layers);
+        for l in 0..layers {
+            let mut slot: [Option<LoraPairData>; Target::COUNT] = Default::default();
+            for t in Target::ALL {
+                if let Some(p) = adapter.pair(l, t) {
+                    slot[t as usize] = Some(LoraPairData {
+                        a: flat(&p.a)?,
+                        b: flat(&p.b)?,
+                    });
+                }
+            }
+            pairs.push(slot);
+        }
+        Ok(LoraData {
+            scale: adapter.scale() as f32,
+            rank: cfg.rank,
+            train_a: !cfg.freeze_a,
+            pairs,
+            targets: cfg.targets.clone(),
+        })
+    }
+
+    fn pair(&self, l: usize, t: Target) -> Option<&LoraPairData> {
+        self.pairs[l][t as usize].as_ref()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shapes.
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dims {
+    /// Sequences, positions, rows (`b·t`).
+    b: usize,
+    t: usize,
+    n: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Widths of q, of k (= of v), and of the fused q|k|v row.
+    q: usize,
+    kv: usize,
+    qkv: usize,
+    inter: usize,
+    vocab: usize,
+    rank: usize,
+    eps: f32,
+}
+
+impl Dims {
+    /// Column offset and width of a projection's output in its fused row.
+    fn slot(&self, t: Target) -> (usize, usize) {
+        match t {
+            Target::Q => (0, self.q),
+            Target::K => (self.q, self.kv),
+            Target::V => (self.q + self.kv, self.kv),
+            Target::Gate => (0, self.inter),
+            Target::Up => (self.inter, self.inter),
+            Target::O | Target::Down => (0, self.hidden),
+        }
+    }
+
+    /// Width of a projection's input.
+    fn input(&self, t: Target) -> usize {
+        match t {
+            Target::O => self.q,
+            Target::Down => self.inter,
+            _ => self.hidden,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Buffers.
+
+/// Saved activations of one decoder layer.
+#[derive(Debug, Default)]
+struct LayerBuffers {
+    /// RMSNorm inverse scales and outputs before attention and before the MLP.
+    inv1: Vec<f32>,
+    h1: Vec<f32>,
+    inv2: Vec<f32>,
+    h2: Vec<f32>,
+    /// q|k|v after rotary embeddings, `[n, q + 2·kv]`.
+    qkv: Vec<f32>,
+    /// Attention probabilities `[b, heads, t, t]`.
+    probs: Vec<f32>,
+    /// Attention output (the o projection's input), `[n, q]`.
+    att: Vec<f32>,
+    /// The residual stream after attention.
+    mid: Vec<f32>,
+    /// gate|up, `[n, 2·inter]`, and SiLU(gate)·up, `[n, inter]`.
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    /// `x·Aᵀ` of each adapted projection, `[n, rank]`.
+    xa: [Vec<f32>; Target::COUNT],
+}
+
+/// One worker's buffers, reused from step to step (they grow to the largest batch seen).
+#[derive(Debug, Default)]
+pub struct Workspace {
+    dims: Option<Dims>,
+    layers: Vec<LayerBuffers>,
+    /// The residual stream entering each layer, and leaving the last.
+    stream: Vec<Vec<f32>>,
+    inv_final: Vec<f32>,
+    h_final: Vec<f32>,
+    /// Logits, then their gradient.
+    logits: Vec<f32>,
+    /// Gradients: of the residual stream, of a normalized input, of q|k|v, of the attention
+    /// output, of gate|up and of SiLU(gate)·up; one head's score gradients; `x·Aᵀ`'s.
+    dx: Vec<f32>,
+    dh: Vec<f32>,
+    dqkv: Vec<f32>,
+    datt: Vec<f32>,
+    dgate_up: Vec<f32>,
+    dact: Vec<f32>,
+    dscores: Vec<f32>,
+    dxa: Vec<f32>,
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+fn size(v: &mut Vec<f32>, n: usize) {
+    if v.len() != n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl Workspace {
+    fn prepare(&mut self, d: Dims, layers: usize) {
+        if self.dims == Some(d) && self.layers.len() == layers {
+            return;
+        }
+        let n = d.n;
+        self.layers.resize_with(layers, Default::default);
+        for lb in &mut self.layers {
+            size(&mut lb.inv1, n);
+            size(&mut lb.h1, n * d.hidden);
+            size(&mut lb.inv2, n);
+            size(&mut lb.h2, n * d.hidden);
+            size(&mut lb.qkv, n * d.qkv);
+            size(&mut lb.probs, d.b * d.heads * d.t * d.t);
+            size(&mut lb.att, n * d.q);
+            size(&mut lb.mid, n * d.hidden);
+            size(&mut lb.gate_up, n * 2 * d.inter);
+            size(&mut lb.act, n * d.inter);
+            for xa in &mut lb.xa {
+                size(xa, n * d.rank);
+            }
+        }
+        self.stream.resize_with(layers + 1, Vec::new);
+        for s in &mut self.stream {
+            size(s, n * d.hidden);
+        }
+        size(&mut self.inv_final, n);
+        size(&mut self.h_final, n * d.hidden);
+        size(&mut self.logits, n * d.vocab);
+        size(&mut self.dx, n * d.hidden);
+        size(&mut self.dh, n * d.hidden);
+        size(&mut self.dqkv, n * d.qkv);
+        size(&mut self.datt, n * d.q);
+        size(&mut self.dgate_up, n * 2 * d.inter);
+        size(&mut self.dact, n * d.inter);
+        size(&mut self.dscores, d.t * d.t);
+        size(&mut self.dxa, n * d.rank);
+        self.dims = Some(d);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// LoRA pieces of a projection.
+
+/// `y[:, off..off + out] += s · (x·Aᵀ)·Bᵀ`, saving `x·Aᵀ` in `xa`.
+#[allow(clippy::too_many_arguments)]
+fn lora_forward(
+    p: &LoraPairData,
+    s: f32,
+    (n, din, dout, rank): (usize, usize, usize, usize),
+    x: &[f32],
+    xa: &mut [f32],
+    y: &mut [f32],
+    ldy: usize,
+) {
+    a_bt((n, rank, din), xa, rank, false, x, din, &p.a, din, 1.0);
+    a_bt((n, dout, rank), y, ldy, true, xa, rank, &p.b, rank, s);
+}
+
+/// The gradients of A and B from the output gradient `dy` (`[n, out]` at stride `ldy`), and
+/// with `dx` the input gradient's low-rank part added to it.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    p: &LoraPairData,
+    s: f32,
+    (n, din, dout, rank): (usize, usize, usize, usize),
+    x: &[f32],
+    xa: &[f32],
+    dy: &[f32],
+    ldy: usize,
+    dxa: &mut [f32],
+    grad_a: Option<&mut [f32]>,
+    grad_b: &mut [f32],
+    dx: Option<&mut [f32]>,
+) {
+    at_b((dout, rank, n), grad_b, rank, false, dy, ldy, xa, rank, s);
+    a_b((n, rank, dout), dxa, rank, false, dy, ldy, &p.b, rank, s);
+    if let Some(ga) = grad_a {
+        at_b((rank, din, n), ga, din, false, dxa, rank, x, din, 1.0);
+    }
+    if let Some(dx) = dx {
+        a_b((n, din, rank), dx, din, true, dxa, rank, &p.a, din, 1.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The step.
+
+/// The gradients of an adapter's trainable tensors, in the order of
+/// [`LoraAdapter::trainable_vars`].
+#[derive(Debug)]
+pub struct Gradients {
+    pub loss: f64,
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// Index of each (layer, target, A|B) gradient in [`Gradients::grads`].
+struct GradIndex {
+    a: Vec<[Option<usize>; Target::COUNT]>,
+    b: Vec<[Option<usize>; Target::COUNT]>,
+}
+
+impl GradIndex {
+    fn new(lora: &LoraData, layers: usize) -> Self {
+        let mut a = vec![[None; Target::COUNT]; layers];
+        let mut b = vec![[None; Target::COUNT]; layers];
+        let mut i = 0;
+        for l in 0..layers {
+            for &t in &lora.targets {
+                if lora.train_a {
+                    a[l][t as usize] = Some(i);
+                    i += 1;
+                }
+                b[l][t as usize] = Some(i);
+                i += 1;
+            }
+        }
+        GradIndex { a, b }
+    }
+}
+
+/// Splits the gradient list into the A and B gradients of one projection.
+fn grad_pair<'g>(
+    grads: &'g mut [Vec<f32>],
+    idx: &GradIndex,
+    l: usize,
+    t: Target,
+) -> (Option<&'g mut [f32]>, &'g mut [f32]) {
+    let b = idx.b[l][t as usize].expect("every adapted projection has a B gradient");
+    match idx.a[l][t as usize] {
+        // A comes right before its B.
+        Some(a) => {
+            let (lo, hi) = grads.split_at_mut(b);
+            (Some(&mut lo[a][..]), &mut hi[0][..])
+        }
+        None => (None, &mut grads[b][..]),
+    }
+}
+
+/// The weighted token NLL of `batch` divided by `total_weight`, and its gradients with respect
+/// to the adapter's trainable tensors. Same contract as [`crate::train::loss_part`] followed by
+/// `backward`.
+pub fn loss_and_gradients(
+    model: &Llama,
+    adapter: &LoraAdapter,
+    batch: &Batch,
+    total_weight: f64,
+    ws: &mut Workspace,
+) -> Result<Gradients> {
+    let cfg = model.config();
+    adapter.check_fits(cfg)?;
+    let fw = model.flat_weights()?;
+    let layers = cfg.num_hidden_layers;
+    let (b, t) = batch.inputs.dims2()?;
+    if t > cfg.max_position_embeddings {
+        return Err(ModelError::TooLong {
+            needed: t,
+            max: cfg.max_position_embeddings,
+        });
+    }
+    let lora = LoraData::new(adapter, layers)?;
+    let d = Dims {
+        b,
+        t,
+        n: b * t,
+        hidden: cfg.hidden_size,
+        heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        q: cfg.num_attention_heads * cfg.head_dim,
+        kv: cfg.num_key_value_heads * cfg.head_dim,
+        qkv: (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim,
+        inter: cfg.intermediate_size,
+        vocab: cfg.vocab_size,
+        rank: lora.rank,
+        eps: cfg.rms_norm_eps as f32,
+    };
+    ws.prepare(d, layers);
+    ws.tokens = batch.inputs.flatten_all()?.to_vec1::<u32>()?;
+    ws.targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
+    ws.weights = flat(&batch.weights)?;
+    if let Some(&id) = ws
+        .tokens
+        .iter()
+        .chain(&ws.targets)
+        .find(|&&id| id as usize >= d.vocab)
+    {
+        return Err(ModelError::TokenOutOfRange { id, vocab: d.vocab });
+    }
+    if !(total_weight.is_finite() && total_weight > 0.0) {
+        return Err(invalid(format!(
+            "total weight {total_weight} is not positive"
+        )));
+    }
+
+    forward(fw, &lora, d, ws);
+    let loss = cross_entropy(d, ws, total_weight);
+    if !loss.is_finite() {
+        return Err(invalid(format!("loss is {loss}; refusing to update")));
+    }
+    let idx = GradIndex::new(&lora, layers);
+    let mut grads: Vec<Vec<f32>> = adapter
+        .trainable_vars()
+        .iter()
+        .map(|v| vec![0f32; v.elem_count()])
+        .collect();
+    backward(fw, &lora, d, ws, &idx, &mut grads);
+    Ok(Gradients { loss, grads })
+}
+
+fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace) {
+    let (n, h) = (d.n, d.hidden);
+    for (row, &tok) in ws.stream[0].chunks_exact_mut(h).zip(&ws.tokens) {
+        let tok = tok as usize;
+        row.copy_from_slice(&fw.embed[tok * h..(tok + 1) * h]);
+    }
+    for (l, (w, lb)) in fw.layers.iter().zip(&mut ws.layers).enumerate() {
+        let (before, after) = ws.stream.split_at_mut(l + 1);
+        let x = &before[l];
+        let next = &mut after[0];
+        let lora_dims = |t: Target| (n, d.input(t), d.slot(t).1, d.rank);
+
+        // Attention.
+        rms_forward(x, &w.input_norm, d.eps, &mut lb.inv1, &mut lb.h1);
+        a_bt(
+            (n, d.qkv, h),
+            &mut lb.qkv,
+            d.qkv,
+            false,
+            &lb.h1,
+            h,
+            &w.qkv,
+            h,
+            1.0,
+        );
+        for t in [Target::Q, Target::K, Target::V] {
+            if let Some(p) = lora.pair(l, t) {
+                let off = d.slot(t).0;
+                let (xa, y) = (&mut lb.xa[t as usize], &mut lb.qkv[off..]);
+                lora_forward(p, lora.scale, lora_dims(t), &lb.h1, xa, y, d.qkv);
+            }
+        }
+        rope(&mut lb.qkv, fw, d, 1.0);
+        attention_forward(d, &lb.qkv, &mut lb.probs, &mut lb.att);
+        lb.mid.copy_from_slice(x);
+        a_bt(
+            (n, h, d.q),
+            &mut lb.mid,
+            h,
+            true,
+            &lb.att,
+            d.q,
+            &w.o,
+            d.q,
+            1.0,
+        );
+        if let Some(p) = lora.pair(l, Target::O) {
+            let xa = &mut lb.xa[Target::O as usize];
+            lora_forward(
+                p,
+                lora.scale,
+                lora_dims(Target::O),
+                &lb.att,
+                xa,
+                &mut lb.mid,
+                h,
+            );
+        }
+
+        // MLP.
+        rms_forward(&lb.mid, &w.post_norm, d.eps, &mut lb.inv2, &mut lb.h2);
+        let gu = 2 * d.inter;
+        a_bt(
+            (n, gu, h),
+            &mut lb.gate_up,
+            gu,
+            false,
+            &lb.h2,
+            h,
+            &w.gate_up,
+            h,
+            1.0,
+        );
+        for t in [Target::Gate, Target::Up] {
+            if let Some(p) = lora.pair(l, t) {
+                let off = d.slot(t).0;
+                let (xa, y) = (&mut lb.xa[t as usize], &mut lb.gate_up[off..]);
+                lora_forward(p, lora.scale, lora_dims(t), &lb.h2, xa, y, gu);
+            }
+        }
+        for (row, out) in lb
+            .gate_up
+            .chunks_exact(gu)
+            .zip(lb.act.chunks_exact_mut(d.inter))
+        {
+            let (g, u) = row.split_at(d.inter);
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        }
+        next.copy_from_slice(&lb.mid);
+        a_bt(
+            (n, h, d.inter),
+            next,
+            h,
+            true,
+            &lb.act,
+            d.inter,
+            &w.down,
+            d.inter,
+            1.0,
+        );
+        if let Some(p) = lora.pair(l, Target::Down) {
+            let xa = &mut lb.xa[Target::Down as usize];
+            lora_forward(p, lora.scale, lora_dims(Target::Down), &lb.act, xa, next, h);
+        }
+    }
+    let last = &ws.stream[fw.layers.len()];
+    rms_forward(last, &fw.norm, d.eps, &mut ws.inv_final, &mut ws.h_final);
+    a_bt(
+        (n, d.vocab, h),
+        &mut ws.logits,
+        d.vocab,
+        false,
+        &ws.h_final,
+        h,
+        &fw.lm_head,
+        h,
+        1.0,
+    );
+}
+
+/// Rotary embeddings on the q and k parts of every row (`sign` −1: the backward pass).
+fn rope(qkv: &mut [f32], fw: &FlatWeights, d: Dims, sign: f32) {
+    let hd = d.head_dim;
+    let half = hd / 2;
+    for (r, row) in qkv.chunks_exact_mut(d.qkv).enumerate() {
+        let p = (r % d.t) * hd;
+        let (cos, sin) = (&fw.cos[p..p + half], &fw.sin[p..p + half]);
+        for head in row[..d.q + d.kv].chunks_exact_mut(hd) {
+            rotate_in_place(head, cos, sin, sign);
+        }
+    }
+}
+
+/// The row blocks `r0..r1` of causal products over `t` positions.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
+}
+
+fn attention_forward(d: Dims, qkv: &[f32], probs: &mut [f32], att: &mut [f32]) {
+    let (t, hd, w) = (d.t, d.head_dim, d.qkv);
+    let rep = d.heads / d.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for bi in 0..d.b {
+        let rows = bi * t * w;
+        for hh in 0..d.heads {
+            let kvh = hh / rep;
+            let q = &qkv[rows + hh * hd..];
+            let k = &qkv[rows + d.q + kvh * hd..];
+            let v = &qkv[rows + d.q + d.kv + kvh * hd..];
+            let p = &mut probs[(bi * d.heads + hh) * t * t..][..t * t];
+            for (r0, r1) in causal_blocks(t) {
+                a_bt(
+                    (r1 - r0, r1, hd),
+                    &mut p[r0 * t..],
+                    t,
+                    false,
+                    &q[r0 * w..],
+                    w,
+                    k,
+                    w,
+                    1.0,
+                );
+            }
+            for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                softmax_row(row, i + 1, scale);
+            }
+            let o = &mut att[bi * t * d.q + hh * hd..];
+            for (r0, r1) in causal_blocks(t) {
+                a_b(
+                    (r1 - r0, hd, r1),
+                    &mut o[r0 * d.q..],
+                    d.q,
+                    false,
+                    &p[r0 * t..],
+                    t,
+                    v,
+                    w,
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+/// The weighted mean NLL over the batch's target tokens, leaving its gradient with respect
+/// to the logits in `ws.logits`.
+fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
+    let mut loss = 0f64;
+    for ((row, &target), &w) in ws
+        .logits
+        .chunks_exact_mut(d.vocab)
+        .zip(&ws.targets)
+        .zip(&ws.weights)
+    {
+        if w == 0.0 {
+            row.fill(0.0);
+            continue;
+        }
+        let c = (f64::from(w) / total) as f32;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z_target = row[target as usize];
+        let mut sum = 0f32;
+        for v in row.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        loss += f64::from(c) * (f64::from(sum.ln()) + f64::from(max - z_target));
+        let k = c / sum;
+        row.iter_mut().for_each(|v| *v *= k);
+        row[target as usize] -= c;
+    }
+    loss
+}
+
+fn backward(
+    fw: &FlatWeights,
+    lora: &LoraData,
+    d: Dims,
+    ws: &mut Workspace,
+    idx: &GradIndex,
+    grads: &mut [Vec<f32>],
+) {
+    let (n, h) = (d.n, d.hidden);
+    let s = lora.scale;
+    let layers = fw.layers.len();
+    a_b(
+        (n, h, d.vocab),
+        &mut ws.dh,
+        h,
+        false,
+        &ws.logits,
+        d.vocab,
+        &fw.lm_head,
+        h,
+        1.0,
+    );
+    rms_backward(
+        &ws.stream[layers],
+        &fw.norm,
+        &ws.inv_final,
+        &ws.dh,
+        &mut ws.dx,
+        false,
+    );
+
+    for l in (0..layers).rev() {
+        let w = &fw.layers[l];
+        let lb = &ws.layers[l];
+        let lora_dims = |t: Target| (n, d.input(t), d.slot(t).1, d.rank);
+
+        // MLP: dx is the gradient of the layer's output.
+        let gu = 2 * d.inter;
+        a_b(
+            (n, d.inter, h),
+            &mut ws.dact,
+            d.inter,
+            false,
+            &ws.dx,
+            h,
+            &w.down,
+            d.inter,
+            1.0,
+        );
+        if let Some(p) = lora.pair(l, Target::Down) {
+            let (ga, gb) = grad_pair(grads, idx, l, Target::Down);
+            let xa = &lb.xa[Target::Down as usize];
+            let dims = lora_dims(Target::Down);
+            let dx = Some(&mut ws.dact[..]);
+            lora_backward(p, s, dims, &lb.act, xa, &ws.dx, h, &mut ws.dxa, ga, gb, dx);
+        }
+        for ((row, dg), da) in lb
+            .gate_up
+            .chunks_exact(gu)
+            .zip(ws.dgate_up.chunks_exact_mut(gu))
+            .zip(ws.dact.chunks_exact(d.inter))
+        {
+            let (g, u) = row.split_at(d.inter);
+            let (dg, du) = dg.split_at_mut(d.inter);
+            for i in 0..d.inter {
+                let sg = sigmoid(g[i]);
+                let silu = g[i] * sg;
+                du[i] = da[i] * silu;
+                dg[i] = da[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
+            }
+        }
+        a_b(
+            (n, h, gu),
+            &mut ws.dh,
+            h,
+            false,
+            &ws.dgate_up,
+            gu,
+            &w.gate_up,
+            h,
+            1.0,
+        );
+        for t in [Target::Gate, Target::Up] {
+            if let Some(p) = lora.pair(l, t) {
+                let (ga, gb) = grad_pair(grads, idx, l, t);
+                let dy = &ws.dgate_up[d.slot(t).0..];
+                let xa = &lb.xa[t as usize];
+                let dx = Some(&mut ws.dh[..]);
+                lora_backward(
+                    p,
+                    s,
+                    lora_dims(t),
+                    &lb.h2,
+                    xa,
+                    dy,
+                    gu,
+                    &mut ws.dxa,
+                    ga,
+                    gb,
+                    dx,
+                );
+            }
+        }
+        rms_backward(&lb.mid, &w.post_norm, &lb.inv2, &ws.dh, &mut ws.dx, true);
+
+        // Attention: dx is now the gradient of the stream after attention.
+        a_b(
+            (n, d.q, h),
+            &mut ws.datt,
+            d.q,
+            false,
+            &ws.dx,
+            h,
+            &w.o,
+            d.q,
+            1.0,
+        );
+        if let Some(p) = lora.pair(l, Target::O) {
+            let (ga, gb) = grad_pair(grads, idx, l, Target::O);
+            let xa = &lb.xa[Target::O as usize];
+            let dx = Some(&mut ws.datt[..]);
+            let dims = lora_dims(Target::O);
+            lora_backward(p, s, dims, &lb.att, xa, &ws.dx, h, &mut ws.dxa, ga, gb, dx);
+        }
+        // Below the first layer nothing trains: only the adapted projections need their
+        // output gradients there.
+        let needs = |t: Target| l > 0 || lora.pair(l, t).is_some();
+        attention_backward(
+            d,
+            lb,
+            &ws.datt,
+            &mut ws.dscores,
+            &mut ws.dqkv,
+            [needs(Target::Q), needs(Target::K), needs(Target::V)],
+        );
+        rope(&mut ws.dqkv, fw, d, -1.0);
+        if l > 0 {
+            a_b(
+                (n, h, d.qkv),
+                &mut ws.dh,
+                h,
+                false,
+                &ws.dqkv,
+                d.qkv,
+                &w.qkv,
+                h,
+                1.0,
+            );
+        }
+        for t in [Target::Q, Target::K, Target::V] {
+            if let Some(p) = lora.pair(l, t) {
+                let (ga, gb) = grad_pair(grads, idx, l, t);
+                let dy = &ws.dqkv[d.slot(t).0..];
+                let xa = &lb.xa[t as usize];
+                let dx = (l > 0).then_some(&mut ws.dh[..]);
+                let dims = lora_dims(t);
+                lora_backward(p, s, dims, &lb.h1, xa, dy, d.qkv, &mut ws.dxa, ga, gb, dx);
+            }
+        }
+        if l > 0 {
+            let (x, inv) = (&ws.stream[l], &lb.inv1);
+            rms_backward(x, &w.input_norm, inv, &ws.dh, &mut ws.dx, true);
+        }
+    }
+}
+
+/// The gradients of q, k and v (those `need`ed) from the attention output's gradient.
+fn attention_backward(
+    d: Dims,
+    lb: &LayerBuffers,
+    datt: &[f32],
+    ds: &mut [f32],
+    dqkv: &mut [f32],
+    [need_q, need_k, need_v]: [bool; 3],
+) {
+    let (t, hd, w) = (d.t, d.head_dim, d.qkv);
+    let rep = d.heads / d.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for bi in 0..d.b {
+        let rows = bi * t * w;
+        for hh in 0..d.heads {
+            let kvh = hh / rep;
+            // The first head of a group overwrites its k and v gradients; the others add.
+            let acc = hh % rep != 0;
+            let q = &lb.qkv[rows + hh * hd..];
+            let k = &lb.qkv[rows + d.q + kvh * hd..];
+            let v = &lb.qkv[rows + d.q + d.kv + kvh * hd..];
+            let p = &lb.probs[(bi * d.heads + hh) * t * t..][..t * t];
+            let dout = &datt[bi * t * d.q + hh * hd..];
+            if need_v {
+                // dV = Pᵀ·dO: key rows c0..c1 see query rows c0..t.
+                let dv = &mut dqkv[rows + d.q + d.kv + kvh * hd..];
+                for (c0, c1) in causal_blocks(t) {
+                    let (dst, pa) = (&mut dv[c0 * w..], &p[c0 * t + c0..]);
+                    at_b(
+                        (c1 - c0, hd, t - c0),
+                        dst,
+                        w,
+                        acc,
+                        pa,
+                        t,
+                        &dout[c0 * d.q..],
+                        d.q,
+                        1.0,
+                    );
+                }
+            }
+            if !(need_q || need_k) {
+                continue;
+            }
+            // dP = dO·Vᵀ, then dS = scale · P ∘ (dP − rowsum(P ∘ dP)).
+            for (r0, r1) in causal_blocks(t) {
+                a_bt(
+                    (r1 - r0, r1, hd),
+                    &mut ds[r0 * t..],
+                    t,
+                    false,
+                    &dout[r0 * d.q..],
+                    d.q,
+                    v,
+                    w,
+                    1.0,
+                );
+            }
+            for (i, (dr, pr)) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                let (seen, rest) = dr.split_at_mut(i + 1);
+                let dot: f32 = seen.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (g, &pv) in seen.iter_mut().zip(pr) {
+                    *g = scale * pv * (*g - dot);
+                }
+                rest.fill(0.0);
+            }
+            if need_q {
+                let dq = &mut dqkv[rows + hh * hd..];
+                for (r0, r1) in causal_blocks(t) {
+                    a_b(
+                        (r1 - r0, hd, r1),
+                        &mut dq[r0 * w..],
+                        w,
+                        false,
+                        &ds[r0 * t..],
+                        t,
+                        k,
+                        w,
+                        1.0,
+                    );
+                }
+            }
+            if need_k {
+                let dk = &mut dqkv[rows + d.q + kvh * hd..];
+                for (c0, c1) in causal_blocks(t) {
+                    let (dst, sa) = (&mut dk[c0 * w..], &ds[c0 * t + c0..]);
+                    at_b(
+                        (c1 - c0, hd, t - c0),
+                        dst,
+                        w,
+                        acc,
+                        sa,
+                        t,
+                        &q[c0 * w..],
+                        w,
+                        1.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::config::LlamaConfig;
+    use crate::delta::AdapterTensors;
+    use crate::lora::LoraConfig;
+    use crate::train::{self, TrainConfig, Trainer, Window};
+
+    /// Grouped-query attention, a head width that differs from hidden / heads, three layers,
+    /// and sequences longer than one causal block and not a multiple of it.
+    fn model() -> Llama {
+        let cfg = LlamaConfig::from_json(
+            r#"{"vocab_size":64,"hidden_size":32,"intermediate_size":48,"num_hidden_layers":3,
+                "num_attention_heads":4,"num_key_value_heads":2,"head_dim":12,
+                "max_position_embeddings":64,"tie_word_embeddings":true}"#,
+        )
+        .unwrap();
+        let tensors = Llama::random_tensors(&cfg, 7)
+            .into_iter()
+            .map(|(n, s, d)| (n, Tensor::from_vec(d, s, &Device::Cpu).unwrap()))
+            .collect();
+        Llama::from_tensors(cfg, tensors, &Device::Cpu).unwrap()
+    }
+
+    /// An adapter with random A and B (B = 0 would hide A's gradient).
+    fn adapter(model: &Llama, config: LoraConfig) -> LoraAdapter {
+        let fresh = LoraAdapter::new(model.config(), config.clone(), &Device::Cpu).unwrap();
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let mut tensors = AdapterTensors::default();
+        for (name, t) in fresh.to_tensors().unwrap().iter() {
+            let data = t.data.iter().map(|_| rng.random_range(-0.2..0.2)).collect();
+            tensors.insert(name.clone(), t.shape.clone(), data);
+        }
+        LoraAdapter::from_tensors(model.config(), config, &tensors, &Device::Cpu).unwrap()
+    }
+
+    /// Windows of different lengths (so the batch is padded) and weights.
+    fn windows(seed: u64) -> Vec<Window> {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        [(46, 1.0), (30, 2.5), (41, 0.5)]
+            .into_iter()
+            .map(|(len, weight)| Window {
+                tokens: (0..len).map(|_| rng.random_range(0..64u32)).collect(),
+                targets: 5..len,
+                weight,
+            })
+            .collect()
+    }
+
+    fn assert_close(what: &str, ours: &[f32], plain: &[f32]) {
+        let scale = plain.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = ours
+            .iter()
+            .zip(plain)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 2e-4 * scale,
+            "{what}: max difference {diff} against max magnitude {scale}"
+        );
+    }
+
+    /// The loss and every trainable gradient equal the autograd path's (the fused kernels
+    /// of `kernels`, themselves checked against plain candle ops).
+    fn matches_autograd(config: LoraConfig) {
+        let model = model();
+        let adapter = adapter(&model, config);
+        let ws = windows(11);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let batch = Batch::new(&refs, &Device::Cpu).unwrap();
+        let total = 1.7;
+
+        let mut workspace = Workspace::default();
+        // Twice: the second run reuses the buffers the first left behind.
+        for _ in 0..2 {
+            let ours = loss_and_gradients(&model, &adapter, &batch, total, &mut workspace).unwrap();
+            let plain = train::loss_part(&model, Some(&adapter), &batch, total).unwrap();
+            let plain_loss = f64::from(plain.to_scalar::<f32>().unwrap());
+            assert!(
+                (ours.loss - plain_loss).abs() <= 1e-5 * plain_loss.abs(),
+                "loss {} against {plain_loss}",
+                ours.loss
+            );
+            let grads = plain.backward().unwrap();
+            assert_eq!(ours.grads.len(), adapter.trainable_vars().len());
+            for (i, (g, var)) in ours.grads.iter().zip(adapter.trainable_vars()).enumerate() {
+                let want = grads.get(var).unwrap().flatten_all().unwrap();
+                assert_close(&format!("gradient #{i}"), g, &want.to_vec1().unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn every_target_matches_autograd() {
+        matches_autograd(LoraConfig {
+            rank: 3,
+            alpha: 5.0,
+            targets: Target::ALL.to_vec(),
+            ..LoraConfig::default()
+        });
+    }
+
+    #[test]
+    fn ffa_lora_on_q_and_v_matches_autograd() {
+        matches_autograd(LoraConfig {
+            rank: 4,
+            freeze_a: true,
+            ..LoraConfig::default()
+        });
+    }
+
+    #[test]
+    fn a_data_parallel_step_matches_the_autograd_step() {
+        let model = model();
+        let config = LoraConfig {
+            targets: vec![Target::K, Target::O, Target::Down],
+            ..LoraConfig::default()
+        };
+        let ours = adapter(&model, config.clone());
+        let plain = adapter(&model, config);
+        let ws = windows(5);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let parts = train::split_batches(&refs, 2, &Device::Cpu).unwrap();
+        assert_eq!(parts.len(), 2);
+        let opt = TrainConfig {
+            lr: 1e-2,
+            ..TrainConfig::default()
+        };
+        let mut t1 = Trainer::new(ours.trainable_vars().to_vec(), opt).unwrap();
+        let mut t2 = Trainer::new(plain.trainable_vars().to_vec(), opt).unwrap();
+        for _ in 0..3 {
+            let a = t1.lora_step(&model, &ours, &parts).unwrap();
+            let b = t2
+                .step_parallel(&parts, |p, total| {
+                    train::loss_part(&model, Some(&plain), p, total)
+                })
+                .unwrap();
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5 * b.loss,
+                "{} vs {}",
+                a.loss,
+                b.loss
+            );
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-3 * b.grad_norm);
+        }
+        for (x, y) in ours.trainable_vars().iter().zip(plain.trainable_vars()) {
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_close("updated adapter", &x, &y);
+        }
+    }
+
+    #[test]
+    fn a_trainer_refuses_another_adapter() {
+        let model = model();
+        let a = adapter(&model, LoraConfig::default());
+        let b = adapter(&model, LoraConfig::default());
+        let ws = windows(1);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let parts = train::split_batches(&refs, 1, &Device::Cpu).unwrap();
+        let mut t = Trainer::new(a.trainable_vars().to_vec(), TrainConfig::default()).unwrap();
+        let err = t.lora_step(&model, &b, &parts).unwrap_err();
+        assert!(err.to_string().contains("another adapter"), "{err}");
+    }
+
+    #[test]
+    fn out_of_vocabulary_tokens_are_refused() {
+        let model = model();
+        let a = adapter(&model, LoraConfig::default());
+        let w = Window {
+            tokens: vec![1, 2, 99, 3],
+            targets: 1..4,
+            weight: 1.0,
+        };
+        let batch = Batch::new(&[&w], &Device::Cpu).unwrap();
+        let err =
+            loss_and_gradients(&model, &a, &batch, 1.0, &mut Workspace::default()).unwrap_err();
+        assert!(
+            matches!(err, ModelError::TokenOutOfRange { id: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, libm) = (exp(x), x.exp());
+            assert!(
+                (ours - libm).abs() <= 4.0 * f32::EPSILON * libm,
+                "exp({x}) = {ours}, libm {libm}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp(-1000.0), (-87f32).exp());
+        assert!(exp(1000.0).is_finite());
+    }
+}
