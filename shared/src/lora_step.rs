@@ -224,7 +224,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Round to nearest by the float-magic trick, which vectorizes (`round` does not).
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let k = x * LOG2E + MAGIC;
+    let n = k - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes' minimax polynomial for eʳ on [−ln2/2, ln2/2].
     let p = 1.987_569_1e-4_f32;
@@ -234,18 +235,65 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from n's bits in `k`'s mantissa: integer arithmetic only, since a float-to-int
+    // cast (saturating, NaN to 0) would stop the loop from vectorizing.
+    let biased = k.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127);
+    e * f32::from_bits(biased << 23)
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
+}
+
+/// Reductions over eight independent lanes: a plain `sum()` or `fold` is one sequential chain
+/// the compiler must not reorder, so it would not vectorize.
+const LANES: usize = 8;
+
+fn reduce(a: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (x, &v) in acc.iter_mut().zip(c) {
+            *x = f(*x, v);
+        }
+    }
+    let r = acc.into_iter().fold(init, f);
+    tail.iter().fold(r, |x, &v| f(x, v))
+}
+
+fn sum(a: &[f32]) -> f32 {
+    reduce(a, 0.0, |x, v| x + v)
+}
+
+/// The largest value (NaN-free input assumed: a NaN would already have poisoned the loss).
+fn max(a: &[f32]) -> f32 {
+    reduce(a, f32::NEG_INFINITY, |x, v| if v > x { v } else { x })
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &p), &q) in acc.iter_mut().zip(x).zip(y) {
+            *s += p * q;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// `y = x · inv · w` row by row, with `inv = 1/√(mean(x²) + eps)` saved for the backward pass.
 fn rms_forward(x: &[f32], w: &[f32], eps: f32, inv: &mut [f32], y: &mut [f32]) {
     let h = w.len();
     for ((xr, yr), iv) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum();
+        let ss = dot(xr, xr);
         *iv = 1.0 / (ss / h as f32 + eps).sqrt();
         for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = a * *iv * g;
@@ -262,8 +310,7 @@ fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32], a
         .zip(dx.chunks_exact_mut(h))
         .zip(inv)
     {
-        let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, d), g)| a * d * g).sum();
-        let c = iv * iv * iv * dot / h as f32;
+        let c = iv * iv * iv * weighted_dot(xr, dyr, w) / h as f32;
         if acc {
             for (((o, &a), &d), &g) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
                 *o += iv * g * d - c * a;
@@ -274,6 +321,23 @@ fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32], a
             }
         }
     }
+}
+
+/// `Σ xᵢ·dyᵢ·wᵢ`, in lanes as [`dot`].
+fn weighted_dot(x: &[f32], dy: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = x.len() / LANES * LANES;
+    for ((a, b), c) in x[..n]
+        .chunks_exact(LANES)
+        .zip(dy[..n].chunks_exact(LANES))
+        .zip(w[..n].chunks_exact(LANES))
+    {
+        for (((s, &p), &q), &r) in acc.iter_mut().zip(a).zip(b).zip(c) {
+            *s += p * q * r;
+        }
+    }
+    let tail: f32 = (n..x.len()).map(|i| x[i] * dy[i] * w[i]).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Rotates a head vector in place at one position (HF `rotate_half` layout); `sign` −1 applies
@@ -292,13 +356,9 @@ fn rotate_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
 /// the rest set to zero.
 fn softmax_row(row: &mut [f32], visible: usize, scale: f32) {
     let (seen, rest) = row.split_at_mut(visible);
-    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in seen.iter_mut() {
-        *v = exp((*v - max) * scale);
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
+    let m = max(seen);
+    seen.iter_mut().for_each(|v| *v = exp((*v - m) * scale));
+    let inv = 1.0 / sum(seen);
     seen.iter_mut().for_each(|v| *v *= inv);
     rest.fill(0.0);
 }
@@ -868,15 +928,12 @@ fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
             continue;
         }
         let c = (f64::from(w) / total) as f32;
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = max(row);
         let z_target = row[target as usize];
-        let mut sum = 0f32;
-        for v in row.iter_mut() {
-            *v = exp(*v - max);
-            sum += *v;
-        }
-        loss += f64::from(c) * (f64::from(sum.ln()) + f64::from(max - z_target));
-        let k = c / sum;
+        row.iter_mut().for_each(|v| *v = exp(*v - m));
+        let total = sum(row);
+        loss += f64::from(c) * (f64::from(total.ln()) + f64::from(m - z_target));
+        let k = c / total;
         row.iter_mut().for_each(|v| *v *= k);
         row[target as usize] -= c;
     }
@@ -947,10 +1004,12 @@ fn backward(
         {
             let (g, u) = row.split_at(d.inter);
             let (dg, du) = dg.split_at_mut(d.inter);
-            for i in 0..d.inter {
+            // Equal-length slices and an index: the form the compiler vectorizes.
+            let k = d.inter;
+            let (g, u, da, du) = (&g[..k], &u[..k], &da[..k], &mut du[..k]);
+            for i in 0..k {
                 let sg = sigmoid(g[i]);
-                let silu = g[i] * sg;
-                du[i] = da[i] * silu;
+                du[i] = da[i] * g[i] * sg;
                 dg[i] = da[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
             }
         }
@@ -1109,7 +1168,7 @@ fn attention_backward(
             }
             for (i, (dr, pr)) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
                 let (seen, rest) = dr.split_at_mut(i + 1);
-                let dot: f32 = seen.iter().zip(pr).map(|(a, b)| a * b).sum();
+                let dot = dot(seen, &pr[..i + 1]);
                 for (g, &pv) in seen.iter_mut().zip(pr) {
                     *g = scale * pv * (*g - dot);
                 }

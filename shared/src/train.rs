@@ -379,15 +379,12 @@ impl Trainer {
         let results: Vec<Result<Gradients, ModelError>> = if parts.len() == 1 {
             vec![run(&parts[0], &mut self.workspaces[0])]
         } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = parts
-                    .iter()
-                    .zip(self.workspaces.iter_mut())
-                    .map(|(p, ws)| s.spawn(|| run(p, ws)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("training worker panicked"))
+            use rayon::prelude::*;
+            worker_pool().install(|| {
+                parts
+                    .par_iter()
+                    .zip(self.workspaces.par_iter_mut())
+                    .map(|(p, ws)| run(p, ws))
                     .collect()
             })
         };
@@ -454,6 +451,21 @@ impl Trainer {
             grad_norm,
         })
     }
+}
+
+/// The data-parallel training workers: one thread per core, alive as long as the process, so
+/// gemm's per-thread packing buffers (and the pages behind them) are reused from step to step
+/// instead of allocated again. Rayon's global pool is not used: `RAYON_NUM_THREADS` sizes it
+/// for candle's kernels (see [`crate::runtime::set_kernel_threads`]).
+fn worker_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .thread_name(|i| format!("train-worker-{i}"))
+            .build()
+            .expect("the training worker threads could not be started")
+    })
 }
 
 fn no_targets() -> ModelError {
