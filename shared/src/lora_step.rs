@@ -250,6 +250,7 @@ fn sigmoid(x: f32) -> f32 {
 /// the compiler must not reorder, so it would not vectorize.
 const LANES: usize = 8;
 
+#[inline(always)]
 fn reduce(a: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     let mut acc = [init; LANES];
     let chunks = a.chunks_exact(LANES);
@@ -263,15 +264,18 @@ fn reduce(a: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     tail.iter().fold(r, |x, &v| f(x, v))
 }
 
+#[inline(always)]
 fn sum(a: &[f32]) -> f32 {
     reduce(a, 0.0, |x, v| x + v)
 }
 
 /// The largest value (NaN-free input assumed: a NaN would already have poisoned the loss).
+#[inline(always)]
 fn max(a: &[f32]) -> f32 {
     reduce(a, f32::NEG_INFINITY, |x, v| if v > x { v } else { x })
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -290,6 +294,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y = x · inv · w` row by row, with `inv = 1/√(mean(x²) + eps)` saved for the backward pass.
+#[inline(always)]
 fn rms_forward(x: &[f32], w: &[f32], eps: f32, inv: &mut [f32], y: &mut [f32]) {
     let h = w.len();
     for ((xr, yr), iv) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)).zip(inv) {
@@ -302,6 +307,7 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32, inv: &mut [f32], y: &mut [f32]) {
 }
 
 /// `dx (+)= ∂(x · inv · w)/∂x · dy`: `dxᵢ = inv·gᵢ − inv³·xᵢ·(g·x)/h` with `g = w ∘ dy`.
+#[inline(always)]
 fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32], acc: bool) {
     let h = w.len();
     for (((xr, dyr), dxr), &iv) in x
@@ -324,6 +330,7 @@ fn rms_backward(x: &[f32], w: &[f32], inv: &[f32], dy: &[f32], dx: &mut [f32], a
 }
 
 /// `Σ xᵢ·dyᵢ·wᵢ`, in lanes as [`dot`].
+#[inline(always)]
 fn weighted_dot(x: &[f32], dy: &[f32], w: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let n = x.len() / LANES * LANES;
@@ -342,6 +349,7 @@ fn weighted_dot(x: &[f32], dy: &[f32], w: &[f32]) -> f32 {
 
 /// Rotates a head vector in place at one position (HF `rotate_half` layout); `sign` −1 applies
 /// the transposed rotation (the backward pass).
+#[inline(always)]
 fn rotate_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
     let half = x.len() / 2;
     let (lo, hi) = x.split_at_mut(half);
@@ -354,6 +362,7 @@ fn rotate_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
 
 /// Causal softmax of one row of raw scores in place: the first `visible` entries, scaled;
 /// the rest set to zero.
+#[inline(always)]
 fn softmax_row(row: &mut [f32], visible: usize, scale: f32) {
     let (seen, rest) = row.split_at_mut(visible);
     let m = max(seen);
@@ -710,21 +719,72 @@ pub fn loss_and_gradients(
         )));
     }
 
-    forward(fw, &lora, d, ws);
-    let loss = cross_entropy(d, ws, total_weight);
-    if !loss.is_finite() {
-        return Err(invalid(format!("loss is {loss}; refusing to update")));
-    }
     let idx = GradIndex::new(&lora, layers);
     let mut grads: Vec<Vec<f32>> = adapter
         .trainable_vars()
         .iter()
         .map(|v| vec![0f32; v.elem_count()])
         .collect();
-    backward(fw, &lora, d, ws, &idx, &mut grads);
+    let loss = run_pass(fw, &lora, d, ws, &idx, &mut grads, total_weight);
+    if !loss.is_finite() {
+        return Err(invalid(format!("loss is {loss}; refusing to update")));
+    }
     Ok(Gradients { loss, grads })
 }
 
+/// Forward, loss and, when the loss is finite, backward.
+#[inline(always)]
+fn pass(
+    fw: &FlatWeights,
+    lora: &LoraData,
+    d: Dims,
+    ws: &mut Workspace,
+    idx: &GradIndex,
+    grads: &mut [Vec<f32>],
+    total: f64,
+) -> f64 {
+    forward(fw, lora, d, ws);
+    let loss = cross_entropy(d, ws, total);
+    if loss.is_finite() {
+        backward(fw, lora, d, ws, idx, grads);
+    }
+    loss
+}
+
+/// [`pass`] compiled for AVX2 where the CPU has it, so that its elementwise loops run eight
+/// lanes wide instead of SSE2's four (the matrix products choose their kernels at run time
+/// either way).
+fn run_pass(
+    fw: &FlatWeights,
+    lora: &LoraData,
+    d: Dims,
+    ws: &mut Workspace,
+    idx: &GradIndex,
+    grads: &mut [Vec<f32>],
+    total: f64,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(
+            fw: &FlatWeights,
+            lora: &LoraData,
+            d: Dims,
+            ws: &mut Workspace,
+            idx: &GradIndex,
+            grads: &mut [Vec<f32>],
+            total: f64,
+        ) -> f64 {
+            pass(fw, lora, d, ws, idx, grads, total)
+        }
+        // SAFETY: the CPU has AVX2 (checked just above).
+        #[allow(unsafe_code)]
+        return unsafe { avx2(fw, lora, d, ws, idx, grads, total) };
+    }
+    pass(fw, lora, d, ws, idx, grads, total)
+}
+
+#[inline(always)]
 fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace) {
     let (n, h) = (d.n, d.hidden);
     for (row, &tok) in ws.stream[0].chunks_exact_mut(h).zip(&ws.tokens) {
@@ -848,6 +908,7 @@ fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace) {
 }
 
 /// Rotary embeddings on the q and k parts of every row (`sign` −1: the backward pass).
+#[inline(always)]
 fn rope(qkv: &mut [f32], fw: &FlatWeights, d: Dims, sign: f32) {
     let hd = d.head_dim;
     let half = hd / 2;
@@ -867,6 +928,7 @@ fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
 }
 
+#[inline(always)]
 fn attention_forward(d: Dims, qkv: &[f32], probs: &mut [f32], att: &mut [f32]) {
     let (t, hd, w) = (d.t, d.head_dim, d.qkv);
     let rep = d.heads / d.kv_heads;
@@ -915,6 +977,7 @@ fn attention_forward(d: Dims, qkv: &[f32], probs: &mut [f32], att: &mut [f32]) {
 
 /// The weighted mean NLL over the batch's target tokens, leaving its gradient with respect
 /// to the logits in `ws.logits`.
+#[inline(always)]
 fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
     let mut loss = 0f64;
     for ((row, &target), &w) in ws
@@ -940,6 +1003,7 @@ fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
     loss
 }
 
+#[inline(always)]
 fn backward(
     fw: &FlatWeights,
     lora: &LoraData,
@@ -1109,6 +1173,7 @@ fn backward(
 }
 
 /// The gradients of q, k and v (those `need`ed) from the attention output's gradient.
+#[inline(always)]
 fn attention_backward(
     d: Dims,
     lb: &LayerBuffers,
