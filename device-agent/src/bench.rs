@@ -164,7 +164,7 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         let t0 = Instant::now();
         let refs: Vec<&Window> = windows.iter().collect();
         let parts = train::split_batches(&refs, args.threads, &Device::Cpu)?;
-        let stats = trainer.lora_step(&s.model, &adapter, &parts)?;
+        let stats = trainer.lora_step(&s.model, &adapter, &parts, None)?;
         let dt = t0.elapsed().as_secs_f64();
         if step >= args.warmup {
             times.push(dt);

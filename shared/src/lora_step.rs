@@ -663,16 +663,40 @@ fn grad_pair<'g>(
     }
 }
 
-/// The weighted token NLL of `batch` divided by `total_weight`, and its gradients with respect
-/// to the adapter's trainable tensors. Same contract as [`crate::train::loss_part`] followed by
-/// `backward`.
+/// What a batch's loss asks of the model at its target tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// `−log p(target)`: text the model should produce.
+    Likelihood,
+    /// `−log(1 − p(target))` (Welleck et al. 2020): text it should not produce, e.g. a
+    /// suggestion the user rejected. As [`crate::train::unlikelihood_part`], `1 − p` is kept
+    /// 1e-5 off zero.
+    Unlikelihood,
+}
+
+/// A batch, its objective, and the factor on its weighted sum: the part's loss is
+/// `scale · Σ weight · loss(token)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub batch: &'a Batch,
+    pub objective: Objective,
+    pub scale: f64,
+}
+
+/// A part's loss and its gradients with respect to the adapter's trainable tensors: for a
+/// [`Objective::Likelihood`] part with `scale = 1 / total_weight`, the same numbers as
+/// [`crate::train::loss_part`] followed by `backward`.
 pub fn loss_and_gradients(
     model: &Llama,
     adapter: &LoraAdapter,
-    batch: &Batch,
-    total_weight: f64,
+    part: Part<'_>,
     ws: &mut Workspace,
 ) -> Result<Gradients> {
+    let Part {
+        batch,
+        objective,
+        scale,
+    } = part;
     let cfg = model.config();
     adapter.check_fits(cfg)?;
     let fw = model.flat_weights()?;
@@ -713,10 +737,8 @@ pub fn loss_and_gradients(
     {
         return Err(ModelError::TokenOutOfRange { id, vocab: d.vocab });
     }
-    if !(total_weight.is_finite() && total_weight > 0.0) {
-        return Err(invalid(format!(
-            "total weight {total_weight} is not positive"
-        )));
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(invalid(format!("loss scale {scale} is not positive")));
     }
 
     let idx = GradIndex::new(&lora, layers);
@@ -725,7 +747,7 @@ pub fn loss_and_gradients(
         .iter()
         .map(|v| vec![0f32; v.elem_count()])
         .collect();
-    let loss = run_pass(fw, &lora, d, ws, &idx, &mut grads, total_weight);
+    let loss = run_pass(fw, &lora, d, ws, &idx, &mut grads, (objective, scale));
     if !loss.is_finite() {
         return Err(invalid(format!("loss is {loss}; refusing to update")));
     }
@@ -741,10 +763,10 @@ fn pass(
     ws: &mut Workspace,
     idx: &GradIndex,
     grads: &mut [Vec<f32>],
-    total: f64,
+    objective: (Objective, f64),
 ) -> f64 {
     forward(fw, lora, d, ws);
-    let loss = cross_entropy(d, ws, total);
+    let loss = token_loss(d, ws, objective);
     if loss.is_finite() {
         backward(fw, lora, d, ws, idx, grads);
     }
@@ -761,7 +783,7 @@ fn run_pass(
     ws: &mut Workspace,
     idx: &GradIndex,
     grads: &mut [Vec<f32>],
-    total: f64,
+    objective: (Objective, f64),
 ) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -773,15 +795,15 @@ fn run_pass(
             ws: &mut Workspace,
             idx: &GradIndex,
             grads: &mut [Vec<f32>],
-            total: f64,
+            objective: (Objective, f64),
         ) -> f64 {
-            pass(fw, lora, d, ws, idx, grads, total)
+            pass(fw, lora, d, ws, idx, grads, objective)
         }
         // SAFETY: the CPU has AVX2 (checked just above).
         #[allow(unsafe_code)]
-        return unsafe { avx2(fw, lora, d, ws, idx, grads, total) };
+        return unsafe { avx2(fw, lora, d, ws, idx, grads, objective) };
     }
-    pass(fw, lora, d, ws, idx, grads, total)
+    pass(fw, lora, d, ws, idx, grads, objective)
 }
 
 #[inline(always)]
@@ -975,10 +997,10 @@ fn attention_forward(d: Dims, qkv: &[f32], probs: &mut [f32], att: &mut [f32]) {
     }
 }
 
-/// The weighted mean NLL over the batch's target tokens, leaving its gradient with respect
-/// to the logits in `ws.logits`.
+/// The part's loss over its target tokens, leaving its gradient with respect to the logits
+/// in `ws.logits`.
 #[inline(always)]
-fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
+fn token_loss(d: Dims, ws: &mut Workspace, (objective, scale): (Objective, f64)) -> f64 {
     let mut loss = 0f64;
     for ((row, &target), &w) in ws
         .logits
@@ -990,15 +1012,31 @@ fn cross_entropy(d: Dims, ws: &mut Workspace, total: f64) -> f64 {
             row.fill(0.0);
             continue;
         }
-        let c = (f64::from(w) / total) as f32;
+        let c = (f64::from(w) * scale) as f32;
         let m = max(row);
         let z_target = row[target as usize];
         row.iter_mut().for_each(|v| *v = exp(*v - m));
         let total = sum(row);
-        loss += f64::from(c) * (f64::from(total.ln()) + f64::from(m - z_target));
-        let k = c / total;
-        row.iter_mut().for_each(|v| *v *= k);
-        row[target as usize] -= c;
+        let t = target as usize;
+        match objective {
+            Objective::Likelihood => {
+                // ∂/∂z = c · (softmax − onehot).
+                loss += f64::from(c) * (f64::from(total.ln()) + f64::from(m - z_target));
+                let k = c / total;
+                row.iter_mut().for_each(|v| *v *= k);
+                row[t] -= c;
+            }
+            Objective::Unlikelihood => {
+                // With q = 1 + 1e-5 − p: ∂(−log q)/∂z = −(c·p/q) · (softmax − onehot).
+                let p = row[t] / total;
+                let q = 1.0 + 1e-5 - p;
+                loss -= f64::from(c) * f64::from(q.ln());
+                let k = c * p / q;
+                let f = -k / total;
+                row.iter_mut().for_each(|v| *v *= f);
+                row[t] += k;
+            }
+        }
     }
     loss
 }
@@ -1351,10 +1389,25 @@ mod tests {
         let total = 1.7;
 
         let mut workspace = Workspace::default();
-        // Twice: the second run reuses the buffers the first left behind.
-        for _ in 0..2 {
-            let ours = loss_and_gradients(&model, &adapter, &batch, total, &mut workspace).unwrap();
-            let plain = train::loss_part(&model, Some(&adapter), &batch, total).unwrap();
+        // The second likelihood run reuses the buffers the first left behind.
+        for objective in [
+            Objective::Likelihood,
+            Objective::Likelihood,
+            Objective::Unlikelihood,
+        ] {
+            let part = Part {
+                batch: &batch,
+                objective,
+                scale: 1.0 / total,
+            };
+            let ours = loss_and_gradients(&model, &adapter, part, &mut workspace).unwrap();
+            let plain = match objective {
+                Objective::Likelihood => train::loss_part(&model, Some(&adapter), &batch, total),
+                Objective::Unlikelihood => {
+                    train::unlikelihood_part(&model, Some(&adapter), &batch, total)
+                }
+            }
+            .unwrap();
             let plain_loss = f64::from(plain.to_scalar::<f32>().unwrap());
             assert!(
                 (ours.loss - plain_loss).abs() <= 1e-5 * plain_loss.abs(),
@@ -1409,7 +1462,7 @@ mod tests {
         let mut t1 = Trainer::new(ours.trainable_vars().to_vec(), opt).unwrap();
         let mut t2 = Trainer::new(plain.trainable_vars().to_vec(), opt).unwrap();
         for _ in 0..3 {
-            let a = t1.lora_step(&model, &ours, &parts).unwrap();
+            let a = t1.lora_step(&model, &ours, &parts, None).unwrap();
             let b = t2
                 .step_parallel(&parts, |p, total| {
                     train::loss_part(&model, Some(&plain), p, total)
@@ -1431,6 +1484,38 @@ mod tests {
     }
 
     #[test]
+    fn a_step_with_negatives_matches_the_autograd_step() {
+        let model = model();
+        let ours = adapter(&model, LoraConfig::default());
+        let plain = adapter(&model, LoraConfig::default());
+        let (pos, neg) = (windows(5), windows(9));
+        let pos: Vec<&Window> = pos.iter().collect();
+        let neg: Vec<&Window> = neg.iter().collect();
+        let parts = train::split_batches(&pos, 2, &Device::Cpu).unwrap();
+        let whole = Batch::new(&pos, &Device::Cpu).unwrap();
+        let neg = Batch::new(&neg, &Device::Cpu).unwrap();
+        let sum = |b: &Batch| f64::from(b.weights.sum_all().unwrap().to_scalar::<f32>().unwrap());
+        let opt = TrainConfig::default();
+        let mut t1 = Trainer::new(ours.trainable_vars().to_vec(), opt).unwrap();
+        let mut t2 = Trainer::new(plain.trainable_vars().to_vec(), opt).unwrap();
+        for _ in 0..2 {
+            let a = t1
+                .lora_step(&model, &ours, &parts, Some((&neg, 0.3)))
+                .unwrap();
+            let l = train::loss_part(&model, Some(&plain), &whole, sum(&whole)).unwrap();
+            let ul = train::unlikelihood_part(&model, Some(&plain), &neg, sum(&neg)).unwrap();
+            let b = t2.step(&(l + (ul * 0.3).unwrap()).unwrap()).unwrap();
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5 * b.loss,
+                "{} vs {}",
+                a.loss,
+                b.loss
+            );
+            assert!((a.grad_norm - b.grad_norm).abs() < 1e-3 * b.grad_norm);
+        }
+    }
+
+    #[test]
     fn a_trainer_refuses_another_adapter() {
         let model = model();
         let a = adapter(&model, LoraConfig::default());
@@ -1439,7 +1524,7 @@ mod tests {
         let refs: Vec<&Window> = ws.iter().collect();
         let parts = train::split_batches(&refs, 1, &Device::Cpu).unwrap();
         let mut t = Trainer::new(a.trainable_vars().to_vec(), TrainConfig::default()).unwrap();
-        let err = t.lora_step(&model, &b, &parts).unwrap_err();
+        let err = t.lora_step(&model, &b, &parts, None).unwrap_err();
         assert!(err.to_string().contains("another adapter"), "{err}");
     }
 
@@ -1453,8 +1538,12 @@ mod tests {
             weight: 1.0,
         };
         let batch = Batch::new(&[&w], &Device::Cpu).unwrap();
-        let err =
-            loss_and_gradients(&model, &a, &batch, 1.0, &mut Workspace::default()).unwrap_err();
+        let part = Part {
+            batch: &batch,
+            objective: Objective::Likelihood,
+            scale: 1.0,
+        };
+        let err = loss_and_gradients(&model, &a, part, &mut Workspace::default()).unwrap_err();
         assert!(
             matches!(err, ModelError::TokenOutOfRange { id: 99, .. }),
             "{err}"

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::lora::LoraAdapter;
-use crate::lora_step::{self, Gradients, Workspace};
+use crate::lora_step::{self, Gradients, Objective, Part, Workspace};
 use crate::model::{Llama, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -341,16 +341,18 @@ impl Trainer {
         self.apply(sum.ok_or_else(no_targets)?, loss)
     }
 
-    /// One LoRA training step over a batch split into parts: each part's loss and adapter
-    /// gradients on its own thread by [`lora_step`](crate::lora_step) (forward and backward
-    /// written out over reused buffers; `vars` must be `adapter`'s trainable vars), the
-    /// gradients summed, then AdamW. The path `fit`, the agent, the simulation and
-    /// `device-agent bench train` take.
+    /// One LoRA training step: the batch's weighted mean NLL over its parts, plus, with
+    /// `negatives`, their weighted unlikelihood term (`weight · Σ w·(−log(1 − p)) / Σ w`). Each
+    /// part's loss and adapter gradients are computed on its own thread by
+    /// [`lora_step`](crate::lora_step) (forward and backward written out over reused buffers;
+    /// `vars` must be `adapter`'s trainable vars), the gradients summed, then AdamW. The path
+    /// `fit`, the agent, the simulation and `device-agent bench train` take.
     pub fn lora_step(
         &mut self,
         model: &Llama,
         adapter: &LoraAdapter,
         parts: &[Batch],
+        negatives: Option<(&Batch, f64)>,
     ) -> Result<StepStats, ModelError> {
         let vars = adapter.trainable_vars();
         if vars.len() != self.vars.len()
@@ -363,26 +365,51 @@ impl Trainer {
                 "the trainer was built for another adapter's tensors".into(),
             ));
         }
-        let total: f64 = parts
+        let weight_sum = |b: &Batch| -> candle_core::Result<f64> {
+            Ok(f64::from(b.weights.sum_all()?.to_scalar::<f32>()?))
+        };
+        let total = parts
             .iter()
-            .map(|p| p.weights.sum_all()?.to_scalar::<f32>().map(f64::from))
+            .map(weight_sum)
             .sum::<candle_core::Result<f64>>()?;
         if parts.is_empty() || total <= 0.0 {
             return Err(no_targets());
         }
-        if self.workspaces.len() < parts.len() {
-            self.workspaces.resize_with(parts.len(), Workspace::default);
+        let mut work: Vec<Part<'_>> = parts
+            .iter()
+            .map(|batch| Part {
+                batch,
+                objective: Objective::Likelihood,
+                scale: 1.0 / total,
+            })
+            .collect();
+        if let Some((batch, weight)) = negatives {
+            let neg_total = weight_sum(batch)?;
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                    "unlikelihood weight {weight} is not a non-negative number"
+                ))));
+            }
+            if neg_total > 0.0 && weight > 0.0 {
+                work.push(Part {
+                    batch,
+                    objective: Objective::Unlikelihood,
+                    scale: weight / neg_total,
+                });
+            }
         }
-        let run = |p: &Batch, ws: &mut Workspace| {
-            lora_step::loss_and_gradients(model, adapter, p, total, ws)
+        if self.workspaces.len() < work.len() {
+            self.workspaces.resize_with(work.len(), Workspace::default);
+        }
+        let run = |p: &Part<'_>, ws: &mut Workspace| {
+            lora_step::loss_and_gradients(model, adapter, *p, ws)
         };
-        let results: Vec<Result<Gradients, ModelError>> = if parts.len() == 1 {
-            vec![run(&parts[0], &mut self.workspaces[0])]
+        let results: Vec<Result<Gradients, ModelError>> = if work.len() == 1 {
+            vec![run(&work[0], &mut self.workspaces[0])]
         } else {
             use rayon::prelude::*;
             worker_pool().install(|| {
-                parts
-                    .par_iter()
+                work.par_iter()
                     .zip(self.workspaces.par_iter_mut())
                     .map(|(p, ws)| run(p, ws))
                     .collect()
@@ -582,7 +609,7 @@ pub fn fit(
 }
 
 /// As [`fit`], but stops early when `on_step` returns false (early stopping), and with
-/// `negatives` adds their weighted unlikelihood term to every step (one worker); returns the
+/// `negatives` adds their weighted unlikelihood term to every step; returns the
 /// steps taken.
 pub fn fit_while(
     model: &Llama,
@@ -609,28 +636,19 @@ pub fn fit_while(
             }
             picked.push(&windows[order.pop().expect("refilled above")]);
         }
-        let stats = match negatives.filter(|n| !n.windows.is_empty() && n.weight > 0.0) {
-            None => {
-                let parts = split_batches(&picked, cfg.workers, model.device())?;
-                trainer.lora_step(model, adapter, &parts)?
-            }
+        let parts = split_batches(&picked, cfg.workers, model.device())?;
+        let neg = match negatives.filter(|n| !n.windows.is_empty() && n.weight > 0.0) {
+            None => None,
             Some(n) => {
-                let batch = Batch::new(&picked, model.device())?;
-                let total = f64::from(batch.weights.sum_all()?.to_scalar::<f32>()?);
                 let k = cfg.batch_size.min(n.windows.len());
                 let neg: Vec<&Window> = (0..k)
                     .map(|_| &n.windows[rand::Rng::random_range(&mut rng, 0..n.windows.len())])
                     .collect();
-                let neg = Batch::new(&neg, model.device())?;
-                let neg_total = f64::from(neg.weights.sum_all()?.to_scalar::<f32>()?);
-                let mut loss = loss_part(model, Some(adapter), &batch, total.max(1e-9))?;
-                if neg_total > 0.0 {
-                    let ul = unlikelihood_part(model, Some(adapter), &neg, neg_total)?;
-                    loss = (loss + (ul * n.weight)?)?;
-                }
-                trainer.step(&loss)?
+                Some((Batch::new(&neg, model.device())?, n.weight))
             }
         };
+        let stats =
+            trainer.lora_step(model, adapter, &parts, neg.as_ref().map(|(b, w)| (b, *w)))?;
         if !on_step(step, stats) {
             return Ok(step + 1);
         }
