@@ -415,6 +415,17 @@ impl LoraData {
         })
     }
 
+    /// No adapter: the base model.
+    fn none(layers: usize) -> Self {
+        LoraData {
+            scale: 0.0,
+            rank: 0,
+            train_a: false,
+            pairs: (0..layers).map(|_| Default::default()).collect(),
+            targets: Vec::new(),
+        }
+    }
+
     fn pair(&self, l: usize, t: Target) -> Option<&LoraPairData> {
         self.pairs[l][t as usize].as_ref()
     }
@@ -479,7 +490,7 @@ struct LayerBuffers {
     h2: Vec<f32>,
     /// q|k|v after rotary embeddings, `[n, q + 2·kv]`.
     qkv: Vec<f32>,
-    /// Attention probabilities `[b, heads, t, t]`.
+    /// Attention probabilities `[b, heads, t, t]` (one head's when scoring).
     probs: Vec<f32>,
     /// Attention output (the o projection's input), `[n, q]`.
     att: Vec<f32>,
@@ -495,7 +506,8 @@ struct LayerBuffers {
 /// One worker's buffers, reused from step to step (they grow to the largest batch seen).
 #[derive(Debug, Default)]
 pub struct Workspace {
-    dims: Option<Dims>,
+    /// What the buffers are sized for: shapes, layers, and whether for training.
+    key: Option<(Dims, usize, bool)>,
     layers: Vec<LayerBuffers>,
     /// The residual stream entering each layer, and leaving the last.
     stream: Vec<Vec<f32>>,
@@ -525,19 +537,27 @@ fn size(v: &mut Vec<f32>, n: usize) {
 }
 
 impl Workspace {
-    fn prepare(&mut self, d: Dims, layers: usize) {
-        if self.dims == Some(d) && self.layers.len() == layers {
+    fn prepare(&mut self, d: Dims, layers: usize, training: bool) {
+        let key = (d, layers, training);
+        if self.key == Some(key) {
             return;
         }
         let n = d.n;
-        self.layers.resize_with(layers, Default::default);
+        let (slots, streams) = if training {
+            (layers, layers + 1)
+        } else {
+            (1, 2)
+        };
+        self.layers.resize_with(slots, Default::default);
         for lb in &mut self.layers {
             size(&mut lb.inv1, n);
             size(&mut lb.h1, n * d.hidden);
             size(&mut lb.inv2, n);
             size(&mut lb.h2, n * d.hidden);
             size(&mut lb.qkv, n * d.qkv);
-            size(&mut lb.probs, d.b * d.heads * d.t * d.t);
+            // Scoring needs one head's probabilities at a time.
+            let heads = if training { d.b * d.heads } else { 1 };
+            size(&mut lb.probs, heads * d.t * d.t);
             size(&mut lb.att, n * d.q);
             size(&mut lb.mid, n * d.hidden);
             size(&mut lb.gate_up, n * 2 * d.inter);
@@ -546,13 +566,17 @@ impl Workspace {
                 size(xa, n * d.rank);
             }
         }
-        self.stream.resize_with(layers + 1, Vec::new);
+        self.stream.resize_with(streams, Vec::new);
         for s in &mut self.stream {
             size(s, n * d.hidden);
         }
         size(&mut self.inv_final, n);
         size(&mut self.h_final, n * d.hidden);
         size(&mut self.logits, n * d.vocab);
+        self.key = Some(key);
+        if !training {
+            return;
+        }
         size(&mut self.dx, n * d.hidden);
         size(&mut self.dh, n * d.hidden);
         size(&mut self.dqkv, n * d.qkv);
@@ -561,7 +585,6 @@ impl Workspace {
         size(&mut self.dact, n * d.inter);
         size(&mut self.dscores, d.t * d.t);
         size(&mut self.dxa, n * d.rank);
-        self.dims = Some(d);
     }
 }
 
@@ -697,10 +720,78 @@ pub fn loss_and_gradients(
         objective,
         scale,
     } = part;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(invalid(format!("loss scale {scale} is not positive")));
+    }
+    let (fw, lora, d) = setup(model, Some(adapter), batch, ws, true)?;
+    let idx = GradIndex::new(&lora, fw.layers.len());
+    let mut grads: Vec<Vec<f32>> = adapter
+        .trainable_vars()
+        .iter()
+        .map(|v| vec![0f32; v.elem_count()])
+        .collect();
+    let loss = with_avx2(
+        #[inline(always)]
+        || {
+            forward(fw, &lora, d, ws, true);
+            let loss = token_loss(d, ws, (objective, scale));
+            if loss.is_finite() {
+                backward(fw, &lora, d, ws, &idx, &mut grads);
+            }
+            loss
+        },
+    );
+    if !loss.is_finite() {
+        return Err(invalid(format!("loss is {loss}; refusing to update")));
+    }
+    Ok(Gradients { loss, grads })
+}
+
+/// How the model scores one position: the target's NLL (nats) and whether it is the argmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenScore {
+    pub nll: f32,
+    pub correct: bool,
+}
+
+/// Scores every position of a batch (`[b·t]`, row-major) from the forward pass alone, on the
+/// same kernels as training; one layer's buffers serve every layer. The same numbers as
+/// `Llama::forward` and the token cross-entropy (tested).
+pub fn score(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+    ws: &mut Workspace,
+) -> Result<Vec<TokenScore>> {
+    let (fw, lora, d) = setup(model, adapter, batch, ws, false)?;
+    Ok(with_avx2(
+        #[inline(always)]
+        || {
+            forward(fw, &lora, d, ws, false);
+            score_rows(d, ws)
+        },
+    ))
+}
+
+/// Checks the batch against the model and adapter, and sizes the buffers: for the backward
+/// pass (`training`: every layer's activations kept) or for scoring.
+fn setup<'m>(
+    model: &'m Llama,
+    adapter: Option<&LoraAdapter>,
+    batch: &Batch,
+    ws: &mut Workspace,
+    training: bool,
+) -> Result<(&'m FlatWeights, LoraData, Dims)> {
     let cfg = model.config();
-    adapter.check_fits(cfg)?;
-    let fw = model.flat_weights()?;
     let layers = cfg.num_hidden_layers;
+    let lora = match adapter {
+        Some(a) => {
+            a.check_fits(cfg)?;
+            LoraData::new(a, layers)?
+        }
+        None => LoraData::none(layers),
+    };
+    let fw = model.flat_weights()?;
     let (b, t) = batch.inputs.dims2()?;
     if t > cfg.max_position_embeddings {
         return Err(ModelError::TooLong {
@@ -708,7 +799,6 @@ pub fn loss_and_gradients(
             max: cfg.max_position_embeddings,
         });
     }
-    let lora = LoraData::new(adapter, layers)?;
     let d = Dims {
         b,
         t,
@@ -725,7 +815,6 @@ pub fn loss_and_gradients(
         rank: lora.rank,
         eps: cfg.rms_norm_eps as f32,
     };
-    ws.prepare(d, layers);
     ws.tokens = batch.inputs.flatten_all()?.to_vec1::<u32>()?;
     ws.targets = batch.targets.flatten_all()?.to_vec1::<u32>()?;
     ws.weights = flat(&batch.weights)?;
@@ -737,86 +826,59 @@ pub fn loss_and_gradients(
     {
         return Err(ModelError::TokenOutOfRange { id, vocab: d.vocab });
     }
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(invalid(format!("loss scale {scale} is not positive")));
-    }
-
-    let idx = GradIndex::new(&lora, layers);
-    let mut grads: Vec<Vec<f32>> = adapter
-        .trainable_vars()
-        .iter()
-        .map(|v| vec![0f32; v.elem_count()])
-        .collect();
-    let loss = run_pass(fw, &lora, d, ws, &idx, &mut grads, (objective, scale));
-    if !loss.is_finite() {
-        return Err(invalid(format!("loss is {loss}; refusing to update")));
-    }
-    Ok(Gradients { loss, grads })
+    ws.prepare(d, layers, training);
+    Ok((fw, lora, d))
 }
 
-/// Forward, loss and, when the loss is finite, backward.
+/// Runs `f` compiled for AVX2 where the CPU has it, so that the elementwise loops inlined
+/// into it run eight lanes wide instead of SSE2's four (the matrix products choose their
+/// kernels at run time either way).
 #[inline(always)]
-fn pass(
-    fw: &FlatWeights,
-    lora: &LoraData,
-    d: Dims,
-    ws: &mut Workspace,
-    idx: &GradIndex,
-    grads: &mut [Vec<f32>],
-    objective: (Objective, f64),
-) -> f64 {
-    forward(fw, lora, d, ws);
-    let loss = token_loss(d, ws, objective);
-    if loss.is_finite() {
-        backward(fw, lora, d, ws, idx, grads);
-    }
-    loss
-}
-
-/// [`pass`] compiled for AVX2 where the CPU has it, so that its elementwise loops run eight
-/// lanes wide instead of SSE2's four (the matrix products choose their kernels at run time
-/// either way).
-fn run_pass(
-    fw: &FlatWeights,
-    lora: &LoraData,
-    d: Dims,
-    ws: &mut Workspace,
-    idx: &GradIndex,
-    grads: &mut [Vec<f32>],
-    objective: (Objective, f64),
-) -> f64 {
+fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         #[target_feature(enable = "avx2")]
-        fn avx2(
-            fw: &FlatWeights,
-            lora: &LoraData,
-            d: Dims,
-            ws: &mut Workspace,
-            idx: &GradIndex,
-            grads: &mut [Vec<f32>],
-            objective: (Objective, f64),
-        ) -> f64 {
-            pass(fw, lora, d, ws, idx, grads, objective)
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
         }
         // SAFETY: the CPU has AVX2 (checked just above).
         #[allow(unsafe_code)]
-        return unsafe { avx2(fw, lora, d, ws, idx, grads, objective) };
+        return unsafe { avx2(f) };
     }
-    pass(fw, lora, d, ws, idx, grads, objective)
+    f()
+}
+
+/// The stream buffer a layer reads and the one it writes.
+fn stream_pair(v: &mut [Vec<f32>], read: usize, write: usize) -> (&[f32], &mut [f32]) {
+    if read < write {
+        let (a, b) = v.split_at_mut(write);
+        (&a[read], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(read);
+        (&b[0], &mut a[write])
+    }
 }
 
 #[inline(always)]
-fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace) {
+/// The forward pass to the logits. `training` keeps every layer's activations for the
+/// backward pass; otherwise one layer's buffers and two stream buffers serve every layer.
+fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace, training: bool) {
     let (n, h) = (d.n, d.hidden);
     for (row, &tok) in ws.stream[0].chunks_exact_mut(h).zip(&ws.tokens) {
         let tok = tok as usize;
         row.copy_from_slice(&fw.embed[tok * h..(tok + 1) * h]);
     }
-    for (l, (w, lb)) in fw.layers.iter().zip(&mut ws.layers).enumerate() {
-        let (before, after) = ws.stream.split_at_mut(l + 1);
-        let x = &before[l];
-        let next = &mut after[0];
+    let slot = |l: usize| {
+        if training {
+            (l, l, l + 1)
+        } else {
+            (0, l % 2, (l + 1) % 2)
+        }
+    };
+    for (l, w) in fw.layers.iter().enumerate() {
+        let (buffers, read, write) = slot(l);
+        let lb = &mut ws.layers[buffers];
+        let (x, next) = stream_pair(&mut ws.stream, read, write);
         let lora_dims = |t: Target| (n, d.input(t), d.slot(t).1, d.rank);
 
         // Attention.
@@ -914,7 +976,7 @@ fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace) {
             lora_forward(p, lora.scale, lora_dims(Target::Down), &lb.act, xa, next, h);
         }
     }
-    let last = &ws.stream[fw.layers.len()];
+    let last = &ws.stream[slot(fw.layers.len()).1];
     rms_forward(last, &fw.norm, d.eps, &mut ws.inv_final, &mut ws.h_final);
     a_bt(
         (n, d.vocab, h),
@@ -962,7 +1024,9 @@ fn attention_forward(d: Dims, qkv: &[f32], probs: &mut [f32], att: &mut [f32]) {
             let q = &qkv[rows + hh * hd..];
             let k = &qkv[rows + d.q + kvh * hd..];
             let v = &qkv[rows + d.q + d.kv + kvh * hd..];
-            let p = &mut probs[(bi * d.heads + hh) * t * t..][..t * t];
+            // One slot per head when training (kept for the backward pass), else one slot.
+            let slots = probs.len() / (t * t);
+            let p = &mut probs[(bi * d.heads + hh) % slots * t * t..][..t * t];
             for (r0, r1) in causal_blocks(t) {
                 a_bt(
                     (r1 - r0, r1, hd),
@@ -1039,6 +1103,39 @@ fn token_loss(d: Dims, ws: &mut Workspace, (objective, scale): (Objective, f64))
         }
     }
     loss
+}
+
+/// Each position's target NLL and whether the target is the argmax (the first maximum, as
+/// candle's `argmax`).
+#[inline(always)]
+fn score_rows(d: Dims, ws: &Workspace) -> Vec<TokenScore> {
+    ws.logits
+        .chunks_exact(d.vocab)
+        .zip(&ws.targets)
+        .map(|(row, &target)| {
+            let m = max(row);
+            let first_max = row.iter().position(|&v| v == m).unwrap_or(0);
+            let total: f32 = sum_exp(row, m);
+            TokenScore {
+                nll: total.ln() + m - row[target as usize],
+                correct: first_max == target as usize,
+            }
+        })
+        .collect()
+}
+
+/// `Σ exp(vᵢ − m)`, in lanes.
+#[inline(always)]
+fn sum_exp(row: &[f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - m)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += exp(v - m);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]
@@ -1512,6 +1609,53 @@ mod tests {
                 b.loss
             );
             assert!((a.grad_norm - b.grad_norm).abs() < 1e-3 * b.grad_norm);
+        }
+    }
+
+    /// Scoring (one layer's buffers reused) gives the autograd forward's NLL and argmax, with
+    /// and without an adapter, and a workspace used for training then scores correctly.
+    #[test]
+    fn scoring_matches_the_candle_forward() {
+        let model = model();
+        let lora = adapter(
+            &model,
+            LoraConfig {
+                targets: Target::ALL.to_vec(),
+                ..LoraConfig::default()
+            },
+        );
+        let ws = windows(21);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let batch = Batch::new(&refs, &Device::Cpu).unwrap();
+        let mut workspace = Workspace::default();
+        let part = Part {
+            batch: &batch,
+            objective: Objective::Likelihood,
+            scale: 1.0,
+        };
+        loss_and_gradients(&model, &lora, part, &mut workspace).unwrap();
+        for a in [None, Some(&lora)] {
+            let ours = score(&model, a, &batch, &mut workspace).unwrap();
+            let logits = model.forward(&batch.inputs, a, None).unwrap();
+            let (b, t, v) = logits.dims3().unwrap();
+            let flat = logits.reshape((b * t, v)).unwrap();
+            let nll: Vec<f32> =
+                crate::kernels::cross_entropy(&flat, &batch.targets.flatten_all().unwrap())
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+            let pred: Vec<u32> = flat.argmax(1).unwrap().to_vec1().unwrap();
+            let targets: Vec<u32> = batch.targets.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(ours.len(), b * t);
+            for (i, s) in ours.iter().enumerate() {
+                assert!(
+                    (s.nll - nll[i]).abs() < 1e-4,
+                    "position {i}: {} vs {}",
+                    s.nll,
+                    nll[i]
+                );
+                assert_eq!(s.correct, pred[i] == targets[i], "position {i}");
+            }
         }
     }
 

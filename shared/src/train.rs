@@ -3,7 +3,7 @@
 //! clipping, and evaluation (loss, bits per byte, next-token accuracy).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::lora::LoraAdapter;
@@ -169,7 +169,8 @@ pub struct EvalReport {
     pub tokens: usize,
 }
 
-/// Scores windows (unweighted: every target token counts once).
+/// Scores windows (unweighted: every target token counts once), through
+/// [`lora_step::score`].
 pub fn evaluate(
     model: &Llama,
     adapter: Option<&LoraAdapter>,
@@ -177,22 +178,21 @@ pub fn evaluate(
     windows: &[Window],
     batch_size: usize,
 ) -> Result<EvalReport, ModelError> {
-    let frozen = adapter.map(LoraAdapter::frozen);
-    let adapter = frozen.as_ref();
     let mut nll_sum = 0f64;
     let mut correct = 0usize;
     let mut count = 0usize;
     let mut bytes = 0usize;
+    let mut ws = Workspace::default();
     for chunk in windows.chunks(batch_size.max(1)) {
         let refs: Vec<&Window> = chunk.iter().collect();
         let batch = Batch::new(&refs, model.device())?;
-        let logits = model.forward(&batch.inputs, adapter, None)?;
-        let nll = token_nll(&logits, &batch.targets)?.to_vec2::<f32>()?;
-        let pred = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        let t = batch.inputs.dim(1)?;
+        let scores = lora_step::score(model, adapter, &batch, &mut ws)?;
         for (i, w) in chunk.iter().enumerate() {
             for p in w.targets.clone() {
-                nll_sum += nll[i][p - 1] as f64;
-                correct += usize::from(pred[i][p - 1] == w.tokens[p]);
+                let s = scores[i * t + p - 1];
+                nll_sum += f64::from(s.nll);
+                correct += usize::from(s.correct);
                 count += 1;
             }
             bytes += tok
