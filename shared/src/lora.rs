@@ -128,6 +128,17 @@ impl LoraConfig {
                 "at least one target module is needed".into(),
             ));
         }
+        if let Some(t) = self
+            .targets
+            .iter()
+            .enumerate()
+            .find_map(|(i, t)| self.targets[..i].contains(t).then_some(t))
+        {
+            return Err(LoraError::Invalid(format!(
+                "target {} is listed twice",
+                t.name()
+            )));
+        }
         Ok(())
     }
 

@@ -19,6 +19,8 @@
 //! It runs on one thread: [`crate::train::Trainer::lora_step`] gives each core its own part of
 //! the batch and workspace.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 
 use crate::lora::{LoraAdapter, Target};
@@ -46,8 +48,9 @@ fn invalid(msg: String) -> ModelError {
 /// several: q, k, v as one `[q + 2·kv, hidden]` matrix, gate and up as one `[2·inter, hidden]`.
 /// Built once per model and shared by every training step on it.
 pub(crate) struct FlatWeights {
-    lm_head: Vec<f32>,
     embed: Vec<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Vec<f32>>,
     norm: Vec<f32>,
     layers: Vec<FlatLayer>,
     cos: Vec<f32>,
@@ -70,6 +73,10 @@ impl std::fmt::Debug for FlatWeights {
 }
 
 impl FlatWeights {
+    fn lm_head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed)
+    }
+
     pub(crate) fn new(model: &Llama) -> Result<Self> {
         let parts = model.parts();
         let mut layers = Vec::with_capacity(parts.blocks.len());
@@ -90,9 +97,14 @@ impl FlatWeights {
                 down: cat(&[Target::Down])?,
             });
         }
+        let tied = parts.lm_head.id() == parts.embed.id();
         Ok(FlatWeights {
-            lm_head: flat(parts.lm_head)?,
             embed: flat(parts.embed)?,
+            lm_head: if tied {
+                None
+            } else {
+                Some(flat(parts.lm_head)?)
+            },
             norm: flat(parts.norm)?,
             layers,
             cos: parts.rope.cos.to_vec(),
@@ -355,6 +367,8 @@ fn weighted_dot(x: &[f32], dy: &[f32], w: &[f32]) -> f32 {
 fn rotate_in_place(x: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
     let half = x.len() / 2;
     let (lo, hi) = x.split_at_mut(half);
+    // Equal lengths up front, so the loop has no bounds checks and vectorizes.
+    let (hi, cos, sin) = (&mut hi[..half], &cos[..half], &sin[..half]);
     for i in 0..half {
         let (a, b) = (lo[i], hi[i]);
         lo[i] = a * cos[i] - sign * b * sin[i];
@@ -649,6 +663,8 @@ pub struct Gradients {
 struct GradIndex {
     a: Vec<[Option<usize>; Target::COUNT]>,
     b: Vec<[Option<usize>; Target::COUNT]>,
+    /// Gradients in all.
+    count: usize,
 }
 
 impl GradIndex {
@@ -666,7 +682,7 @@ impl GradIndex {
                 i += 1;
             }
         }
-        GradIndex { a, b }
+        GradIndex { a, b, count: i }
     }
 }
 
@@ -726,12 +742,17 @@ pub fn loss_and_gradients(
         return Err(invalid(format!("loss scale {scale} is not positive")));
     }
     let (fw, lora, d) = setup(model, Some(adapter), batch, ws, true)?;
+    let fw = &*fw;
     let idx = GradIndex::new(&lora, fw.layers.len());
-    let mut grads: Vec<Vec<f32>> = adapter
-        .trainable_vars()
-        .iter()
-        .map(|v| vec![0f32; v.elem_count()])
-        .collect();
+    let vars = adapter.trainable_vars();
+    if idx.count != vars.len() {
+        return Err(ModelError::AdapterMismatch(format!(
+            "the adapter has {} trainable tensors, its config {} (a frozen copy cannot train)",
+            vars.len(),
+            idx.count
+        )));
+    }
+    let mut grads: Vec<Vec<f32>> = vars.iter().map(|v| vec![0f32; v.elem_count()]).collect();
     let loss = with_avx2(
         #[inline(always)]
         || {
@@ -766,6 +787,7 @@ pub fn score(
     ws: &mut Workspace,
 ) -> Result<Vec<TokenScore>> {
     let (fw, lora, d) = setup(model, adapter, batch, ws, false)?;
+    let fw = &*fw;
     Ok(with_avx2(
         #[inline(always)]
         || {
@@ -777,13 +799,13 @@ pub fn score(
 
 /// Checks the batch against the model and adapter, and sizes the buffers: for the backward
 /// pass (`training`: every layer's activations kept) or for scoring.
-fn setup<'m>(
-    model: &'m Llama,
+fn setup(
+    model: &Llama,
     adapter: Option<&LoraAdapter>,
     batch: &Batch,
     ws: &mut Workspace,
     training: bool,
-) -> Result<(&'m FlatWeights, LoraData, Dims)> {
+) -> Result<(Arc<FlatWeights>, LoraData, Dims)> {
     let cfg = model.config();
     let layers = cfg.num_hidden_layers;
     let lora = match adapter {
@@ -795,6 +817,19 @@ fn setup<'m>(
     };
     let fw = model.flat_weights()?;
     let (b, t) = batch.inputs.dims2()?;
+    if b == 0 || t == 0 {
+        return Err(invalid(format!("empty batch of shape [{b}, {t}]")));
+    }
+    for (what, dims) in [
+        ("targets", batch.targets.dims()),
+        ("weights", batch.weights.dims()),
+    ] {
+        if dims != [b, t] {
+            return Err(invalid(format!(
+                "batch {what} have shape {dims:?}, the inputs [{b}, {t}]"
+            )));
+        }
+    }
     if t > cfg.max_position_embeddings {
         return Err(ModelError::TooLong {
             needed: t,
@@ -987,7 +1022,7 @@ fn forward(fw: &FlatWeights, lora: &LoraData, d: Dims, ws: &mut Workspace, train
         false,
         &ws.h_final,
         h,
-        &fw.lm_head,
+        fw.lm_head(),
         h,
         1.0,
     );
@@ -1159,7 +1194,7 @@ fn backward(
         false,
         &ws.logits,
         d.vocab,
-        &fw.lm_head,
+        fw.lm_head(),
         h,
         1.0,
     );
@@ -1659,6 +1694,83 @@ mod tests {
                 assert_eq!(s.correct, pred[i] == targets[i], "position {i}");
             }
         }
+    }
+
+    /// Weights that are `Var`s (pretraining) change under the optimizer: scoring must see
+    /// their current values, not a copy cached at the first call.
+    #[test]
+    fn scoring_follows_weights_that_train() {
+        let cfg = model().config().clone();
+        let mut vars = Vec::new();
+        let tensors = Llama::random_tensors(&cfg, 7)
+            .into_iter()
+            .map(|(n, s, d)| {
+                let v =
+                    candle_core::Var::from_tensor(&Tensor::from_vec(d, s, &Device::Cpu).unwrap())
+                        .unwrap();
+                let t = v.as_tensor().clone();
+                vars.push((n.clone(), v));
+                (n, t)
+            })
+            .collect();
+        let model = Llama::from_tensors(cfg, tensors, &Device::Cpu).unwrap();
+        let ws = windows(2);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let batch = Batch::new(&refs, &Device::Cpu).unwrap();
+        let mut workspace = Workspace::default();
+        let before = score(&model, None, &batch, &mut workspace).unwrap();
+        let (_, norm) = vars.iter().find(|(n, _)| n == "model.norm.weight").unwrap();
+        norm.set(&(norm.as_tensor() * 3.0).unwrap()).unwrap();
+        let after = score(&model, None, &batch, &mut workspace).unwrap();
+        let logits = model.forward(&batch.inputs, None, None).unwrap();
+        let (b, t, v) = logits.dims3().unwrap();
+        let targets = batch.targets.flatten_all().unwrap();
+        let nll: Vec<f32> =
+            crate::kernels::cross_entropy(&logits.reshape((b * t, v)).unwrap(), &targets)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        assert!((before[0].nll - after[0].nll).abs() > 1e-3);
+        for (s, want) in after.iter().zip(&nll) {
+            assert!((s.nll - want).abs() < 1e-4, "{} vs {want}", s.nll);
+        }
+    }
+
+    #[test]
+    fn bad_adapters_and_batches_are_refused_without_panicking() {
+        let model = model();
+        let lora = adapter(&model, LoraConfig::default());
+        let ws = windows(1);
+        let refs: Vec<&Window> = ws.iter().collect();
+        let batch = Batch::new(&refs, &Device::Cpu).unwrap();
+        // A frozen copy has no trainable tensors.
+        let mut t = Trainer::new(Vec::new(), TrainConfig::default()).unwrap();
+        let err = t
+            .lora_step(&model, &lora.frozen(), std::slice::from_ref(&batch), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("frozen copy"), "{err}");
+        // Targets of another shape than the inputs.
+        let bad = Batch {
+            targets: batch.targets.narrow(1, 0, 3).unwrap(),
+            ..batch.clone()
+        };
+        let part = Part {
+            batch: &bad,
+            objective: Objective::Likelihood,
+            scale: 1.0,
+        };
+        let err = loss_and_gradients(&model, &lora, part, &mut Workspace::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("batch targets have shape"),
+            "{err}"
+        );
+        // A target listed twice.
+        let twice = LoraConfig {
+            targets: vec![Target::Q, Target::V, Target::Q],
+            ..LoraConfig::default()
+        };
+        let err = twice.validate().unwrap_err();
+        assert!(err.to_string().contains("q_proj is listed twice"), "{err}");
     }
 
     #[test]

@@ -126,8 +126,8 @@ pub struct Llama {
     rope: RopeTables,
     device: Device,
     /// The frozen weights as flat f32 for the LoRA training step, built on first use and
-    /// shared by clones.
-    flat: Arc<OnceLock<FlatWeights>>,
+    /// shared by clones; never cached when a weight is a `Var` (pretraining updates them).
+    flat: Arc<OnceLock<Arc<FlatWeights>>>,
 }
 
 /// A model's weights, borrowed (for [`FlatWeights`]).
@@ -293,13 +293,30 @@ impl Llama {
         }
     }
 
-    /// The frozen weights as flat f32 (built on the first call).
-    pub(crate) fn flat_weights(&self) -> Result<&FlatWeights> {
+    /// The weights as flat f32 for `lora_step`: built on the first call and cached, except
+    /// while any weight is a `Var` (its values change under the optimizer, so a copy is taken
+    /// each time).
+    pub(crate) fn flat_weights(&self) -> Result<Arc<FlatWeights>> {
         if let Some(f) = self.flat.get() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(FlatWeights::new(self)?);
+        if self.has_variables() {
             return Ok(f);
         }
-        let f = FlatWeights::new(self)?;
-        Ok(self.flat.get_or_init(|| f))
+        Ok(self.flat.get_or_init(|| f).clone())
+    }
+
+    fn has_variables(&self) -> bool {
+        let block = |b: &Block| {
+            b.input_norm.is_variable()
+                || b.post_attention_norm.is_variable()
+                || b.proj.iter().any(Tensor::is_variable)
+        };
+        self.embed.is_variable()
+            || self.lm_head.is_variable()
+            || self.norm.is_variable()
+            || self.blocks.iter().any(block)
     }
 
     pub fn device(&self) -> &Device {

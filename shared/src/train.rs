@@ -178,27 +178,30 @@ pub fn evaluate(
     windows: &[Window],
     batch_size: usize,
 ) -> Result<EvalReport, ModelError> {
-    let mut nll_sum = 0f64;
-    let mut correct = 0usize;
-    let mut count = 0usize;
-    let mut bytes = 0usize;
-    let mut ws = Workspace::default();
-    for chunk in windows.chunks(batch_size.max(1)) {
-        let refs: Vec<&Window> = chunk.iter().collect();
-        let batch = Batch::new(&refs, model.device())?;
-        let t = batch.inputs.dim(1)?;
-        let scores = lora_step::score(model, adapter, &batch, &mut ws)?;
-        for (i, w) in chunk.iter().enumerate() {
-            for p in w.targets.clone() {
-                let s = scores[i * t + p - 1];
-                nll_sum += f64::from(s.nll);
-                correct += usize::from(s.correct);
-                count += 1;
-            }
-            bytes += tok
-                .byte_len(&w.tokens[w.targets.clone()])
-                .map_err(|e| ModelError::Candle(candle_core::Error::Msg(e.to_string())))?;
-        }
+    use rayon::prelude::*;
+    // The chunks are scored on the training workers: one run of consecutive chunks and one
+    // workspace per worker, so at most that many workspaces exist at once.
+    model.flat_weights()?;
+    let chunks: Vec<&[Window]> = windows.chunks(batch_size.max(1)).collect();
+    let pool = worker_pool();
+    let per_worker = chunks.len().div_ceil(pool.current_num_threads()).max(1);
+    let sums = pool.install(|| {
+        chunks
+            .par_chunks(per_worker)
+            .map(|run| {
+                let mut ws = Workspace::default();
+                run.iter()
+                    .map(|chunk| score_chunk(model, adapter, tok, chunk, &mut ws))
+                    .collect::<Result<Vec<_>, ModelError>>()
+            })
+            .collect::<Result<Vec<_>, ModelError>>()
+    })?;
+    let (mut nll_sum, mut correct, mut count, mut bytes) = (0f64, 0usize, 0usize, 0usize);
+    for s in sums.into_iter().flatten() {
+        nll_sum += s.nll;
+        correct += s.correct;
+        count += s.count;
+        bytes += s.bytes;
     }
     let n = count.max(1) as f64;
     Ok(EvalReport {
@@ -207,6 +210,45 @@ pub fn evaluate(
         accuracy: correct as f64 / n,
         tokens: count,
     })
+}
+
+/// Sums over one chunk of windows.
+struct ChunkScore {
+    nll: f64,
+    correct: usize,
+    count: usize,
+    bytes: usize,
+}
+
+fn score_chunk(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tok: &Tokenizer,
+    chunk: &[Window],
+    ws: &mut Workspace,
+) -> Result<ChunkScore, ModelError> {
+    let refs: Vec<&Window> = chunk.iter().collect();
+    let batch = Batch::new(&refs, model.device())?;
+    let t = batch.inputs.dim(1)?;
+    let scores = lora_step::score(model, adapter, &batch, ws)?;
+    let mut out = ChunkScore {
+        nll: 0.0,
+        correct: 0,
+        count: 0,
+        bytes: 0,
+    };
+    for (i, w) in chunk.iter().enumerate() {
+        for p in w.targets.clone() {
+            let s = scores[i * t + p - 1];
+            out.nll += f64::from(s.nll);
+            out.correct += usize::from(s.correct);
+            out.count += 1;
+        }
+        out.bytes += tok
+            .byte_len(&w.tokens[w.targets.clone()])
+            .map_err(|e| ModelError::Candle(candle_core::Error::Msg(e.to_string())))?;
+    }
+    Ok(out)
 }
 
 /// Optimizer settings.
@@ -372,6 +414,9 @@ impl Trainer {
             .iter()
             .map(weight_sum)
             .sum::<candle_core::Result<f64>>()?;
+        if !total.is_finite() {
+            return Err(non_finite_weights());
+        }
         if parts.is_empty() || total <= 0.0 {
             return Err(no_targets());
         }
@@ -385,6 +430,9 @@ impl Trainer {
             .collect();
         if let Some((batch, weight)) = negatives {
             let neg_total = weight_sum(batch)?;
+            if !neg_total.is_finite() {
+                return Err(non_finite_weights());
+            }
             if !(weight.is_finite() && weight >= 0.0) {
                 return Err(ModelError::Candle(candle_core::Error::Msg(format!(
                     "unlikelihood weight {weight} is not a non-negative number"
@@ -398,6 +446,8 @@ impl Trainer {
                 });
             }
         }
+        // Built (or fetched) once here, not by every worker at once.
+        model.flat_weights()?;
         if self.workspaces.len() < work.len() {
             self.workspaces.resize_with(work.len(), Workspace::default);
         }
@@ -493,6 +543,12 @@ fn worker_pool() -> &'static rayon::ThreadPool {
             .build()
             .expect("the training worker threads could not be started")
     })
+}
+
+fn non_finite_weights() -> ModelError {
+    ModelError::Candle(candle_core::Error::Msg(
+        "batch weights are not finite numbers".into(),
+    ))
 }
 
 fn no_targets() -> ModelError {
