@@ -2,7 +2,7 @@
 //! however many devices report. Partial sums merge (sum and weight), so leaf aggregators can
 //! forward them to a root.
 
-use fedpersona_shared::delta::AdapterTensors;
+use fedpersona_privacy::tensors::AdapterTensors;
 
 /// The layout every update of a round must have: tensor names and shapes (the adapter's
 /// trainable tensors), and the L2 bound.
@@ -173,16 +173,16 @@ impl RunningSum {
     }
 
     /// The differentially private release of the round: N(0, stddev²) added to every value
-    /// of the sum ([`fedpersona_shared::noise::add_gaussian`] on the grid 2^k), divided by a
+    /// of the sum ([`fedpersona_privacy::noise::add_gaussian`] on the grid 2^k), divided by a
     /// fixed `denominator` (the expected cohort, so the count itself is not revealed).
     pub fn noised_mean(
         &self,
         stddev: f64,
         k: i32,
         denominator: f64,
-    ) -> Result<AdapterTensors, fedpersona_shared::noise::NoiseError> {
+    ) -> Result<AdapterTensors, fedpersona_privacy::noise::NoiseError> {
         let mut flat: Vec<f64> = self.sums.iter().flatten().copied().collect();
-        fedpersona_shared::noise::add_gaussian(&mut flat, stddev, k)?;
+        fedpersona_privacy::noise::add_gaussian(&mut flat, stddev, k)?;
         let values: Vec<f32> = flat.iter().map(|s| (s / denominator) as f32).collect();
         Ok(AdapterTensors::from_flat(&self.spec.shapes, &values).expect("the layout's size"))
     }

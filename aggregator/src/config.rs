@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use fedpersona_shared::codec::Encoding;
-use fedpersona_shared::config::LlamaConfig;
-use fedpersona_shared::lora::{LoraConfig, Target};
+use fedpersona_model::config::LlamaConfig;
+use fedpersona_model::lora::{LoraConfig, Target};
+use fedpersona_privacy::codec::Encoding;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -413,7 +413,7 @@ impl Config {
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<Config> {
         let f: File = toml::from_str(text)?;
-        let resolve = |p: &Path| fedpersona_shared::checkpoint::resolve_path(base, p);
+        let resolve = |p: &Path| fedpersona_model::checkpoint::resolve_path(base, p);
 
         let transport = match (&f.tls.cert, &f.tls.key, f.tls.plaintext) {
             (Some(cert), Some(key), false) => {
@@ -709,7 +709,7 @@ fn privacy_policy(
                 delta: p.delta,
             }),
         };
-        let one = fedpersona_shared::accountant::epsilon(
+        let one = fedpersona_privacy::accountant::epsilon(
             policy.noise_multiplier,
             policy.sampling_rate,
             1,

@@ -1,6 +1,6 @@
 //! The aggregator: the server side of fedpersona. It runs federated rounds over gRPC
-//! (`serve`), keeps the meta-learned shared adapter initialization, and owns producing the
-//! shipped base model (`pretrain`) and privacy planning (`privacy`).
+//! (`serve`), keeps the meta-learned shared adapter initialization, the privacy ledger and its budget,
+//! and privacy planning (`privacy`).
 
 pub mod aggregate;
 pub mod auth;
@@ -10,7 +10,6 @@ pub mod config;
 pub mod error;
 pub mod meta;
 pub mod metrics;
-pub mod pretrain;
 pub mod privacy;
 pub mod round;
 pub mod secure;

@@ -22,8 +22,6 @@ enum Command {
     Revoke(aggregator::cli::RevokeArgs),
     /// Write a self-signed CA and a server certificate for a test deployment.
     TlsCert(aggregator::cli::TlsCertArgs),
-    /// Train the byte-level base model on the public plays (the shipped checkpoint).
-    Pretrain(aggregator::pretrain::PretrainArgs),
     /// Privacy accounting: epsilon of a plan, or the noise a target epsilon needs.
     #[command(subcommand)]
     Privacy(aggregator::privacy::PrivacyCommand),
@@ -34,13 +32,9 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    match cli.command {
-        // Training reuses the same large buffers every step: keep freed pages mapped.
-        Command::Pretrain(_) => fedpersona_shared::runtime::keep_freed_memory(),
-        // A long-running server returns memory instead.
-        _ => fedpersona_shared::runtime::return_freed_memory(),
-    }
-    fedpersona_shared::runtime::init_logging();
+    // A long-running server returns freed memory.
+    fedpersona_model::runtime::return_freed_memory();
+    fedpersona_model::runtime::init_logging();
     let print = |r: anyhow::Result<String>| r.map(|line| println!("{line}"));
     let result = match &cli.command {
         Command::Serve(args) => {
@@ -49,13 +43,6 @@ fn main() {
         Command::Status(args) => print(aggregator::cli::status(args)),
         Command::Revoke(args) => print(aggregator::cli::revoke(args)),
         Command::TlsCert(args) => print(aggregator::cli::tls_cert(args)),
-        Command::Pretrain(args) => {
-            // Data-parallel workers each run single-threaded kernels.
-            if args.workers > 1 {
-                fedpersona_shared::runtime::set_kernel_threads(1);
-            }
-            aggregator::pretrain::run(args)
-        }
         Command::Privacy(cmd) => print(aggregator::privacy::run(cmd)),
         Command::Bench(cmd) => {
             tokio_runtime().and_then(|rt| print(rt.block_on(aggregator::bench::run(cmd))))

@@ -1,7 +1,7 @@
 //! Meta-learning of the shared adapter initialization θ: each committed round applies a
 //! server step to the mean client delta Δ̄ (Reptile / FedAvg, FedAvgM, FedAdam).
 
-use fedpersona_shared::delta::{AdapterTensors, DeltaError};
+use fedpersona_privacy::tensors::{AdapterTensors, DeltaError};
 
 use crate::config::ServerOptimizer;
 

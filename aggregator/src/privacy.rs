@@ -1,7 +1,7 @@
 //! `aggregator privacy epsilon|noise`: the accountant from the command line, for planning a
 //! deployment's noise multiplier, sampling rate and number of rounds.
 
-use fedpersona_shared::accountant;
+use fedpersona_privacy::accountant;
 
 /// What the rounds look like.
 #[derive(Debug, Clone, clap::Args)]

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fedpersona_shared::accountant::Accountant;
-use fedpersona_shared::codec::{self, DecodeLimits};
-use fedpersona_shared::lora::LoraAdapter;
-use fedpersona_shared::secagg::{self, EncryptedShare, Phase, Reveal};
+use fedpersona_model::lora::LoraAdapter;
+use fedpersona_privacy::accountant::Accountant;
+use fedpersona_privacy::codec::{self, DecodeLimits};
+use fedpersona_privacy::secagg::{self, EncryptedShare, Phase, Reveal};
 use tokio::sync::{watch, Notify};
 
 use crate::aggregate::{RunningSum, UpdateSpec};
@@ -141,7 +141,7 @@ impl PrivacySpent {
     pub fn of(
         accountant: &Accountant,
         budget: crate::config::Budget,
-    ) -> Result<Self, fedpersona_shared::accountant::AccountantError> {
+    ) -> Result<Self, fedpersona_privacy::accountant::AccountantError> {
         Ok(PrivacySpent {
             epsilon: accountant.epsilon(budget.delta)?.0,
             delta: budget.delta,
@@ -915,18 +915,18 @@ impl Coordinator {
 
     /// What the round publishes: the mean of its reports, with the central noise where the
     /// aggregator adds it. With DP the divisor is the target cohort size, not the count.
-    fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_shared::AdapterTensors> {
+    fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_privacy::AdapterTensors> {
         let p = &self.config.privacy;
         let c = f64::from(self.config.update.clip_norm);
         let denominator = f64::from(self.config.rounds.target_reports.get());
         let d = self.spec.num_values();
-        let k = fedpersona_shared::noise::grid_exponent(c, d);
+        let k = fedpersona_privacy::noise::grid_exponent(c, d);
         Ok(match p.mode {
             PrivacyMode::None | PrivacyMode::Local => sum.mean().expect("at least one report"),
             PrivacyMode::Distributed => sum.noised_mean(0.0, k, denominator)?,
             // Rounding the sum to the grid can move a neighbour's sum by twice the slack.
             PrivacyMode::Central => sum.noised_mean(
-                p.noise_multiplier * (c + 2.0 * fedpersona_shared::noise::grid_slack(k, d)),
+                p.noise_multiplier * (c + 2.0 * fedpersona_privacy::noise::grid_slack(k, d)),
                 k,
                 denominator,
             )?,

@@ -1,5 +1,5 @@
 //! One round's secure aggregation at the aggregator: the SecAgg+ server state machine
-//! (`fedpersona_shared::secagg`) behind the four `SecureAggregate` calls, with a deadline
+//! (`fedpersona_privacy::secagg`) behind the four `SecureAggregate` calls, with a deadline
 //! per phase.
 //!
 //! Phases: *advertise* (open while the round is; a device advertises once it has trained, so
@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use fedpersona_shared::secagg::{self, Assignment, EncryptedShare, Phase, Reveal, Survivors};
+use fedpersona_privacy::secagg::{self, Assignment, EncryptedShare, Phase, Reveal, Survivors};
 use tokio::sync::watch;
 
 use crate::auth::DeviceId;

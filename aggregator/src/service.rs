@@ -15,7 +15,7 @@ use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
 use crate::round::{unix_ms, CheckIn, Coordinator, SecureStep, UploadHeader};
 use crate::secure::Reply;
-use fedpersona_shared::secagg;
+use fedpersona_privacy::secagg;
 
 /// Chunk size of adapter downloads.
 const DOWNLOAD_CHUNK: usize = 256 << 10;
@@ -136,8 +136,8 @@ impl Federation for FederationService {
                     deadline_unix_ms: unix_ms(a.deadline),
                     max_upload_bytes: c.update.max_upload_bytes,
                     encoding: match c.update.encoding {
-                        fedpersona_shared::codec::Encoding::F32 => pb::Encoding::F32,
-                        fedpersona_shared::codec::Encoding::Q8 => pb::Encoding::Q8,
+                        fedpersona_privacy::codec::Encoding::F32 => pb::Encoding::F32,
+                        fedpersona_privacy::codec::Encoding::Q8 => pb::Encoding::Q8,
                     } as i32,
                     chunk_bytes: c.update.chunk_bytes,
                 })

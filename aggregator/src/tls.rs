@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use fedpersona_shared::checkpoint::write_atomic;
+use fedpersona_model::checkpoint::write_atomic;
 
 /// PEM-encoded CA certificate, server certificate and server key.
 #[derive(Debug, Clone)]

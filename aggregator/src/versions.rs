@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use fedpersona_shared::checkpoint::{self, CheckpointError};
-use fedpersona_shared::config::LlamaConfig;
-use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::lora::{LoraAdapter, LoraConfig, LoraError};
+use fedpersona_model::checkpoint::{self, CheckpointError};
+use fedpersona_model::config::LlamaConfig;
+use fedpersona_model::lora::{LoraAdapter, LoraConfig, LoraError};
+use fedpersona_privacy::tensors::AdapterTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::meta::MetaState;
@@ -96,8 +96,7 @@ impl Versions {
         for (prefix, t) in [("m.", &state.m), ("v.", &state.v)] {
             if let Some(t) = t {
                 opt.extend(
-                    t.clone()
-                        .into_named_vec()
+                    fedpersona_model::tensors::into_named(t.clone())
                         .into_iter()
                         .map(|(n, t)| (format!("{prefix}{n}"), t)),
                 );
@@ -151,8 +150,8 @@ impl Versions {
             path: p.display().to_string(),
             message,
         };
-        let theta =
-            AdapterTensors::from_safetensors(&bytes).map_err(|e| corrupt(&file, e.to_string()))?;
+        let theta = fedpersona_model::tensors::from_safetensors(&bytes)
+            .map_err(|e| corrupt(&file, e.to_string()))?;
         // Validates names and shapes against the configured adapter.
         LoraAdapter::from_tensors(&self.model, self.lora.clone(), &theta, &Device::Cpu)?;
         let meta_path = dir.join("server_optimizer.json");
@@ -160,7 +159,7 @@ impl Versions {
             serde_json::from_slice(&std::fs::read(&meta_path).map_err(|e| io(&meta_path, e))?)
                 .map_err(|e| corrupt(&meta_path, e.to_string()))?;
         let opt_path = dir.join("server_optimizer.safetensors");
-        let opt = AdapterTensors::from_safetensors(
+        let opt = fedpersona_model::tensors::from_safetensors(
             &std::fs::read(&opt_path).map_err(|e| io(&opt_path, e))?,
         )
         .map_err(|e| corrupt(&opt_path, e.to_string()))?;

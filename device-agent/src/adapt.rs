@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use fedpersona_shared::data::split_ordered;
-use fedpersona_shared::train::{
+use fedpersona_model::data::split_ordered;
+use fedpersona_model::train::{
     evaluate, fit, tokenize, windows, EvalReport, Example, FitConfig, TrainConfig, Window,
 };
-use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
 
 use crate::dataset::DataArgs;
 
@@ -124,7 +124,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     let base_dir = args
         .base
         .clone()
-        .unwrap_or_else(fedpersona_shared::checkpoint::default_model_dir);
+        .unwrap_or_else(fedpersona_model::checkpoint::default_model_dir);
     let base = BaseModel::load(&base_dir, &Device::Cpu)
         .with_context(|| format!("loading base model {}", base_dir.display()))?;
     let seq_len = resolve_seq_len(args.seq_len, &base)?;

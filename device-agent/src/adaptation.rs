@@ -21,9 +21,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::Device;
-use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::train::{evaluate, fit_while, Example, FitConfig, TrainConfig};
-use fedpersona_shared::{BaseModel, LoraAdapter};
+use fedpersona_model::train::{evaluate, fit_while, Example, FitConfig, TrainConfig};
+use fedpersona_model::{BaseModel, LoraAdapter};
+use fedpersona_privacy::tensors::AdapterTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::interactions::{Feedback, Stored};
@@ -264,7 +264,7 @@ pub fn adapt(
     } else {
         Vec::new()
     };
-    let negatives = fedpersona_shared::train::Negatives {
+    let negatives = fedpersona_model::train::Negatives {
         windows: &neg_w,
         weight: plan.unlikelihood,
     };
@@ -405,7 +405,7 @@ fn save_progress(
         best_loss,
         best_step,
     };
-    fedpersona_shared::checkpoint::write_atomic(
+    fedpersona_model::checkpoint::write_atomic(
         &dir.join(PROGRESS_FILE),
         &serde_json::to_vec(&p).expect("plain struct"),
     )?;

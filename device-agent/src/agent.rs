@@ -9,16 +9,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context};
 use candle_core::Device;
-use fedpersona_proto::auth::{self, Signer};
-use fedpersona_proto::v1 as pb;
-use fedpersona_shared::codec::Encoding;
-use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::privacy::{
+use fedpersona_model::train::{fit, Example, FitConfig, TrainConfig};
+use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_privacy::codec::Encoding;
+use fedpersona_privacy::protect::{
     protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec, Quantized,
 };
-use fedpersona_shared::secagg;
-use fedpersona_shared::train::{fit, Example, FitConfig, TrainConfig};
-use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_privacy::secagg;
+use fedpersona_privacy::tensors::AdapterTensors;
+use fedpersona_proto::auth::{self, Signer};
+use fedpersona_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use crate::client::{self, CheckIn, Connection, Retry, Session};
@@ -109,7 +109,7 @@ impl AgentConfig {
 
     pub fn parse(text: &str, base: &Path) -> anyhow::Result<AgentConfig> {
         let f: File = toml::from_str(text)?;
-        let resolve = |p: &Path| fedpersona_shared::checkpoint::resolve_path(base, p);
+        let resolve = |p: &Path| fedpersona_model::checkpoint::resolve_path(base, p);
         let ca_pem = f
             .aggregator
             .ca_cert
@@ -161,7 +161,7 @@ impl AgentConfig {
                 .device
                 .model_dir
                 .as_ref()
-                .map_or_else(fedpersona_shared::checkpoint::default_model_dir, |p| {
+                .map_or_else(fedpersona_model::checkpoint::default_model_dir, |p| {
                     resolve(p)
                 }),
             data: crate::dataset::DataArgs {
@@ -536,7 +536,8 @@ impl Agent {
                 task.adapter_bytes,
             )
             .await?;
-        let theta = AdapterTensors::from_safetensors(&bytes).context("global adapter")?;
+        let theta =
+            fedpersona_model::tensors::from_safetensors(&bytes).context("global adapter")?;
         let base = self.base.clone();
         let examples = Arc::clone(&self.examples);
         let protection = protection_for(task)?;

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
-use fedpersona_shared::generate::{generate, Sampling};
-use fedpersona_shared::train::{self, TrainConfig, Trainer, Window};
-use fedpersona_shared::{Llama, LlamaConfig, LoraAdapter, LoraConfig};
+use fedpersona_model::generate::{generate, Sampling};
+use fedpersona_model::train::{self, TrainConfig, Trainer, Window};
+use fedpersona_model::{Llama, LlamaConfig, LoraAdapter, LoraConfig};
 
 /// Flags shared by both benchmarks.
 #[derive(Debug, Clone, clap::Args)]
@@ -102,7 +102,7 @@ fn setup(args: &BenchArgs) -> anyhow::Result<Setup> {
         None => {
             let mut all = Vec::new();
             for (_, path) in
-                fedpersona_shared::data::play_files(&fedpersona_shared::data::default_corpus_dir())?
+                fedpersona_model::data::play_files(&fedpersona_model::data::default_corpus_dir())?
             {
                 all.extend(std::fs::read(path)?);
             }
@@ -175,7 +175,7 @@ pub fn train(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     Ok(BenchResult {
         tokens_per_s: (args.batch * args.seq) as f64 / med,
         median_step_ms: med * 1e3,
-        peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
+        peak_rss_mb: fedpersona_model::runtime::peak_rss_mb(),
         decode_tokens_per_s: None,
         loss_first: losses.first().copied(),
         loss_last: losses.last().copied(),
@@ -211,7 +211,7 @@ pub fn generate_bench(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     Ok(BenchResult {
         tokens_per_s: rate,
         median_step_ms: 1e3 / rate,
-        peak_rss_mb: fedpersona_shared::runtime::peak_rss_mb(),
+        peak_rss_mb: fedpersona_model::runtime::peak_rss_mb(),
         decode_tokens_per_s: Some(rate),
         loss_first: None,
         loss_last: None,

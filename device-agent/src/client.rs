@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fedpersona_privacy::protect::Privatized;
 use fedpersona_proto::auth::Signer;
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
-use fedpersona_shared::privacy::Privatized;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 

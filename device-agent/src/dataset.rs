@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use fedpersona_shared::data;
-use fedpersona_shared::train::Example;
+use fedpersona_model::data;
+use fedpersona_model::train::Example;
 
 /// Flags naming the data.
 #[derive(Debug, Clone, clap::Args)]

@@ -2,8 +2,8 @@
 //! optional adapter) on a data file.
 
 use anyhow::bail;
-use fedpersona_shared::data::split_ordered;
-use fedpersona_shared::train::{evaluate, EvalReport};
+use fedpersona_model::data::split_ordered;
+use fedpersona_model::train::{evaluate, EvalReport};
 
 use crate::adapt::{resolve_seq_len, to_windows};
 use crate::dataset::DataArgs;

@@ -4,8 +4,8 @@
 use std::io::Write;
 
 use anyhow::{bail, Context};
-use fedpersona_shared::generate::{generate, Sampling};
-use fedpersona_shared::tokenizer::Tokenizer;
+use fedpersona_model::generate::{generate, Sampling};
+use fedpersona_model::tokenizer::Tokenizer;
 
 use crate::ModelArgs;
 

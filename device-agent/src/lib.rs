@@ -14,14 +14,12 @@ pub mod generate;
 pub mod interactions;
 pub mod local;
 pub mod profile;
-#[cfg(feature = "simulate")]
-pub mod simulate;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::Device;
-use fedpersona_shared::{checkpoint, BaseModel, LoraAdapter};
+use fedpersona_model::{checkpoint, BaseModel, LoraAdapter};
 
 /// Flags naming the model: the base folder and an optional adapter.
 #[derive(Debug, Clone, clap::Args)]

@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
+use fedpersona_model::generate::{generate, Sampling};
+use fedpersona_model::{BaseModel, LoraAdapter};
 use fedpersona_proto::local as pb;
 use fedpersona_proto::local::local_agent_client::LocalAgentClient;
 use fedpersona_proto::local::local_agent_server::{LocalAgent, LocalAgentServer};
-use fedpersona_shared::generate::{generate, Sampling};
-use fedpersona_shared::{BaseModel, LoraAdapter};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -136,7 +136,7 @@ pub async fn run(cmd: LocalCommand) -> anyhow::Result<String> {
             socket,
             schedule,
         } => {
-            let base_dir = base.unwrap_or_else(fedpersona_shared::checkpoint::default_model_dir);
+            let base_dir = base.unwrap_or_else(fedpersona_model::checkpoint::default_model_dir);
             let base = BaseModel::load(&base_dir, &Device::Cpu)
                 .with_context(|| format!("loading base model {}", base_dir.display()))?;
             let socket = socket.unwrap_or_else(|| state_dir.join(SOCKET_FILE));
@@ -466,16 +466,16 @@ impl LocalState {
             Some(a) => a,
             None => LoraAdapter::new(
                 self.base.model.config(),
-                fedpersona_shared::LoraConfig::default(),
+                fedpersona_model::LoraConfig::default(),
                 &Device::Cpu,
             )?,
         };
         let seq_len = 128.min(self.base.model.config().max_position_embeddings);
         let examples = Weights::default().examples(&items, now);
         let profile = {
-            let scorer = |ex: &[fedpersona_shared::train::Example]| -> anyhow::Result<f64> {
+            let scorer = |ex: &[fedpersona_model::train::Example]| -> anyhow::Result<f64> {
                 let w = crate::adapt::to_windows(&self.base, ex, seq_len)?;
-                Ok(fedpersona_shared::train::evaluate(
+                Ok(fedpersona_model::train::evaluate(
                     &self.base.model,
                     Some(&adapter),
                     &self.base.tokenizer,
@@ -521,7 +521,7 @@ impl LocalState {
                 adapted_ms: now,
                 steps: outcome.steps,
             };
-            fedpersona_shared::checkpoint::write_atomic(
+            fedpersona_model::checkpoint::write_atomic(
                 &fresh.join("state.json"),
                 &serde_json::to_vec(&state).expect("plain struct"),
             )?;

@@ -33,22 +33,12 @@ enum Command {
     /// Time training steps or decoding (prints medians after warm-up).
     #[command(subcommand)]
     Bench(BenchCommand),
-    /// Run an aggregator and many agents on this machine and report how well each method
-    /// personalizes held-out users (`--quick` for a few minutes' run).
-    #[cfg(feature = "simulate")]
-    Simulate(Box<device_agent::simulate::SimulateArgs>),
 }
 
 fn main() {
-    fedpersona_shared::runtime::keep_freed_memory();
+    fedpersona_model::runtime::keep_freed_memory();
     let cli = Cli::parse();
-    // A simulation runs hundreds of agents and its own aggregator in this process: their
-    // per-round lines would drown the progress bars, so only warnings by default.
-    #[cfg(feature = "simulate")]
-    let quiet = matches!(cli.command, Command::Simulate(_));
-    #[cfg(not(feature = "simulate"))]
-    let quiet = false;
-    fedpersona_shared::runtime::init_logging_with(if quiet { "warn" } else { "info" });
+    fedpersona_model::runtime::init_logging();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(2);
@@ -58,9 +48,9 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
-            fedpersona_shared::runtime::set_kernel_threads(1);
+            fedpersona_model::runtime::set_kernel_threads(1);
             let s = adapt::run(&args)?;
-            let fmt = |r: Option<fedpersona_shared::train::EvalReport>| {
+            let fmt = |r: Option<fedpersona_model::train::EvalReport>| {
                 r.map_or("-".to_string(), |r| {
                     format!(
                         "loss {:.4}, bits/byte {:.4}, accuracy {:.4}",
@@ -89,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Generate(args) => {
-            fedpersona_shared::runtime::set_kernel_threads(1);
+            fedpersona_model::runtime::set_kernel_threads(1);
             generate::run(&args)?;
             // Only the continuation goes to a pipe; a terminal also gets a final newline.
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -99,7 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => {
             let (r, args) = match &cmd {
                 BenchCommand::Train(a) => {
-                    fedpersona_shared::runtime::set_kernel_threads(if a.threads > 1 {
+                    fedpersona_model::runtime::set_kernel_threads(if a.threads > 1 {
                         1
                     } else {
                         a.threads
@@ -107,7 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (bench::train(a)?, a)
                 }
                 BenchCommand::Generate(a) => {
-                    fedpersona_shared::runtime::set_kernel_threads(a.threads);
+                    fedpersona_model::runtime::set_kernel_threads(a.threads);
                     (bench::generate_bench(a)?, a)
                 }
             };
@@ -127,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Local(cmd) => {
-            fedpersona_shared::runtime::set_kernel_threads(1);
+            fedpersona_model::runtime::set_kernel_threads(1);
             let out = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -137,7 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Run { config } => {
-            fedpersona_shared::runtime::set_kernel_threads(1);
+            fedpersona_model::runtime::set_kernel_threads(1);
             let summary = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -146,11 +136,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "reported in {} rounds ({} failed attempts)",
                 summary.rounds_reported, summary.tasks_failed
             );
-        }
-        #[cfg(feature = "simulate")]
-        Command::Simulate(args) => {
-            fedpersona_shared::runtime::set_kernel_threads(1);
-            simulate(&args)?;
         }
         Command::Eval(args) => {
             let r = evaluate::run(&args)?;
@@ -164,34 +149,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-#[cfg(feature = "simulate")]
-fn simulate(args: &device_agent::simulate::SimulateArgs) -> anyhow::Result<()> {
-    use device_agent::simulate;
-    if args.scale_test {
-        let r = simulate::scale::run(args)?;
-        println!(
-            "{} agents resident: RSS {:.0} MB -> {:.0} MB ({:.1} KB per agent), enrolled in {:.1} s",
-            r.agents, r.rss_before_agents_mb, r.rss_with_agents_mb, r.kb_per_agent, r.enroll_seconds
-        );
-        println!(
-            "rounds of {} clients: median {:.2} s per round ({}); peak RSS {:.0} MB; wrote {}",
-            r.clients_per_round,
-            r.median_seconds_per_round,
-            r.seconds_per_round
-                .iter()
-                .map(|s| format!("{s:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            r.peak_rss_mb,
-            args.out.join("scale.json").display()
-        );
-        return Ok(());
-    }
-    let r = simulate::run(args)?;
-    print!("{}", simulate::report::summary(&r));
-    println!("wrote {}", args.out.join("report.md").display());
     Ok(())
 }

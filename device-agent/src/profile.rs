@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use fedpersona_shared::train::Example;
+use fedpersona_model::train::Example;
 use serde::Serialize;
 
 use crate::interactions::{Feedback, Stored};

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use fedpersona_model::config::LlamaConfig;
+use fedpersona_model::lora::LoraAdapter;
+use fedpersona_privacy::codec::{self, Encoding};
+use fedpersona_privacy::tensors::AdapterTensors;
 use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
-use fedpersona_shared::codec::{self, Encoding};
-use fedpersona_shared::config::LlamaConfig;
-use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::lora::LoraAdapter;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -242,8 +242,8 @@ encoding = "{enc}"
     let sha = ring::digest::digest(&ring::digest::SHA256, &update)
         .as_ref()
         .to_vec();
-    let peak_before = fedpersona_shared::runtime::peak_rss_mb();
-    let rss_before_uploads_mb = fedpersona_shared::runtime::rss_mb();
+    let peak_before = fedpersona_model::runtime::peak_rss_mb();
+    let rss_before_uploads_mb = fedpersona_model::runtime::rss_mb();
     // Reset the peak (Linux: writing 5 to clear_refs resets VmHWM) to see the uploads' own.
     let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let update = Arc::new(update);
@@ -308,10 +308,10 @@ encoding = "{enc}"
         seconds,
         updates_per_s: n as f64 / seconds,
         mb_per_s: (n * bytes) as f64 / seconds / 1e6,
-        peak_rss_mb: peak_before.max(fedpersona_shared::runtime::peak_rss_mb()),
+        peak_rss_mb: peak_before.max(fedpersona_model::runtime::peak_rss_mb()),
         rss_before_uploads_mb,
         peak_rss_uploads_mb: if reset {
-            fedpersona_shared::runtime::peak_rss_mb()
+            fedpersona_model::runtime::peak_rss_mb()
         } else {
             f64::NAN
         },

@@ -9,12 +9,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use fedpersona_privacy::codec::{self, DecodeLimits, Encoding};
+use fedpersona_privacy::noise;
+use fedpersona_privacy::protect::{quantize, QuantizationSpec};
+use fedpersona_privacy::secagg::{Client, Server};
+use fedpersona_privacy::tensors::AdapterTensors;
 use fedpersona_proto::v1 as pb;
-use fedpersona_shared::codec::{self, DecodeLimits, Encoding};
-use fedpersona_shared::delta::AdapterTensors;
-use fedpersona_shared::noise;
-use fedpersona_shared::privacy::{quantize, QuantizationSpec};
-use fedpersona_shared::secagg::{Client, Server};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;

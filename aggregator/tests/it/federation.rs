@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use aggregator::config::Config;
 use aggregator::server::{self, Handle};
+use fedpersona_privacy::codec::{self, Encoding};
+use fedpersona_privacy::tensors::AdapterTensors;
 use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
-use fedpersona_shared::codec::{self, Encoding};
-use fedpersona_shared::delta::AdapterTensors;
 use rand::SeedableRng;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
@@ -20,7 +20,7 @@ use tonic::Code;
 pub const TOKEN: &str = "test-enrollment-token-0123456789";
 
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/fixtures/hf-tiny-llama")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/model/tests/fixtures/hf-tiny-llama")
 }
 
 /// Writes TLS material and a config into `dir`; `rounds` is the `[rounds]` table body.

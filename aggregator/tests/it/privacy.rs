@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use fedpersona_privacy::accountant;
+use fedpersona_privacy::codec::Encoding;
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
-use fedpersona_shared::accountant;
-use fedpersona_shared::codec::Encoding;
 use tonic::Code;
 
 use crate::federation::{delta, write_config, Server, Upload};
@@ -171,7 +171,7 @@ fn secure_rounds_refuse_plain_uploads_and_unsigned_adverts() {
     assert_eq!(plain.unwrap_err().code(), Code::FailedPrecondition);
 
     let call = |signer: &fedpersona_proto::auth::Signer, round: u64, signature: Vec<u8>| {
-        let (_, c_pk, s_pk) = fedpersona_shared::secagg::Client::new(round).unwrap();
+        let (_, c_pk, s_pk) = fedpersona_privacy::secagg::Client::new(round).unwrap();
         let mut req = pb::SecAggRequest {
             auth: None,
             round,

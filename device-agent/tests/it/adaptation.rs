@@ -4,8 +4,8 @@
 
 use candle_core::Device;
 use device_agent::adaptation::{adapt, Budget, Data, Plan};
-use fedpersona_shared::train::Example;
-use fedpersona_shared::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_model::train::Example;
+use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
 
 use crate::fixture;
 
@@ -74,7 +74,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
         .collect();
     let neg_windows = device_agent::adapt::to_windows(&base, &negatives, 32).unwrap();
     let neg_loss = |a: &LoraAdapter| {
-        fedpersona_shared::train::evaluate(&base.model, Some(a), &base.tokenizer, &neg_windows, 8)
+        fedpersona_model::train::evaluate(&base.model, Some(a), &base.tokenizer, &neg_windows, 8)
             .unwrap()
             .loss
     };

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use device_agent::local::{self, LocalState};
+use fedpersona_model::BaseModel;
 use fedpersona_proto::local as pb;
-use fedpersona_shared::BaseModel;
 use tonic::Code;
 
 use crate::{bin, fixture};

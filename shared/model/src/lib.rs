@@ -1,0 +1,23 @@
+//! fedpersona's model crate: the LLaMA-family model with LoRA, tokenizers, training and
+//! evaluation, checkpoints in the HF/PEFT layouts, and the data formats. Adapter values
+//! leave it as [`fedpersona_privacy::AdapterTensors`] ([`tensors`] converts). It does no
+//! network I/O.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod generate;
+pub mod kernels;
+pub mod lora;
+pub mod lora_step;
+pub mod model;
+pub mod runtime;
+pub mod tensors;
+pub mod tokenizer;
+pub mod train;
+
+pub use checkpoint::BaseModel;
+pub use config::LlamaConfig;
+pub use lora::{LoraAdapter, LoraConfig, Target};
+pub use model::{KvCache, Llama};
+pub use tokenizer::Tokenizer;

@@ -1,0 +1,18 @@
+//! fedpersona's privacy crate: everything an adapter delta goes through between the
+//! device's training step and the aggregator's sum, and the arithmetic that says what that
+//! costs in privacy. Pure computation: no model, no candle, no I/O, no async runtime.
+//!
+//! * [`tensors`]: adapter values as sorted, named, flat f32 arrays.
+//! * [`protect`]: clipping, noise and encoding: the only constructors of what may leave a
+//!   device ([`protect::Privatized`], [`protect::Quantized`]).
+//! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP accounting and its inverse.
+//! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
+
+pub mod accountant;
+pub mod codec;
+pub mod noise;
+pub mod protect;
+pub mod secagg;
+pub mod tensors;
+
+pub use tensors::AdapterTensors;

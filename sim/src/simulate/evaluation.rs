@@ -1,0 +1,442 @@
+//! Scoring: few-shot personalization of held-out users (each method adapts from its starting
+//! adapter on the user's support lines and is scored on its query lines), the global
+//! adapter on the training users' test split, and the per-round monitoring slice. Users are
+//! spread over the cores, one single-threaded worker each.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::corpus::UserSplit;
+use anyhow::Context;
+use candle_core::Device;
+use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig, Window};
+use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
+use fedpersona_privacy::AdapterTensors;
+
+use device_agent::adapt::to_windows;
+
+/// How a held-out user adapts.
+#[derive(Debug, Clone)]
+pub struct FewShot {
+    pub lora: LoraConfig,
+    /// Support lines used (the first ones of the user's support split).
+    pub support_lines: usize,
+    /// Local fine-tuning steps: the methods are scored after this many.
+    pub steps: usize,
+    /// The accuracy-vs-steps curve goes on to this many steps (at least `steps`).
+    pub curve_to: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub train_seq_len: usize,
+    pub eval_seq_len: usize,
+    pub seed: u64,
+    /// Also run the profile-driven adaptation (issue 5's ablation) from the FedAvg start.
+    pub adaptive: bool,
+}
+
+impl FewShot {
+    /// Step counts at which the query data is scored: 0, 1, 2, 5, 10, 20, 40, … up to the
+    /// curve's end, and the scored budget.
+    pub fn checkpoints(&self) -> Vec<usize> {
+        let end = self.curve_to.max(self.steps);
+        let mut c: Vec<usize> = [0, 1, 2]
+            .into_iter()
+            .chain((0..).map(|i| 5usize << i).take_while(|&x| x <= end))
+            .filter(|&x| x <= end)
+            .chain([self.steps, end])
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    }
+}
+
+/// The starting adapters of the federated methods.
+#[derive(Debug, Clone)]
+pub struct Starts {
+    pub fedavg: Option<AdapterTensors>,
+    pub meta: Option<AdapterTensors>,
+    /// The FedAvg adapter trained without DP (private runs: the reference for privacy's cost).
+    pub fedavg_nonprivate: Option<AdapterTensors>,
+}
+
+/// One held-out user's scores: `base`, and per adapted method its curve over checkpoints.
+#[derive(Debug, Clone)]
+pub struct UserScores {
+    pub base: EvalReport,
+    /// `local_only`, `fedavg`, `meta` → (steps, report) in step order; `adaptive` has one
+    /// entry, at the scored budget's key, for the profile-driven run from the FedAvg start.
+    pub curves: BTreeMap<&'static str, Vec<(usize, EvalReport)>>,
+    /// The adaptive run (with a FedAvg start).
+    pub adaptive: Option<AdaptiveRun>,
+}
+
+/// What the profile-driven adaptation of one held-out user did.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct AdaptiveRun {
+    pub steps: usize,
+    pub stopped_early: bool,
+    pub lr: f64,
+    pub accepted: usize,
+    pub edited: usize,
+    pub rejected: usize,
+}
+
+/// The user's support lines replayed as interactions, one a day up to `now_ms`: the agent
+/// (with `start`) suggests a continuation of each line's context, greedy, as long as the
+/// line; the line is what the user "wrote"; the feedback is
+/// [`simulated_feedback`](device_agent::adaptation::simulated_feedback) of the two.
+fn replay(
+    base: &BaseModel,
+    start: &LoraAdapter,
+    support: &[fedpersona_model::train::Example],
+    now_ms: i64,
+) -> anyhow::Result<Vec<device_agent::interactions::Stored>> {
+    use device_agent::interactions::{Interaction, Stored};
+    let mut out = Vec::with_capacity(support.len());
+    for (i, ex) in support.iter().enumerate() {
+        let mut prompt: Vec<u32> = base.bos().into_iter().collect();
+        if let Some(c) = &ex.context {
+            prompt.extend(base.tokenizer.encode(c)?);
+        }
+        prompt.extend(base.tokenizer.encode("\n\n")?);
+        let want = base.tokenizer.encode(&ex.text)?.len().clamp(1, 96);
+        let ids = fedpersona_model::generate::generate(
+            &base.model,
+            Some(start),
+            &prompt,
+            want,
+            fedpersona_model::generate::Sampling::default(),
+            |_| true,
+        )?;
+        let suggestion = base.tokenizer.decode(&ids).unwrap_or_default();
+        let feedback = device_agent::adaptation::simulated_feedback(&suggestion, &ex.text);
+        out.push(Stored {
+            id: i as i64 + 1,
+            interaction: Interaction {
+                time_ms: now_ms - (support.len() - i) as i64 * 86_400_000,
+                context: ex.context.clone(),
+                suggestion: Some(suggestion),
+                text: ex.text.clone(),
+                feedback,
+                app: "simulation".into(),
+                kind: "speech".into(),
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Profile-driven adaptation from `start` on the replayed support lines, scored on the query.
+fn adaptive(
+    base: &BaseModel,
+    start: &AdapterTensors,
+    support: &[fedpersona_model::train::Example],
+    query: &[Window],
+    fs: &FewShot,
+) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
+    use device_agent::adaptation::{adapt, Data, Plan, Weights};
+    use device_agent::interactions::Feedback;
+    let now_ms = 1_750_000_000_000;
+    let mut adapter =
+        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
+    let items = replay(base, &adapter.frozen(), support, now_ms)?;
+    let examples = Weights::default().examples(&items, now_ms);
+    let scorer_windows = |ex: &[fedpersona_model::train::Example]| -> anyhow::Result<f64> {
+        let w = to_windows(base, ex, fs.eval_seq_len)?;
+        Ok(evaluate(&base.model, Some(&adapter), &base.tokenizer, &w, 16)?.loss)
+    };
+    let profile = device_agent::profile::Profile::compute(&items, now_ms, Some(&scorer_windows))?;
+    // About three epochs, capped at the curve's length so both arms see comparable compute.
+    let plan = Plan::from_profile(
+        &profile,
+        examples.len(),
+        fs.lr,
+        fs.batch_size,
+        fs.train_seq_len,
+        fs.curve_to.max(fs.steps),
+    );
+    let budget = device_agent::adaptation::Budget {
+        checkpoint: None,
+        deadline: None,
+    };
+    let mut with_ul =
+        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
+    let plain = Data {
+        examples: &examples,
+        negatives: &[],
+        id: 0,
+    };
+    let outcome = adapt(base, &mut adapter, plain, &plan, fs.seed, budget)?;
+    let report = evaluate(&base.model, Some(&adapter), &base.tokenizer, query, 16)?;
+    // The same run with the rejected suggestions pushed down (unlikelihood, weight 0.5).
+    let negatives = Weights::default().negatives(&items, now_ms);
+    let ul_plan = Plan {
+        unlikelihood: 0.5,
+        ..plan
+    };
+    let data = Data {
+        examples: &examples,
+        negatives: &negatives,
+        id: 0,
+    };
+    adapt(base, &mut with_ul, data, &ul_plan, fs.seed, budget)?;
+    let report_ul = evaluate(&base.model, Some(&with_ul), &base.tokenizer, query, 16)?;
+    let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
+    Ok((
+        report,
+        report_ul,
+        AdaptiveRun {
+            steps: outcome.steps,
+            stopped_early: outcome.stopped_early,
+            lr: plan.lr,
+            accepted: count(Feedback::Accepted),
+            edited: count(Feedback::Edited),
+            rejected: count(Feedback::Rejected),
+        },
+    ))
+}
+
+/// Adapts one held-out user with each method and scores it on its query lines.
+pub fn personalize(
+    base: &BaseModel,
+    user: &UserSplit,
+    starts: &Starts,
+    fs: &FewShot,
+) -> anyhow::Result<UserScores> {
+    let support: Vec<_> = user.train.iter().take(fs.support_lines).cloned().collect();
+    let train_w = to_windows(base, &support, fs.train_seq_len)?;
+    let query_w = to_windows(base, &user.test, fs.eval_seq_len)?;
+    anyhow::ensure!(
+        !train_w.is_empty() && !query_w.is_empty(),
+        "a held-out user has no support or no query text"
+    );
+    let base_report = evaluate(&base.model, None, &base.tokenizer, &query_w, 16)?;
+    let mut curves = BTreeMap::new();
+    let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
+    curves.insert(
+        "local_only",
+        fine_tune(base, fresh, &train_w, &query_w, fs)?,
+    );
+    for (name, start) in [
+        ("fedavg", &starts.fedavg),
+        ("meta", &starts.meta),
+        ("fedavg_nonprivate", &starts.fedavg_nonprivate),
+    ] {
+        if let Some(theta) = start {
+            let adapter = LoraAdapter::from_tensors(
+                base.model.config(),
+                fs.lora.clone(),
+                theta,
+                &Device::Cpu,
+            )
+            .context("starting adapter")?;
+            curves.insert(name, fine_tune(base, adapter, &train_w, &query_w, fs)?);
+        }
+    }
+    let adaptive = match &starts.fedavg {
+        Some(theta) if fs.adaptive => {
+            let (report, report_ul, run) = adaptive(base, theta, &support, &query_w, fs)?;
+            curves.insert("adaptive", vec![(fs.steps, report)]);
+            curves.insert("adaptive_unlikelihood", vec![(fs.steps, report_ul)]);
+            Some(run)
+        }
+        _ => None,
+    };
+    Ok(UserScores {
+        base: base_report,
+        curves,
+        adaptive,
+    })
+}
+
+fn fine_tune(
+    base: &BaseModel,
+    adapter: LoraAdapter,
+    train: &[Window],
+    query: &[Window],
+    fs: &FewShot,
+) -> anyhow::Result<Vec<(usize, EvalReport)>> {
+    let checkpoints = fs.checkpoints();
+    let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
+    let mut out = vec![(0, score(&adapter)?)];
+    let end = fs.curve_to.max(fs.steps);
+    if end == 0 {
+        return Ok(out);
+    }
+    let cfg = FitConfig {
+        steps: end,
+        batch_size: fs.batch_size,
+        optimizer: TrainConfig {
+            lr: fs.lr,
+            ..TrainConfig::default()
+        },
+        workers: 1,
+        seed: fs.seed,
+    };
+    let mut failed = None;
+    fit(&base.model, &adapter, train, &cfg, |step, _| {
+        let done = step + 1;
+        if failed.is_none() && checkpoints.contains(&done) {
+            match score(&adapter) {
+                Ok(r) => out.push((done, r)),
+                Err(e) => failed = Some(e),
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(out)
+}
+
+/// Runs `f` on every item over `workers` threads, in any order, until done or `stop`; calls
+/// `tick` after each item. Results come back in item order (None where skipped).
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    stop: &AtomicBool,
+    tick: impl Fn() + Sync,
+    f: impl Fn(&T) -> anyhow::Result<R> + Sync,
+) -> anyhow::Result<Vec<Option<R>>> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let failure = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, items.len().max(1)) {
+            s.spawn(|| loop {
+                if stop.load(Ordering::Relaxed) || failure.lock().expect("lock").is_some() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { return };
+                match f(item) {
+                    Ok(r) => *results[i].lock().expect("lock") = Some(r),
+                    Err(e) => {
+                        *failure.lock().expect("lock") = Some(e);
+                        return;
+                    }
+                }
+                tick();
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("lock") {
+        return Err(e);
+    }
+    Ok(results
+        .into_iter()
+        .map(|m| m.into_inner().expect("lock"))
+        .collect())
+}
+
+/// Merges reports of disjoint windows (token-weighted; bits per byte through the byte
+/// counts each report implies).
+pub fn merge(reports: &[EvalReport]) -> EvalReport {
+    let tokens: usize = reports.iter().map(|r| r.tokens).sum();
+    let n = tokens.max(1) as f64;
+    let nll: f64 = reports.iter().map(|r| r.loss * r.tokens as f64).sum();
+    let bytes: f64 = reports
+        .iter()
+        .filter(|r| r.bits_per_byte > 0.0)
+        .map(|r| r.loss * r.tokens as f64 / std::f64::consts::LN_2 / r.bits_per_byte)
+        .sum();
+    EvalReport {
+        loss: nll / n,
+        bits_per_byte: if bytes > 0.0 {
+            nll / std::f64::consts::LN_2 / bytes
+        } else {
+            0.0
+        },
+        accuracy: reports
+            .iter()
+            .map(|r| r.accuracy * r.tokens as f64)
+            .sum::<f64>()
+            / n,
+        tokens,
+    }
+}
+
+/// Scores an adapter (or the bare base model) on windows, spread over `workers` threads.
+pub fn score_windows(
+    base: &BaseModel,
+    theta: Option<&AdapterTensors>,
+    lora: &LoraConfig,
+    windows: &[Window],
+    workers: usize,
+) -> anyhow::Result<EvalReport> {
+    let adapter = theta
+        .map(|t| LoraAdapter::from_tensors(base.model.config(), lora.clone(), t, &Device::Cpu))
+        .transpose()?;
+    let per = windows.len().div_ceil(workers.max(1)).max(1);
+    let chunks: Vec<&[Window]> = windows.chunks(per).collect();
+    let stop = AtomicBool::new(false);
+    let parts = par_map(
+        &chunks,
+        workers,
+        &stop,
+        || {},
+        |c| {
+            Ok(evaluate(
+                &base.model,
+                adapter.as_ref(),
+                &base.tokenizer,
+                c,
+                16,
+            )?)
+        },
+    )?;
+    Ok(merge(&parts.into_iter().flatten().collect::<Vec<_>>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_token_weighted() {
+        let a = EvalReport {
+            loss: 1.0,
+            bits_per_byte: 1.0 / std::f64::consts::LN_2,
+            accuracy: 0.5,
+            tokens: 100,
+        };
+        let b = EvalReport {
+            loss: 2.0,
+            bits_per_byte: 2.0 / std::f64::consts::LN_2,
+            accuracy: 0.8,
+            tokens: 300,
+        };
+        let m = merge(&[a, b]);
+        assert_eq!(m.tokens, 400);
+        assert!((m.accuracy - 0.725).abs() < 1e-12);
+        assert!((m.loss - 1.75).abs() < 1e-12);
+        assert!((m.bits_per_byte - 1.75 / std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn par_map_keeps_order_and_reports_failure() {
+        let stop = AtomicBool::new(false);
+        let xs: Vec<u32> = (0..20).collect();
+        let r = par_map(&xs, 3, &stop, || {}, |x| Ok(x * 2)).unwrap();
+        assert_eq!(
+            r.iter().map(|v| v.unwrap()).collect::<Vec<_>>(),
+            (0..40).step_by(2).collect::<Vec<_>>()
+        );
+        let e = par_map(
+            &xs,
+            2,
+            &stop,
+            || {},
+            |x| {
+                anyhow::ensure!(*x != 7, "seven");
+                Ok(*x)
+            },
+        );
+        assert!(e.unwrap_err().to_string().contains("seven"));
+        stop.store(true, Ordering::Relaxed);
+        let r = par_map(&xs, 2, &stop, || {}, |x| Ok(*x)).unwrap();
+        assert!(r.iter().all(Option::is_none));
+    }
+}

@@ -1,0 +1,528 @@
+//! One federation of a simulation: the real aggregator (its config file, journal, gRPC server
+//! with TLS on 127.0.0.1) and one real [`Agent`] per training user, all sharing the frozen
+//! base model. Each round the simulation plays device availability: it picks the round's
+//! devices by seed, some of which take the task and vanish (dropouts), and runs the others'
+//! whole participation (check-in, download, local training, clipped upload), as many at a
+//! time as there are cores.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::corpus::UserSplit;
+use aggregator::round::Coordinator;
+use anyhow::{bail, Context};
+use fedpersona_model::{BaseModel, LoraConfig};
+use fedpersona_privacy::AdapterTensors;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+
+use super::report::RoundRecord;
+use device_agent::agent::{Agent, AgentConfig, Report, Step};
+use device_agent::client::{Connection, Retry};
+
+/// The server step of a federation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ServerStep {
+    /// `sgd` (FedAvg / Reptile), `momentum` (FedAvgM) or `adam` (FedAdam).
+    pub optimizer: &'static str,
+    pub lr: f64,
+    pub momentum: f64,
+}
+
+/// What one federation runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FederationSpec {
+    /// `fedavg` or `meta`.
+    pub name: &'static str,
+    pub rounds: u64,
+    pub clients_per_round: usize,
+    pub local_steps: u32,
+    pub lr: f64,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub clip_norm: f64,
+    #[serde(skip)]
+    pub lora: LoraConfig,
+    pub server: ServerStep,
+    /// Chance that a picked device takes the task and never reports.
+    pub dropout: f64,
+    pub seed: u64,
+    pub privacy: PrivacyPlan,
+}
+
+/// Differential privacy and secure aggregation of a simulated federation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct PrivacyPlan {
+    pub mode: super::PrivacyMode,
+    /// Target ε over all the rounds (the noise multiplier is solved for it), or None.
+    pub epsilon: Option<f64>,
+    /// z, or None to solve it from `epsilon`.
+    pub noise_multiplier: Option<f64>,
+    pub delta: f64,
+    pub secure_aggregation: bool,
+}
+
+/// What the aggregator is configured with, resolved for the population.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ResolvedPrivacy {
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+    pub epsilon_budget: f64,
+}
+
+/// Cohort size and over-selection for a federation of `users`.
+fn cohort_of(spec: &FederationSpec, users: usize) -> (usize, f64) {
+    let cohort = spec.clients_per_round.clamp(1, users);
+    // Over-selection leaves room for the expected dropouts (and then some).
+    let over = if spec.dropout > 0.0 {
+        (3.0 * spec.dropout / (1.0 - spec.dropout)).clamp(0.1, 10.0)
+    } else {
+        0.0
+    };
+    (cohort, over)
+}
+
+impl PrivacyPlan {
+    /// The noise multiplier and budget for `users` devices (None without DP). The sampling
+    /// rate is the aggregator's: devices assigned per round over the population.
+    pub fn resolve(
+        &self,
+        spec: &FederationSpec,
+        users: usize,
+    ) -> anyhow::Result<Option<ResolvedPrivacy>> {
+        use fedpersona_privacy::accountant;
+        if self.mode == super::PrivacyMode::None {
+            return Ok(None);
+        }
+        let (cohort, over) = cohort_of(spec, users);
+        let assigned = (cohort as f64 * (1.0 + over)).ceil().min(users as f64);
+        let q = assigned / users as f64;
+        let z = match (self.noise_multiplier, self.epsilon) {
+            (Some(z), _) => z,
+            (None, Some(e)) => accountant::noise_multiplier_for(e, q, spec.rounds, self.delta)?,
+            (None, None) => bail!("a private simulation needs --epsilon or --noise-multiplier"),
+        };
+        let planned = accountant::epsilon(z, q, spec.rounds, self.delta)?;
+        Ok(Some(ResolvedPrivacy {
+            noise_multiplier: z,
+            sampling_rate: q,
+            // A hair above the plan so that the last round fits despite float rounding.
+            epsilon_budget: self.epsilon.unwrap_or(planned).max(planned) * (1.0 + 1e-9),
+        }))
+    }
+}
+
+/// What the federations of a run share.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub base: Arc<BaseModel>,
+    pub base_dir: PathBuf,
+    /// `ca.pem`, `server.pem`, `server.key` of this run.
+    pub tls_dir: PathBuf,
+    pub stop: Arc<AtomicBool>,
+    /// Devices training at once (one core each).
+    pub workers: usize,
+}
+
+/// A running federation.
+#[derive(Debug)]
+pub struct Federation {
+    pub spec: FederationSpec,
+    /// The noise multiplier and budget the aggregator runs with (None without DP).
+    pub privacy: Option<ResolvedPrivacy>,
+    coordinator: Arc<Coordinator>,
+    agents: Vec<Option<Agent>>,
+    rng: rand_chacha::ChaCha20Rng,
+    stop_server: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    env: Env,
+}
+
+/// The simulation was stopped (Ctrl-C).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+impl Federation {
+    /// Writes the aggregator's config into `dir`, starts it on a free loopback port, and
+    /// enrolls one agent per user (state in `dir/agents/N`).
+    pub fn start(
+        rt: &Runtime,
+        spec: FederationSpec,
+        env: &Env,
+        users: &[UserSplit],
+        dir: &Path,
+        on_enrolled: impl Fn() + Send + Sync + 'static,
+    ) -> anyhow::Result<Federation> {
+        if users.is_empty() {
+            bail!("no training users");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let token = hex::encode(rand::random::<[u8; 24]>());
+        let config_path = dir.join("aggregator.toml");
+        let privacy = spec.privacy.resolve(&spec, users.len())?;
+        fedpersona_model::checkpoint::write_atomic(
+            &config_path,
+            aggregator_toml(&spec, env, &token, users.len(), privacy).as_bytes(),
+        )?;
+        aggregator::tls::set_private(&config_path)?;
+        let config = aggregator::config::Config::load(&config_path)?;
+        let handle = aggregator::server::start(config)?;
+        let coordinator = handle.coordinator.clone();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .context("binding a loopback port")?;
+        let port = listener.local_addr()?.port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(aggregator::server::run(handle, listener, None, async {
+            let _ = stop_rx.await;
+        }));
+
+        let connection = Connection {
+            url: format!("https://127.0.0.1:{port}"),
+            ca_pem: Some(
+                std::fs::read(env.tls_dir.join("ca.pem")).context("reading the run's CA")?,
+            ),
+            domain: Some("localhost".into()),
+        };
+        let channel = {
+            let _in_runtime = rt.enter();
+            device_agent::client::channel(&connection)?
+        };
+        let on_enrolled = Arc::new(on_enrolled);
+        let agents = rt.block_on(async {
+            let limit = Arc::new(Semaphore::new(32));
+            let mut tasks = Vec::with_capacity(users.len());
+            for (i, user) in users.iter().enumerate() {
+                let config = AgentConfig {
+                    connection: connection.clone(),
+                    enrollment_token: token.clone(),
+                    state_dir: dir.join("agents").join(i.to_string()),
+                    model_dir: env.base_dir.clone(),
+                    data: device_agent::dataset::DataArgs {
+                        data: PathBuf::from("(simulated user)"),
+                        user: None,
+                    },
+                    threads: 1,
+                    checkin_interval: Duration::from_millis(50),
+                    retry: Retry {
+                        max_attempts: 5,
+                        initial: Duration::from_millis(50),
+                        max: Duration::from_secs(2),
+                    },
+                    max_rounds: None,
+                    seed: Some(spec.seed ^ (i as u64).wrapping_mul(0xa076_1d64_78bd_642f)),
+                    local_socket: None,
+                };
+                let (channel, base, limit, tick) = (
+                    channel.clone(),
+                    env.base.clone(),
+                    limit.clone(),
+                    on_enrolled.clone(),
+                );
+                let examples = user.train.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await?;
+                    let agent = Agent::start_on(config, channel, base, examples).await?;
+                    tick();
+                    anyhow::Ok(agent)
+                }));
+            }
+            let mut agents = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                agents.push(Some(t.await.context("enrollment task")??));
+            }
+            anyhow::Ok(agents)
+        })?;
+        let seed = spec.seed;
+        Ok(Federation {
+            spec,
+            privacy,
+            coordinator,
+            agents,
+            rng: rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x5eed_f00d),
+            stop_server: Some(stop_tx),
+            server: Some(server),
+            env: env.clone(),
+        })
+    }
+
+    /// Whether the aggregator refuses further rounds for its privacy budget.
+    pub fn budget_exhausted(&self) -> bool {
+        self.coordinator.view().state == "budget_exhausted"
+    }
+
+    /// ε spent by the rounds charged so far (None without DP).
+    pub fn epsilon_spent(&self) -> Option<f64> {
+        self.coordinator.privacy_spent().map(|p| p.epsilon)
+    }
+
+    /// The server's current global adapter θ.
+    pub fn theta(&self) -> AdapterTensors {
+        self.coordinator.theta().theta
+    }
+
+    /// Runs one round to its end (committed or abandoned).
+    pub fn round(&mut self, rt: &Runtime) -> anyhow::Result<RoundRecord> {
+        let started = Instant::now();
+        let view = self.coordinator.view();
+        if view.state == "finished" {
+            bail!("the federation has run all its rounds");
+        }
+        let round = view.round;
+        let committed_before = view.rounds_committed;
+        let rejects_before = self.coordinator.metrics().rejects_total();
+        let cfg = self.coordinator.config();
+        let cohort = cfg.rounds.target_reports.get() as usize;
+        let max_drops = cfg.rounds.max_assigned.get() as usize - cohort;
+
+        // Device availability: a seeded random order; a device drops with the set chance
+        // (while the over-selection has room for it), the rest train until the cohort is full.
+        let mut order: Vec<usize> = (0..self.agents.len()).collect();
+        order.shuffle(&mut self.rng);
+        let (mut live, mut dropping) = (Vec::new(), Vec::new());
+        for i in order {
+            if live.len() == cohort {
+                break;
+            }
+            if dropping.len() < max_drops && self.rng.random::<f64>() < self.spec.dropout {
+                dropping.push(i);
+            } else {
+                live.push(i);
+            }
+        }
+
+        let outcome = rt.block_on(async {
+            let mut drops = 0u32;
+            for &i in &dropping {
+                let agent = self.agents[i].as_mut().expect("agents are returned");
+                if agent.check_in_and_drop().await? {
+                    drops += 1;
+                }
+            }
+            // Secure aggregation needs every live device in its phases at once (each waits
+            // for the others); otherwise as many train at a time as there are workers.
+            let secure = self.spec.privacy.secure_aggregation;
+            let permits = if secure { live.len() } else { self.env.workers };
+            let limit = Arc::new(Semaphore::new(permits.max(1)));
+            let mut tasks = Vec::new();
+            for &i in &live {
+                let mut agent = self.agents[i].take().expect("agents are returned");
+                let (limit, coordinator) = (limit.clone(), self.coordinator.clone());
+                tasks.push(tokio::spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let r = participate(&mut agent).await;
+                    if secure && !matches!(r, Ok(Some(_))) {
+                        // The others wait in a phase for this device: close it now.
+                        coordinator.close_early();
+                    }
+                    (i, agent, r)
+                }));
+            }
+            let mut reports: Vec<Report> = Vec::new();
+            let mut failures = 0usize;
+            let all = async {
+                let mut back = Vec::new();
+                for t in tasks {
+                    back.push(t.await);
+                }
+                back
+            };
+            let stop = self.env.stop.clone();
+            let stopped = async move {
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                back = all => {
+                    for b in back {
+                        let (i, agent, r) = b.context("a device task panicked")?;
+                        self.agents[i] = Some(agent);
+                        match r {
+                            Ok(Some(rep)) => reports.push(rep),
+                            Ok(None) => failures += 1,
+                            Err(e) => {
+                                failures += 1;
+                                tracing::warn!(error = %format!("{e:#}"), "a simulated device failed its task");
+                            }
+                        }
+                    }
+                }
+                _ = stopped => return Err(Interrupted.into()),
+            }
+            // Every live device has answered: close the round now if it has not closed
+            // itself (some devices failed), instead of waiting for the deadline.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let v = self.coordinator.view();
+                if v.round != round || v.state == "finished" {
+                    break;
+                }
+                if failures > 0 || reports.len() < cohort {
+                    self.coordinator.close_early();
+                }
+                if Instant::now() > deadline {
+                    bail!("round {round} did not close");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            anyhow::Ok((reports, drops))
+        })?;
+        let (reports, drops) = outcome;
+        let committed = self.coordinator.view().rounds_committed > committed_before;
+        let loss = (!reports.is_empty()).then(|| {
+            reports.iter().map(|r| f64::from(r.train_loss)).sum::<f64>() / reports.len() as f64
+        });
+        Ok(RoundRecord {
+            federation: self.spec.name,
+            round,
+            committed,
+            reports: reports.len() as u32,
+            drops,
+            rejects: self.coordinator.metrics().rejects_total() - rejects_before,
+            train_loss: loss,
+            epsilon_spent: self.coordinator.privacy_spent().map(|p| p.epsilon),
+            seconds: started.elapsed().as_secs_f64(),
+            upload_bytes: reports.iter().map(|r| r.upload_bytes).sum(),
+            download_bytes: reports.iter().map(|r| r.download_bytes).sum(),
+            monitor_accuracy: None,
+        })
+    }
+
+    /// Stops the server and waits for it.
+    pub fn shutdown(mut self, rt: &Runtime) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop_server.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            rt.block_on(server).context("aggregator task")??;
+        }
+        Ok(())
+    }
+}
+
+/// A live device's participation: check in until given the task, then train and report.
+async fn participate(agent: &mut Agent) -> anyhow::Result<Option<Report>> {
+    for _ in 0..100 {
+        match agent.step().await? {
+            Step::Reported(r) => return Ok(Some(r)),
+            Step::Wait(d) => tokio::time::sleep(d.min(Duration::from_millis(50))).await,
+        }
+    }
+    Ok(None)
+}
+
+/// The aggregator's config for a federation, as an operator would write it.
+fn aggregator_toml(
+    spec: &FederationSpec,
+    env: &Env,
+    token: &str,
+    users: usize,
+    privacy: Option<ResolvedPrivacy>,
+) -> String {
+    let (cohort, over) = cohort_of(spec, users);
+    let privacy = match privacy {
+        None => String::new(),
+        Some(p) => format!(
+            "\n[privacy]\nmode = {:?}\nnoise_multiplier = {:?}\npopulation = {users}\nepsilon_budget = {:?}\ndelta = {:?}\n",
+            spec.privacy.mode.name(),
+            p.noise_multiplier,
+            p.epsilon_budget,
+            spec.privacy.delta
+        ),
+    };
+    let secure = if spec.privacy.secure_aggregation {
+        "\n[secure_aggregation]\nenabled = true\nmax_neighbours = 20\nphase_timeout_s = 120\n"
+    } else {
+        ""
+    };
+    // Distributed noise is sized for the least number of reports a round accepts: with no
+    // dropouts, every assigned device.
+    let min_reports = if spec.privacy.mode == super::PrivacyMode::Distributed {
+        ((cohort as f64 * (1.0 - spec.dropout)).floor() as usize).clamp(cohort.div_ceil(2), cohort)
+    } else {
+        cohort.div_ceil(2)
+    };
+    let targets: Vec<String> = spec
+        .lora
+        .targets
+        .iter()
+        .map(|t| format!("{:?}", t.name()))
+        .collect();
+    // Absolute: the aggregator resolves relative paths against its config file's folder.
+    let path = |p: &Path| {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        format!("{:?}", p.display().to_string())
+    };
+    format!(
+        r#"# Written by `fedpersona-sim simulate` for the {name} federation of this run.
+[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+keep_versions = 2
+
+[tls]
+cert = {cert}
+key = {key}
+
+[enrollment]
+tokens = ["{token}"]
+
+[model]
+dir = {model}
+
+[adapter]
+rank = {rank}
+alpha = {alpha:?}
+targets = [{targets}]
+seed = {seed}
+
+[rounds]
+cohort_size = {cohort}
+over_selection = {over:?}
+min_reports = {min_reports}
+round_timeout_s = 86400
+min_task_time_s = 1
+retry_after_s = 0.05
+max_rounds = {rounds}
+
+[training]
+steps = {steps}
+learning_rate = {lr:?}
+batch_size = {batch}
+seq_len = {seq}
+grad_clip = 1.0
+
+[update]
+clip_norm = {clip:?}
+encoding = "q8"
+
+[meta]
+optimizer = "{opt}"
+server_lr = {slr:?}
+momentum = {mom:?}
+{privacy}{secure}"#,
+        name = spec.name,
+        cert = path(&env.tls_dir.join("server.pem")),
+        key = path(&env.tls_dir.join("server.key")),
+        model = path(&env.base_dir),
+        rank = spec.lora.rank,
+        alpha = spec.lora.alpha,
+        targets = targets.join(", "),
+        seed = spec.lora.seed,
+        rounds = spec.rounds,
+        steps = spec.local_steps,
+        lr = spec.lr,
+        batch = spec.batch_size,
+        seq = spec.seq_len,
+        clip = spec.clip_norm,
+        opt = spec.server.optimizer,
+        slr = spec.server.lr,
+        mom = spec.server.momentum,
+    )
+}

@@ -1,0 +1,482 @@
+//! What a simulation writes: `report.json`, `report.md` and `rounds.jsonl`, and the
+//! statistics behind them (mean over users with a Student-t 95% interval).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use fedpersona_model::checkpoint::write_atomic;
+use serde::Serialize;
+
+/// The evaluated methods, in the order tables list them.
+pub const METHODS: [&str; 9] = [
+    "base",
+    "local_only",
+    "global",
+    "fedavg_finetune",
+    "meta_finetune",
+    // The profile-driven adaptation from the FedAvg adapter (issue 5's ablation).
+    "adaptive_finetune",
+    // The same with rejected suggestions pushed down by an unlikelihood term.
+    "adaptive_unlikelihood_finetune",
+    // Private runs only: FedAvg trained without DP in the same run, the cost's reference.
+    "global_nonprivate",
+    "fedavg_finetune_nonprivate",
+];
+
+/// Mean and 95% confidence half-width over users.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interval {
+    pub mean: f64,
+    pub ci95: f64,
+    pub n: usize,
+}
+
+/// Mean of `xs` and the half-width of its 95% interval (Student t with n − 1 degrees of
+/// freedom; 0 for fewer than two values).
+pub fn interval(xs: &[f64]) -> Interval {
+    let n = xs.len();
+    if n == 0 {
+        return Interval {
+            mean: f64::NAN,
+            ci95: f64::NAN,
+            n,
+        };
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return Interval { mean, ci95: 0.0, n };
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    Interval {
+        mean,
+        ci95: t975(n - 1) * (var / n as f64).sqrt(),
+        n,
+    }
+}
+
+/// The 97.5% quantile of Student's t with `df` degrees of freedom: exact table values up to
+/// 30, then the Cornish-Fisher expansion around the normal quantile (error below 1e-4).
+pub fn t975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::INFINITY,
+        1..=30 => TABLE[df - 1],
+        _ => {
+            let z: f64 = 1.959_963_984_540_054;
+            let v = df as f64;
+            z + (z.powi(3) + z) / (4.0 * v)
+                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
+                + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z)
+                    / (384.0 * v.powi(3))
+        }
+    }
+}
+
+/// One method's figures on the held-out users.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodResult {
+    pub accuracy: f64,
+    pub accuracy_ci95: f64,
+    pub bits_per_byte: f64,
+    pub bits_per_byte_ci95: f64,
+    pub users: usize,
+    /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve).
+    pub accuracy_by_steps: BTreeMap<usize, f64>,
+}
+
+/// One federated round, as `rounds.jsonl` records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    /// `fedavg` or `meta`.
+    pub federation: &'static str,
+    pub round: u64,
+    pub committed: bool,
+    pub reports: u32,
+    /// Devices that took the task and vanished.
+    pub drops: u32,
+    /// Requests the aggregator refused during the round.
+    pub rejects: u64,
+    /// Mean of the reporting devices' mean local training loss.
+    pub train_loss: Option<f64>,
+    /// Privacy spent so far (None without DP).
+    pub epsilon_spent: Option<f64>,
+    pub seconds: f64,
+    pub upload_bytes: u64,
+    pub download_bytes: u64,
+    /// Accuracy of the new global adapter on the monitoring slice, when evaluated.
+    pub monitor_accuracy: Option<f64>,
+}
+
+/// `better − worse` in accuracy, paired by user.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub better: &'static str,
+    pub worse: &'static str,
+    pub mean_difference: f64,
+    pub ci95: f64,
+    pub users: usize,
+}
+
+/// What the profile-driven adaptation of the held-out users did, on average.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdaptiveSummary {
+    pub users: usize,
+    pub mean_steps: f64,
+    /// Share of users whose run stopped early on its held-out slice.
+    pub stopped_early: f64,
+    pub mean_lr: f64,
+    /// Feedback of the replayed suggestions, over all users.
+    pub accepted: usize,
+    pub edited: usize,
+    pub rejected: usize,
+}
+
+impl AdaptiveSummary {
+    pub fn of(runs: impl Iterator<Item = super::evaluation::AdaptiveRun>) -> Option<Self> {
+        let runs: Vec<_> = runs.collect();
+        if runs.is_empty() {
+            return None;
+        }
+        let n = runs.len() as f64;
+        Some(AdaptiveSummary {
+            users: runs.len(),
+            mean_steps: runs.iter().map(|r| r.steps as f64).sum::<f64>() / n,
+            stopped_early: runs.iter().filter(|r| r.stopped_early).count() as f64 / n,
+            mean_lr: runs.iter().map(|r| r.lr).sum::<f64>() / n,
+            accepted: runs.iter().map(|r| r.accepted).sum(),
+            edited: runs.iter().map(|r| r.edited).sum(),
+            rejected: runs.iter().map(|r| r.rejected).sum(),
+        })
+    }
+}
+
+/// Privacy settings and what was spent.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrivacyReport {
+    pub mode: String,
+    /// User-level ε each federation spent (its aggregator's ledger; the largest of the two).
+    /// A user of the training population is in both federations only in this comparison; a
+    /// deployment runs one.
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    pub noise_multiplier: Option<f64>,
+    /// The accountant's sampling rate: devices assigned per round over the population.
+    pub sampling_rate: Option<f64>,
+    pub secure_aggregation: bool,
+    /// Private runs: `global_accuracy` of FedAvg trained without DP in the same run, and the
+    /// difference (private − non-private): what privacy costs on the training users.
+    pub global_accuracy_nonprivate: Option<f64>,
+    pub accuracy_cost: Option<f64>,
+}
+
+impl PrivacyReport {
+    pub fn new(
+        plan: &super::federation::PrivacyPlan,
+        spent: &[(Option<super::federation::ResolvedPrivacy>, Option<f64>)],
+        global_accuracy: Option<f64>,
+        global_accuracy_nonprivate: Option<f64>,
+    ) -> Self {
+        let resolved = spent.iter().find_map(|(r, _)| *r);
+        let epsilon = spent
+            .iter()
+            .filter_map(|(_, e)| *e)
+            .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
+        let private = plan.mode != super::PrivacyMode::None;
+        PrivacyReport {
+            mode: plan.mode.name().into(),
+            epsilon,
+            delta: private.then_some(plan.delta),
+            noise_multiplier: resolved.map(|r| r.noise_multiplier),
+            sampling_rate: resolved.map(|r| r.sampling_rate),
+            secure_aggregation: plan.secure_aggregation,
+            global_accuracy_nonprivate,
+            accuracy_cost: global_accuracy
+                .zip(global_accuracy_nonprivate)
+                .map(|(p, n)| p - n),
+        }
+    }
+}
+
+/// Users in each part of the split.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserCounts {
+    pub train: usize,
+    pub heldout: usize,
+    /// Users below the minimum number of lines.
+    pub dropped: usize,
+}
+
+/// Everything `report.json` holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub users: UserCounts,
+    pub rounds_completed: u64,
+    pub privacy: PrivacyReport,
+    /// The FedAvg global adapter's next-byte accuracy on the training users' test split
+    /// (pooled over their tokens, as McMahan et al. 2017 report it).
+    pub global_accuracy: Option<f64>,
+    /// The base model's accuracy on the same data, for reference.
+    pub base_accuracy_train_users: Option<f64>,
+    pub methods: BTreeMap<&'static str, MethodResult>,
+    /// Paired per-user accuracy differences between methods (the ordering the benchmark
+    /// asks about), each with its 95% interval.
+    pub comparisons: Vec<Comparison>,
+    /// The profile-driven adaptation's runs (`adaptive_finetune`), summarized.
+    pub adaptive: Option<AdaptiveSummary>,
+    pub seconds: f64,
+    pub peak_rss_mb: f64,
+    /// False when the run was interrupted (Ctrl-C): what is here is what was done.
+    pub complete: bool,
+    pub interrupted_during: Option<&'static str>,
+    pub settings: serde_json::Value,
+    pub data: String,
+    pub base_model: String,
+}
+
+/// Writes `report.json` and `report.md`.
+pub fn write(report: &Report, out: &Path) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(report).context("serializing the report")?;
+    write_atomic(&out.join("report.json"), &json)?;
+    write_atomic(&out.join("report.md"), markdown(report).as_bytes())?;
+    Ok(())
+}
+
+/// Writes `rounds.jsonl`: rewritten whole and atomically after each round, so an interrupted
+/// run leaves a complete file.
+pub fn write_rounds(rounds: &[RoundRecord], out: &Path) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for r in rounds {
+        text.push_str(&serde_json::to_string(r).context("serializing a round")?);
+        text.push('\n');
+    }
+    write_atomic(&out.join("rounds.jsonl"), text.as_bytes())?;
+    Ok(())
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.2}", 100.0 * x)
+}
+
+/// A few lines for the terminal: the methods table and the headline figures.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    if !r.complete {
+        let _ = writeln!(
+            s,
+            "partial: interrupted during {}",
+            r.interrupted_during.unwrap_or("the run")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{} training users, {} held-out users, {} rounds per federation, {:.0} s, peak RSS {:.0} MB",
+        r.users.train, r.users.heldout, r.rounds_completed, r.seconds, r.peak_rss_mb
+    );
+    if let Some(g) = r.global_accuracy {
+        let _ = writeln!(s, "global_accuracy {}%", pct(g));
+    }
+    if let (Some(e), Some(n)) = (r.privacy.epsilon, r.privacy.global_accuracy_nonprivate) {
+        let _ = writeln!(
+            s,
+            "privacy {}: epsilon {e:.3}; global_accuracy without DP {}%",
+            r.privacy.mode,
+            pct(n)
+        );
+    }
+    for m in METHODS {
+        if let Some(x) = r.methods.get(m) {
+            let _ = writeln!(
+                s,
+                "{m:>16}  accuracy {:>6}% ± {:<5}  bits/byte {:.4}",
+                pct(x.accuracy),
+                pct(x.accuracy_ci95),
+                x.bits_per_byte
+            );
+        }
+    }
+    s
+}
+
+/// The human-readable report.
+pub fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# fedpersona simulation report\n");
+    if !r.complete {
+        let _ = writeln!(
+            s,
+            "**Partial report**: the run was interrupted during {}; figures cover what finished.\n",
+            r.interrupted_during.unwrap_or("the run")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Data `{}` — {} federation users, {} held-out users ({} dropped for too few lines). Base model `{}`.\n",
+        r.data, r.users.train, r.users.heldout, r.users.dropped, r.base_model
+    );
+    let _ = writeln!(
+        s,
+        "Rounds completed: {} per federation. Privacy: {}{}. Wall time {:.0} s, peak RSS {:.0} MB.\n",
+        r.rounds_completed,
+        r.privacy.mode,
+        match (r.privacy.epsilon, r.privacy.delta) {
+            (Some(e), Some(d)) => format!(" (ε = {e:.3} at δ = {d:e})"),
+            _ => String::new(),
+        },
+        r.seconds,
+        r.peak_rss_mb
+    );
+    if let Some(g) = r.global_accuracy {
+        let _ = writeln!(
+            s,
+            "**Global accuracy** (FedAvg adapter, training users' test split, pooled over bytes): {}%{}\n",
+            pct(g),
+            r.base_accuracy_train_users
+                .map(|b| format!(" (base model: {}%)", pct(b)))
+                .unwrap_or_default()
+        );
+    }
+    if let (Some(n), Some(c)) = (
+        r.privacy.global_accuracy_nonprivate,
+        r.privacy.accuracy_cost,
+    ) {
+        let _ = writeln!(
+            s,
+            "**What privacy costs**: the same FedAvg federation without DP reaches {}% global accuracy; with {} noise (z = {}, sampling rate {}{}) it reaches {:+.2} points of that. On held-out users, see `global_nonprivate`, `fedavg_finetune_nonprivate` and the paired differences below.\n",
+            pct(n),
+            r.privacy.mode,
+            r.privacy.noise_multiplier.map_or("?".into(), |z| format!("{z:.4}")),
+            r.privacy.sampling_rate.map_or("?".into(), |q| format!("{q:.4}")),
+            if r.privacy.secure_aggregation { ", secure aggregation" } else { "" },
+            100.0 * c
+        );
+    }
+    if !r.methods.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Held-out users (few-shot personalization)\n\nMean over users, ± the 95% interval (Student t).\n"
+        );
+        let _ = writeln!(s, "| method | accuracy % | bits/byte | users |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for m in METHODS {
+            if let Some(x) = r.methods.get(m) {
+                let _ = writeln!(
+                    s,
+                    "| {m} | {} ± {} | {:.4} ± {:.4} | {} |",
+                    pct(x.accuracy),
+                    pct(x.accuracy_ci95),
+                    x.bits_per_byte,
+                    x.bits_per_byte_ci95,
+                    x.users
+                );
+            }
+        }
+        let _ = writeln!(s);
+        if !r.comparisons.is_empty() {
+            let _ = writeln!(
+                s,
+                "Paired differences (per user, same query data), accuracy points ± 95% interval:\n"
+            );
+            for c in &r.comparisons {
+                let _ = writeln!(
+                    s,
+                    "- {} − {}: {:+.2} ± {:.2}",
+                    c.better,
+                    c.worse,
+                    100.0 * c.mean_difference,
+                    100.0 * c.ci95
+                );
+            }
+            let _ = writeln!(s);
+        }
+        if let Some(a) = &r.adaptive {
+            let _ = writeln!(
+                s,
+                "`adaptive_finetune`: each held-out user's support lines replayed as interactions (one a day; the FedAvg adapter suggests a continuation of each line's context; feedback from the suggestion's character similarity to the real line: ≥ 0.6 accepted, ≥ 0.3 edited, else rejected — here {} / {} / {}), then adaptation weighted by feedback and recency with steps and learning rate from the profile and early stopping on the newest 10% of the lines: {:.1} steps on average (early stop for {:.0}% of users), mean learning rate {:.2e}. The plain arm is `fedavg_finetune` (uniform weights, fixed steps), from the same adapter.\n",
+                a.accepted,
+                a.edited,
+                a.rejected,
+                a.mean_steps,
+                100.0 * a.stopped_early,
+                a.mean_lr
+            );
+        }
+        let steps: std::collections::BTreeSet<usize> = r
+            .methods
+            .values()
+            .flat_map(|m| m.accuracy_by_steps.keys().copied())
+            .collect();
+        if steps.len() > 1 {
+            let _ = writeln!(s, "Accuracy % by local fine-tuning steps:\n");
+            let _ = write!(s, "| method |");
+            for st in &steps {
+                let _ = write!(s, " {st} |");
+            }
+            let _ = writeln!(s);
+            let _ = writeln!(s, "|---|{}", "---|".repeat(steps.len()));
+            for m in ["local_only", "fedavg_finetune", "meta_finetune"] {
+                if let Some(x) = r.methods.get(m) {
+                    let _ = write!(s, "| {m} |");
+                    for st in &steps {
+                        let _ = write!(
+                            s,
+                            " {} |",
+                            x.accuracy_by_steps
+                                .get(st)
+                                .map_or("-".to_string(), |a| pct(*a))
+                        );
+                    }
+                    let _ = writeln!(s);
+                }
+            }
+            let _ = writeln!(s);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "Per-round figures: `rounds.jsonl`; plots: `accuracy_vs_round.svg`, `accuracy_vs_steps.svg`.\n"
+    );
+    let _ = writeln!(s, "## Settings\n\n```json");
+    let _ = writeln!(
+        s,
+        "{}",
+        serde_json::to_string_pretty(&r.settings).unwrap_or_default()
+    );
+    let _ = writeln!(s, "```");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_matches_hand_computation() {
+        // Mean 2.5, sample sd 1.2910, n 4, t(3) = 3.182: 3.182 * 1.2910 / 2 = 2.0540.
+        let i = interval(&[1.0, 2.0, 3.0, 4.0]);
+        assert!((i.mean - 2.5).abs() < 1e-12);
+        assert!((i.ci95 - 2.0540).abs() < 1e-3, "{}", i.ci95);
+        assert_eq!(interval(&[0.3]).ci95, 0.0);
+        assert!(interval(&[]).mean.is_nan());
+    }
+
+    #[test]
+    fn t_quantiles_match_tables() {
+        // scipy.stats.t.ppf(0.975, df)
+        for (df, want) in [
+            (31, 2.0395),
+            (40, 2.0211),
+            (60, 2.0003),
+            (120, 1.9799),
+            (1000, 1.9623),
+        ] {
+            assert!((t975(df) - want).abs() < 2e-4, "df {df}: {}", t975(df));
+        }
+        assert!(t975(30) > t975(31) && t975(31) > t975(1000));
+    }
+}

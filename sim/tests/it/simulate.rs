@@ -1,0 +1,301 @@
+//! `fedpersona-sim simulate` end to end through the binary: a real aggregator with a run-made
+//! certificate on loopback, agents over gRPC, evaluation, and the report's structure; the
+//! partial report on Ctrl-C; refused settings.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{bin, fixture};
+
+/// Eight users with distinct habits, 12 lines each, as JSONL.
+fn corpus(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("corpus.jsonl");
+    let mut text = String::new();
+    for u in 0..8 {
+        for i in 0..12 {
+            let line = serde_json::json!({
+                "user": format!("user-{u}"),
+                "context": format!("What do you say about thing {i}?"),
+                "text": format!("User {u} says thing {i} is {} indeed.", ["fine", "grand", "odd", "late"][(u + i) % 4]),
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn tiny_args(data: &Path, out: &Path, rounds: &str) -> Vec<String> {
+    [
+        "simulate",
+        "--data",
+        data.to_str().unwrap(),
+        "--base",
+        fixture().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rounds",
+        rounds,
+        "--clients-per-round",
+        "2",
+        "--local-steps",
+        "1",
+        "--min-lines",
+        "6",
+        "--heldout-users",
+        "2",
+        "--support-lines",
+        "4",
+        "--finetune-steps",
+        "2",
+        "--curve-steps",
+        "2",
+        "--meta-local-steps",
+        "2",
+        "--dropout",
+        "0.25",
+        "--threads",
+        "2",
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_tiny_simulation_writes_a_complete_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("run");
+    let o = bin().args(tiny_args(&data, &out, "2")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("meta_finetune"), "{stdout}");
+
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    // 8 users, 20% held out: 2 held out, 6 federation users.
+    assert_eq!(r["users"]["train"], 6);
+    assert_eq!(r["users"]["heldout"], 2);
+    assert_eq!(r["rounds_completed"], 2);
+    assert_eq!(r["privacy"]["mode"], "none");
+    assert!(r["privacy"]["epsilon"].is_null() && r["privacy"]["delta"].is_null());
+    assert_eq!(r["complete"], true);
+    let g = r["global_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&g));
+    for m in [
+        "base",
+        "local_only",
+        "global",
+        "fedavg_finetune",
+        "meta_finetune",
+        "adaptive_finetune",
+    ] {
+        let x = &r["methods"][m];
+        let acc = x["accuracy"].as_f64().unwrap_or_else(|| panic!("{m}: {x}"));
+        assert!((0.0..=1.0).contains(&acc), "{m}");
+        assert!(x["accuracy_ci95"].as_f64().unwrap() >= 0.0, "{m}");
+        assert!(x["bits_per_byte"].as_f64().unwrap() > 0.0, "{m}");
+        assert_eq!(x["users"], 2, "{m}");
+    }
+    // The adaptive-vs-plain ablation: its comparison and what the runs did.
+    assert!(r["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["better"] == "adaptive_finetune" && c["worse"] == "fedavg_finetune"));
+    assert_eq!(r["adaptive"]["users"], 2);
+    let a = &r["adaptive"];
+    let replayed = a["accepted"].as_u64().unwrap()
+        + a["edited"].as_u64().unwrap()
+        + a["rejected"].as_u64().unwrap();
+    assert_eq!(replayed, 2 * 4, "every support line replayed once");
+    // Fine-tuning curves: 0, 1 and 2 steps.
+    assert_eq!(
+        r["methods"]["local_only"]["accuracy_by_steps"]
+            .as_object()
+            .unwrap()
+            .len(),
+        3
+    );
+    // Without an adapter step, local_only at 0 steps is the base model (B = 0).
+    assert_eq!(
+        r["methods"]["local_only"]["accuracy_by_steps"]["0"],
+        r["methods"]["base"]["accuracy"]
+    );
+    assert!(r["seconds"].as_f64().unwrap() > 0.0);
+    assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["settings"]["clients_per_round"], 2);
+
+    let rounds: Vec<serde_json::Value> = std::fs::read_to_string(out.join("rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 4, "two rounds per federation");
+    for (i, x) in rounds.iter().enumerate() {
+        assert_eq!(x["federation"], if i < 2 { "fedavg" } else { "meta" });
+        assert_eq!(x["committed"], true);
+        assert_eq!(x["reports"], 2);
+        assert!(x["drops"].as_u64().is_some() && x["rejects"] == 0);
+        assert!(x["train_loss"].as_f64().unwrap().is_finite());
+        assert!(x["upload_bytes"].as_u64().unwrap() > 0);
+        assert!(x["epsilon_spent"].is_null());
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| meta_finetune |") && md.contains("Global accuracy"));
+    for svg in ["accuracy_vs_round.svg", "accuracy_vs_steps.svg"] {
+        assert!(std::fs::read_to_string(out.join(svg))
+            .unwrap()
+            .starts_with("<svg"));
+    }
+    // The aggregator ran from a real config with a key only its owner reads.
+    assert!(out.join("fedavg/aggregator.toml").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("tls/server.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The same seed gives the same split and the same federated result; `--out` relative
+    // to the working directory works too.
+    let again = dir.path().join("again");
+    let o = bin()
+        .current_dir(dir.path())
+        .args(tiny_args(&data, Path::new("again"), "2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(again.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r2["methods"]["base"], r["methods"]["base"]);
+    let g2 = r2["global_accuracy"].as_f64().unwrap();
+    assert!((g - g2).abs() < 1e-9, "{g} vs {g2}");
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_with_a_partial_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("run");
+    let child = bin()
+        .args(tiny_args(&data, &out, "1000"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(out.join("rounds.jsonl")).is_ok_and(|s| s.lines().count() >= 2) {
+        assert!(Instant::now() < deadline, "no round finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["complete"], false);
+    assert_eq!(r["interrupted_during"], "federation");
+    assert!(r["rounds_completed"].as_u64().unwrap() >= 1);
+    assert!(r["global_accuracy"].is_null());
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("Partial report"));
+}
+
+/// The privacy issue's run in miniature: distributed noise under secure aggregation with a
+/// target ε; every round is charged and the report says what was spent.
+#[test]
+fn a_private_simulation_spends_no_more_than_its_epsilon() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("run");
+    let mut args = tiny_args(&data, &out, "2");
+    let set = |args: &mut Vec<String>, flag: &str, v: &str| {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = v.into();
+    };
+    set(&mut args, "--clients-per-round", "3");
+    set(&mut args, "--dropout", "0");
+    args.extend(
+        [
+            "--privacy",
+            "distributed",
+            "--secure-aggregation",
+            "--epsilon",
+            "8",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["rounds_completed"], 2);
+    let p = &r["privacy"];
+    assert_eq!(p["mode"], "distributed");
+    assert_eq!(p["secure_aggregation"], true);
+    assert_eq!(p["delta"], 1e-5);
+    let eps = p["epsilon"].as_f64().unwrap();
+    assert!(eps > 0.0 && eps <= 8.0, "{eps}");
+    // 3 of 6 devices a round: q = 0.5; z was solved so that two rounds spend at most 8.
+    assert_eq!(p["sampling_rate"], 0.5);
+    let z = p["noise_multiplier"].as_f64().unwrap();
+    let want = fedpersona_privacy::accountant::epsilon(z, 0.5, 2, 1e-5).unwrap();
+    assert!((eps - want).abs() < 1e-9, "{eps} vs {want}");
+    // What privacy costs: the same FedAvg without DP, trained and scored in the same run.
+    let g = r["global_accuracy"].as_f64().unwrap();
+    let n = p["global_accuracy_nonprivate"].as_f64().unwrap();
+    assert!((p["accuracy_cost"].as_f64().unwrap() - (g - n)).abs() < 1e-12);
+    for m in ["global_nonprivate", "fedavg_finetune_nonprivate"] {
+        assert!(r["methods"][m]["accuracy"].as_f64().is_some(), "{m}");
+    }
+    assert!(r["comparisons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["worse"] == "global_nonprivate"));
+    let rounds = std::fs::read_to_string(out.join("rounds.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(rounds.lines().last().unwrap()).unwrap();
+    assert!((last["epsilon_spent"].as_f64().unwrap() - eps).abs() < 1e-9);
+}
+
+#[test]
+fn refused_settings_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("run");
+    let args = tiny_args(&data, &out, "2");
+    for (extra, want) in [
+        (vec!["--privacy", "local"], "needs --epsilon"),
+        (
+            vec!["--privacy", "distributed", "--epsilon", "8"],
+            "needs --secure-aggregation",
+        ),
+        (vec!["--noise-multiplier", "1"], "need --privacy"),
+    ] {
+        let mut args = args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = bin().args(&args).output().unwrap();
+        assert_eq!(o.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(!out.exists(), "nothing written");
+    }
+    let mut args = tiny_args(&data, &out, "2");
+    let at = args.iter().position(|a| a == "--min-lines").unwrap();
+    args[at + 1] = "50".into();
+    let o = bin().args(&args).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("at least 50 lines"), "{err}");
+}
