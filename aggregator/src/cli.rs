@@ -113,7 +113,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
                     "mode": config.privacy.mode.name(),
                     "epsilon_spent": p.epsilon,
                     "epsilon_budget": p.budget,
-                    "epsilon_remaining": (p.budget - p.epsilon).max(0.0),
+                    "epsilon_remaining": fedpersona_privacy::mode::epsilon_remaining(p.budget, p.epsilon),
                     "delta": p.delta,
                     "rounds_charged": p.rounds_charged,
                 })
@@ -152,7 +152,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
             p.epsilon,
             p.budget,
             p.delta,
-            (p.budget - p.epsilon).max(0.0),
+            fedpersona_privacy::mode::epsilon_remaining(p.budget, p.epsilon),
             p.rounds_charged
         )),
         None => out.push_str("\nprivacy: none (clipping only, no DP guarantee)"),

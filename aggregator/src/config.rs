@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context};
 use fedpersona_model::config::LlamaConfig;
 use fedpersona_model::lora::{LoraConfig, Target};
 use fedpersona_privacy::codec::Encoding;
+use fedpersona_privacy::mode;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -295,15 +296,6 @@ pub struct SecAggPolicy {
     pub granularity: f64,
 }
 
-/// Largest multiple of the clip norm, in grid units, that a cohort of `n` with distributed
-/// noise share z·B/√m each can sum without leaving i32: n·B + 12·z·B·√(n/m) ≤ 2^30 (half the
-/// range, so twelve standard deviations of the summed noise still fit with room to spare).
-pub fn secagg_grid_units(n: u32, z: f64, m: u32) -> f64 {
-    let n = f64::from(n);
-    let spread = n + 12.0 * z * (n / f64::from(m)).sqrt();
-    (f64::from(1u32 << 30) / spread).floor()
-}
-
 /// How the server listens.
 #[derive(Debug, Clone)]
 pub enum Transport {
@@ -492,8 +484,9 @@ impl Config {
             r.over_selection.is_finite() && (0.0..=10.0).contains(&r.over_selection),
             "rounds.over_selection must be in [0, 10]"
         );
-        let max_assigned = (f64::from(target_reports.get()) * (1.0 + r.over_selection)).ceil();
-        let max_assigned = NonZeroU32::new(max_assigned.min(f64::from(u32::MAX)) as u32)
+        let max_assigned =
+            mode::assigned_per_round(u64::from(target_reports.get()), r.over_selection);
+        let max_assigned = NonZeroU32::new(max_assigned.min(u64::from(u32::MAX)) as u32)
             .context("rounds: cohort too large")?;
         let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
             ensure!(
@@ -703,7 +696,7 @@ fn privacy_policy(
         let policy = PrivacyPolicy {
             mode,
             noise_multiplier: p.noise_multiplier,
-            sampling_rate: f64::from(assigned) / p.population as f64,
+            sampling_rate: mode::sampling_rate(u64::from(assigned), p.population),
             budget: Some(Budget {
                 epsilon: p.epsilon_budget,
                 delta: p.delta,
@@ -746,21 +739,29 @@ fn privacy_policy(
             s.phase_timeout_s.is_finite() && s.phase_timeout_s >= 1.0 && s.phase_timeout_s < 1e5,
             "secure_aggregation.phase_timeout_s must be at least 1 second"
         );
-        let z = if mode == PrivacyMode::Distributed {
-            policy.noise_multiplier
-        } else {
-            0.0
+        // Each device's noise share is z·B/√m: m = min_reports under distributed noise; a
+        // local-noise device adds its whole z·B (m = 1); otherwise none.
+        let (z, m) = match mode {
+            PrivacyMode::Distributed => (policy.noise_multiplier, rounds.min_reports.get()),
+            PrivacyMode::Local => (policy.noise_multiplier, 1),
+            PrivacyMode::None | PrivacyMode::Central => (0.0, 1),
         };
-        let units = secagg_grid_units(assigned, z, rounds.min_reports.get());
+        let grid = mode::secagg_grid(
+            f64::from(update.clip_norm),
+            u64::from(assigned),
+            z,
+            u64::from(m),
+        );
         ensure!(
-            units >= 1024.0,
-            "secure aggregation: {assigned} devices per round leave {units} grid steps per clip norm; \
-             fewer devices per round are needed"
+            grid.units >= mode::MIN_GRID_UNITS,
+            "secure aggregation: {assigned} devices per round leave {} grid steps per clip norm; \
+             fewer devices per round are needed",
+            grid.units
         );
         Some(SecAggPolicy {
             max_neighbours: s.max_neighbours,
             phase_timeout: Duration::from_secs_f64(s.phase_timeout_s),
-            granularity: f64::from(update.clip_norm) / units,
+            granularity: grid.granularity,
         })
     } else {
         None

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fedpersona_model::lora::LoraAdapter;
 use fedpersona_privacy::accountant::Accountant;
 use fedpersona_privacy::codec::{self, DecodeLimits};
+use fedpersona_privacy::mode;
 use fedpersona_privacy::secagg::{self, EncryptedShare, Phase, Reveal};
 use tokio::sync::{watch, Notify};
 
@@ -918,15 +919,15 @@ impl Coordinator {
     fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_privacy::AdapterTensors> {
         let p = &self.config.privacy;
         let c = f64::from(self.config.update.clip_norm);
-        let denominator = f64::from(self.config.rounds.target_reports.get());
+        let denominator =
+            mode::release_denominator(u64::from(self.config.rounds.target_reports.get()));
         let d = self.spec.num_values();
-        let k = fedpersona_privacy::noise::grid_exponent(c, d);
+        let k = mode::grid_exponent(c, d);
         Ok(match p.mode {
             PrivacyMode::None | PrivacyMode::Local => sum.mean().expect("at least one report"),
             PrivacyMode::Distributed => sum.noised_mean(0.0, k, denominator)?,
-            // Rounding the sum to the grid can move a neighbour's sum by twice the slack.
             PrivacyMode::Central => sum.noised_mean(
-                p.noise_multiplier * (c + 2.0 * fedpersona_privacy::noise::grid_slack(k, d)),
+                mode::central_sigma(p.noise_multiplier, c, k, d),
                 k,
                 denominator,
             )?,
@@ -955,8 +956,7 @@ fn norm_bound(config: &Config, values: usize) -> f64 {
     if config.privacy.mode != PrivacyMode::Local {
         return c;
     }
-    let d = values as f64;
-    (c + config.privacy.noise_multiplier * c * (d.sqrt() + 10.0)) * 1.05
+    mode::local_upload_norm_bound(c, config.privacy.noise_multiplier, values)
 }
 
 /// Opens round `id` if the privacy budget can pay for it (charging it in the same journal

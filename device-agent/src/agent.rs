@@ -12,6 +12,7 @@ use candle_core::Device;
 use fedpersona_model::train::{fit, Example, FitConfig, TrainConfig};
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
 use fedpersona_privacy::codec::Encoding;
+use fedpersona_privacy::mode;
 use fedpersona_privacy::protect::{
     protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec, Quantized,
 };
@@ -594,11 +595,11 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
     );
     let privacy = task.privacy.unwrap_or_default();
     let z = f64::from(privacy.noise_multiplier);
-    let mode = pb::PrivacyMode::try_from(privacy.mode)
+    let requested = pb::PrivacyMode::try_from(privacy.mode)
         .ok()
         .filter(|m| *m != pb::PrivacyMode::Unspecified)
         .context("task asks for an unknown privacy mode")?;
-    if mode != pb::PrivacyMode::None {
+    if requested != pb::PrivacyMode::None {
         ensure!(
             z.is_finite() && z > 0.0,
             "task asks for DP noise with noise multiplier {z}"
@@ -608,19 +609,19 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
     if let Some(s) = secure {
         let g = s.granularity;
         ensure!(
-            g.is_finite() && g > 0.0 && clip_norm / g >= 1.0,
+            g.is_finite() && g > 0.0 && mode::grid_units(clip_norm, g) >= 1.0,
             "task's secure-aggregation granularity {g} does not fit its clip norm"
         );
-        let units = clip_norm / g;
-        let noise_stddev = match mode {
+        let units = mode::grid_units(clip_norm, g);
+        let noise_stddev = match requested {
             pb::PrivacyMode::None | pb::PrivacyMode::Central => 0.0,
-            pb::PrivacyMode::Local => z * units,
+            pb::PrivacyMode::Local => mode::local_sigma(z, units),
             pb::PrivacyMode::Distributed => {
                 ensure!(
                     privacy.min_reports >= 1,
                     "distributed noise needs min_reports"
                 );
-                z * units / f64::from(privacy.min_reports).sqrt()
+                mode::distributed_noise_share(z, units, u64::from(privacy.min_reports))
             }
             pb::PrivacyMode::Unspecified => unreachable!("filtered above"),
         };
@@ -635,10 +636,10 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
         Ok(pb::Encoding::Q8) => Encoding::Q8,
         _ => bail!("task asks for an unknown update encoding"),
     };
-    let noise = match mode {
+    let noise = match requested {
         pb::PrivacyMode::None | pb::PrivacyMode::Central => DeviceNoise::None,
         pb::PrivacyMode::Local => DeviceNoise::Gaussian {
-            stddev: z * clip_norm,
+            stddev: mode::local_sigma(z, clip_norm),
         },
         pb::PrivacyMode::Distributed => {
             bail!("task asks for distributed noise without secure aggregation: refused, the aggregator would see under-noised updates")
@@ -803,5 +804,91 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(requested: pb::PrivacyMode, z: f32, min_reports: u32, grid: Option<f64>) -> pb::Task {
+        pb::Task {
+            clip_norm: 1.0,
+            privacy: Some(pb::Privacy {
+                mode: requested as i32,
+                noise_multiplier: z,
+                min_reports,
+            }),
+            secure_aggregation: grid.map(|granularity| pb::SecureAggregation {
+                enabled: true,
+                granularity,
+                phase_timeout_ms: 1000,
+            }),
+            encoding: pb::Encoding::Q8 as i32,
+            ..Default::default()
+        }
+    }
+
+    fn secure_stddev(requested: pb::PrivacyMode, z: f32, grid: f64) -> f64 {
+        match protection_for(&task(requested, z, 95, Some(grid))).unwrap() {
+            Protection::Secure(s) => s.noise_stddev,
+            p => panic!("expected secure aggregation, got {p:?}"),
+        }
+    }
+
+    /// The noise each mode asks of the device, against hand-computed values.
+    #[test]
+    fn each_mode_asks_for_its_noise() {
+        // 100 devices, z = 1, m = 95: B = 9,560,370 grid units per clip norm (see `mode`).
+        let g = mode::secagg_grid(1.0, 100, 1.0, 95).granularity;
+        // Distributed: z·B/√m = 9,560,370/√95 = 980,873.2657924346.
+        let share = secure_stddev(pb::PrivacyMode::Distributed, 1.0, g);
+        assert!((share - 980_873.265_792_434_6).abs() < 1e-6, "{share}");
+        // Local under secure aggregation: the whole z·B on each device.
+        let local = secure_stddev(pb::PrivacyMode::Local, 2.0, g);
+        assert!((local - 19_120_740.0).abs() < 1e-6, "{local}");
+        assert_eq!(secure_stddev(pb::PrivacyMode::Central, 1.0, g), 0.0);
+        // Plain uploads: σ = z·C locally, nothing for central noise.
+        let plain = |requested, z| match protection_for(&task(requested, z, 0, None)).unwrap() {
+            Protection::Plain(s) => s.noise,
+            p => panic!("expected a plain upload, got {p:?}"),
+        };
+        assert_eq!(
+            plain(pb::PrivacyMode::Local, 0.5),
+            DeviceNoise::Gaussian { stddev: 0.5 }
+        );
+        assert_eq!(plain(pb::PrivacyMode::Central, 0.5), DeviceNoise::None);
+        assert_eq!(plain(pb::PrivacyMode::None, 0.0), DeviceNoise::None);
+    }
+
+    /// Tasks that would leave the device under-noised are refused.
+    #[test]
+    fn under_noised_tasks_are_refused() {
+        let g = 1e-6;
+        for (t, why) in [
+            (
+                task(pb::PrivacyMode::Distributed, 1.0, 5, None),
+                "without secure aggregation",
+            ),
+            (
+                task(pb::PrivacyMode::Distributed, 1.0, 0, Some(g)),
+                "needs min_reports",
+            ),
+            (
+                task(pb::PrivacyMode::Local, 0.0, 0, None),
+                "noise multiplier",
+            ),
+            (
+                task(pb::PrivacyMode::Local, 1.0, 0, Some(2.0)),
+                "does not fit",
+            ),
+            (
+                task(pb::PrivacyMode::Unspecified, 1.0, 0, None),
+                "unknown privacy mode",
+            ),
+        ] {
+            let err = format!("{:#}", protection_for(&t).unwrap_err());
+            assert!(err.contains(why), "{err}");
+        }
     }
 }

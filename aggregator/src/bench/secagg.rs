@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use fedpersona_privacy::codec::{self, DecodeLimits, Encoding};
+use fedpersona_privacy::mode;
 use fedpersona_privacy::noise;
 use fedpersona_privacy::protect::{quantize, QuantizationSpec};
 use fedpersona_privacy::secagg::{Client, Server};
@@ -20,7 +21,6 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::aggregate::{RunningSum, UpdateSpec};
-use crate::config::secagg_grid_units;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SecaggArgs {
@@ -128,13 +128,13 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
         "--dropout must be in [0, 0.5)"
     );
     let (n, d) = (args.clients, args.parameters);
-    let min_reports = ((f64::from(n) * (1.0 - args.dropout)).floor() as u32).max(1);
+    let min_reports = mode::expected_reports(u64::from(n), args.dropout).max(1);
     let clip = 1.0;
-    let units = secagg_grid_units(n, args.noise_multiplier, min_reports);
+    let grid = mode::secagg_grid(clip, u64::from(n), args.noise_multiplier, min_reports);
     let spec = QuantizationSpec {
         clip_norm: clip,
-        granularity: clip / units,
-        noise_stddev: args.noise_multiplier * units / f64::from(min_reports).sqrt(),
+        granularity: grid.granularity,
+        noise_stddev: mode::distributed_noise_share(args.noise_multiplier, grid.units, min_reports),
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let deltas: Vec<AdapterTensors> = (0..n).map(|_| delta(d, &mut rng)).collect();
@@ -293,9 +293,13 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
     noise::add_discrete_gaussian(&mut ints, spec.noise_stddev.max(1.0))?;
     let discrete = start.elapsed();
     let mut floats = vec![0f32; d];
-    let k = noise::grid_exponent(clip, d);
+    let k = mode::grid_exponent(clip, d);
     let start = Instant::now();
-    noise::add_gaussian(&mut floats, args.noise_multiplier.max(0.1) * clip, k)?;
+    noise::add_gaussian(
+        &mut floats,
+        mode::local_sigma(args.noise_multiplier.max(0.1), clip),
+        k,
+    )?;
     let float = start.elapsed();
 
     Ok(SecaggReport {

@@ -150,6 +150,30 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
     }
 }
 
+/// The SecAgg grid leaves room for the noise the devices add: under local noise each device
+/// adds its whole z·B, so the grid is coarser than without noise, and as coarse as a
+/// distributed share with m = 1.
+#[test]
+fn the_secagg_grid_leaves_room_for_local_noise() {
+    use fedpersona_privacy::mode;
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = "cohort_size = 3\nover_selection = 0\nmin_reports = 3\nround_timeout_s = 600";
+    let secure = "[secure_aggregation]\nenabled = true\nmax_neighbours = 2\nphase_timeout_s = 5";
+    let grid = |privacy: &str| {
+        let cfg = write_config(dir.path(), rounds, &format!("{secure}\n{privacy}"));
+        let cfg = aggregator::config::Config::load(&cfg).unwrap();
+        cfg.secure_aggregation.unwrap().granularity
+    };
+    let none = grid("");
+    let local = grid("[privacy]\nmode = \"local\"\nnoise_multiplier = 2\npopulation = 100\nepsilon_budget = 100\ndelta = 1e-5");
+    assert_eq!(none, mode::secagg_grid(1.0, 3, 0.0, 1).granularity);
+    assert_eq!(local, mode::secagg_grid(1.0, 3, 2.0, 1).granularity);
+    // 3 inputs of B plus 12σ of the summed noise (σ = 2B√3) fit within 2^30.
+    let units = 1.0 / local;
+    assert!(3.0 * units + 12.0 * 2.0 * units * 3f64.sqrt() <= mode::SECAGG_SUM_BOUND);
+    assert!(local > none);
+}
+
 /// A secure round takes updates only through secure aggregation, and only from cohort
 /// members with key adverts their enrolled key signed.
 #[test]

@@ -5,11 +5,14 @@
 //! * [`tensors`]: adapter values as sorted, named, flat f32 arrays.
 //! * [`protect`]: clipping, noise and encoding: the only constructors of what may leave a
 //!   device ([`protect::Privatized`], [`protect::Quantized`]).
+//! * [`mode`]: every formula of the privacy modes: q, σ, the distributed noise share, the
+//!   float-noise grid, the SecAgg grid, the release's denominator, the budget.
 //! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP accounting and its inverse.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;
 pub mod codec;
+pub mod mode;
 pub mod noise;
 pub mod protect;
 pub mod secagg;

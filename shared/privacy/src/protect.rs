@@ -16,6 +16,7 @@
 use rand::Rng;
 
 use crate::codec::{self, Encoding};
+use crate::mode;
 use crate::noise::{self, NoiseError};
 use crate::tensors::AdapterTensors;
 
@@ -127,8 +128,8 @@ pub fn privatize(
         // Noise hides the signal's norm anyway; what must hold is the sensitivity, so the
         // grid's rounding slack comes off the clip norm first.
         let d = delta.num_values();
-        let k = noise::grid_exponent(spec.clip_norm, d);
-        clip(&mut delta, spec.clip_norm - noise::grid_slack(k, d));
+        let (k, noise_clip) = mode::local_noise_clip(spec.clip_norm, d);
+        clip(&mut delta, noise_clip);
         let mut flat = delta.to_flat();
         noise::add_gaussian(&mut flat, stddev, k)?;
         if flat.iter().any(|v| !v.is_finite()) {
@@ -208,7 +209,7 @@ pub fn quantize(
 ) -> Result<Quantized, PrivacyError> {
     check_delta(&delta, spec.clip_norm)?;
     let g = spec.granularity;
-    let bound = spec.clip_norm / g;
+    let bound = mode::grid_units(spec.clip_norm, g);
     if !(g.is_finite() && g > 0.0 && bound < f64::from(i32::MAX) / 2.0) {
         return Err(PrivacyError::BadGranularity {
             granularity: g,

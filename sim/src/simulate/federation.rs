@@ -14,7 +14,7 @@ use crate::corpus::UserSplit;
 use aggregator::round::Coordinator;
 use anyhow::{bail, Context};
 use fedpersona_model::{BaseModel, LoraConfig};
-use fedpersona_privacy::AdapterTensors;
+use fedpersona_privacy::{mode, AdapterTensors};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Runtime;
@@ -99,8 +99,8 @@ impl PrivacyPlan {
             return Ok(None);
         }
         let (cohort, over) = cohort_of(spec, users);
-        let assigned = (cohort as f64 * (1.0 + over)).ceil().min(users as f64);
-        let q = assigned / users as f64;
+        let assigned = mode::assigned_per_round(cohort as u64, over).min(users as u64);
+        let q = mode::sampling_rate(assigned, users as u64);
         let z = match (self.noise_multiplier, self.epsilon) {
             (Some(z), _) => z,
             (None, Some(e)) => accountant::noise_multiplier_for(e, q, spec.rounds, self.delta)?,
@@ -110,8 +110,7 @@ impl PrivacyPlan {
         Ok(Some(ResolvedPrivacy {
             noise_multiplier: z,
             sampling_rate: q,
-            // A hair above the plan so that the last round fits despite float rounding.
-            epsilon_budget: self.epsilon.unwrap_or(planned).max(planned) * (1.0 + 1e-9),
+            epsilon_budget: mode::planned_budget(self.epsilon, planned),
         }))
     }
 }
@@ -444,7 +443,8 @@ fn aggregator_toml(
     // Distributed noise is sized for the least number of reports a round accepts: with no
     // dropouts, every assigned device.
     let min_reports = if spec.privacy.mode == super::PrivacyMode::Distributed {
-        ((cohort as f64 * (1.0 - spec.dropout)).floor() as usize).clamp(cohort.div_ceil(2), cohort)
+        (mode::expected_reports(cohort as u64, spec.dropout) as usize)
+            .clamp(cohort.div_ceil(2), cohort)
     } else {
         cohort.div_ceil(2)
     };
