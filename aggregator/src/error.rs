@@ -1,5 +1,6 @@
 //! Domain errors of the federation service and their one mapping to gRPC status codes.
 
+use fedpersona_proto::refusal::{self, Reason};
 use tonic::{Code, Status};
 
 /// What went wrong, by what the caller should do about it.
@@ -16,8 +17,11 @@ pub enum Kind {
     /// Already done (a replayed nonce, a second report).
     Duplicate,
     NotFound,
-    /// Too busy or budget spent: retry later.
-    Exhausted,
+    /// Too busy now: retry later (RESOURCE_EXHAUSTED, refusal reason BUSY).
+    Busy,
+    /// The privacy budget is spent for good: no round will open again, so retrying cannot
+    /// help (FAILED_PRECONDITION, refusal reason PRIVACY_BUDGET_EXHAUSTED).
+    BudgetSpent,
     /// Shutting down.
     Unavailable,
     /// A fault of the server (storage, bug): logged, no detail leaves.
@@ -55,18 +59,25 @@ impl FedError {
 
 impl From<FedError> for Status {
     fn from(e: FedError) -> Status {
-        let code = match e.kind {
-            Kind::Invalid => Code::InvalidArgument,
-            Kind::Unauthenticated => Code::Unauthenticated,
-            Kind::Denied => Code::PermissionDenied,
-            Kind::WrongRound => Code::FailedPrecondition,
-            Kind::Duplicate => Code::AlreadyExists,
-            Kind::NotFound => Code::NotFound,
-            Kind::Exhausted => Code::ResourceExhausted,
-            Kind::Unavailable => Code::Unavailable,
-            Kind::Internal => Code::Internal,
+        let (code, reason) = match e.kind {
+            Kind::Invalid => (Code::InvalidArgument, None),
+            Kind::Unauthenticated => (Code::Unauthenticated, None),
+            Kind::Denied => (Code::PermissionDenied, None),
+            Kind::WrongRound => (Code::FailedPrecondition, None),
+            Kind::Duplicate => (Code::AlreadyExists, None),
+            Kind::NotFound => (Code::NotFound, None),
+            Kind::Busy => (Code::ResourceExhausted, Some(Reason::Busy)),
+            Kind::BudgetSpent => (
+                Code::FailedPrecondition,
+                Some(Reason::PrivacyBudgetExhausted),
+            ),
+            Kind::Unavailable => (Code::Unavailable, None),
+            Kind::Internal => (Code::Internal, None),
         };
-        Status::new(code, e.message)
+        match reason {
+            Some(reason) => refusal::status(code, reason, e.message),
+            None => Status::new(code, e.message),
+        }
     }
 }
 

@@ -37,7 +37,7 @@ pub enum CheckIn {
         reason: &'static str,
     },
     /// The privacy budget cannot pay for another round: no round will open again.
-    Exhausted(String),
+    BudgetSpent(String),
 }
 
 /// A device's part in a round.
@@ -77,11 +77,37 @@ pub struct UploadHeader {
     pub num_examples: u32,
 }
 
+/// Where the federation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundPhase {
+    Open,
+    Closing,
+    /// No round open now; one may open later.
+    Idle,
+    /// The configured number of rounds is done.
+    Finished,
+    /// The privacy budget is spent: no round will open again.
+    BudgetExhausted,
+}
+
+impl RoundPhase {
+    /// The label people read (`aggregator status`, `RoundStatus.state`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundPhase::Open => "open",
+            RoundPhase::Closing => "closing",
+            RoundPhase::Idle => "idle",
+            RoundPhase::Finished => "finished",
+            RoundPhase::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
 /// The public view of the current round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundView {
     pub round: u64,
-    pub state: &'static str,
+    pub phase: RoundPhase,
     pub version: u64,
     pub reports: u32,
     pub target_reports: u32,
@@ -319,7 +345,11 @@ impl Coordinator {
         match &st.round {
             Some(r) => RoundView {
                 round: r.id,
-                state: if r.closing { "closing" } else { "open" },
+                phase: if r.closing {
+                    RoundPhase::Closing
+                } else {
+                    RoundPhase::Open
+                },
                 version: st.published.version,
                 reports: r.sum.count() as u32,
                 target_reports: target,
@@ -328,12 +358,12 @@ impl Coordinator {
             },
             None => RoundView {
                 round: 0,
-                state: if st.finished {
-                    "finished"
+                phase: if st.finished {
+                    RoundPhase::Finished
                 } else if st.exhausted.is_some() {
-                    "budget_exhausted"
+                    RoundPhase::BudgetExhausted
                 } else {
-                    "idle"
+                    RoundPhase::Idle
                 },
                 version: st.published.version,
                 reports: 0,
@@ -356,7 +386,7 @@ impl Coordinator {
             return later("training finished");
         }
         if let Some(why) = &st.exhausted {
-            return CheckIn::Exhausted(why.clone());
+            return CheckIn::BudgetSpent(why.clone());
         }
         let (version, sha, len) = (
             st.published.version,

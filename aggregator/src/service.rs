@@ -8,12 +8,12 @@ use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_server::Federation;
 use tokio::sync::Semaphore;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::auth::Authenticator;
 use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
-use crate::round::{unix_ms, CheckIn, Coordinator, SecureStep, UploadHeader};
+use crate::round::{unix_ms, CheckIn, Coordinator, RoundPhase, SecureStep, UploadHeader};
 use crate::secure::Reply;
 use fedpersona_privacy::secagg;
 
@@ -46,6 +46,21 @@ impl FederationService {
             tracing::debug!(reason = e.reason, "request refused");
         }
         e.into()
+    }
+
+    /// Counts a failed read of an upload stream (a message over the decoding limit, a
+    /// malformed frame, a client gone mid-upload) as a refusal, and passes the transport's
+    /// status on unchanged.
+    fn stream_failed(&self, s: Status) -> Status {
+        let reason = match s.code() {
+            // tonic's decoder: "decoded message length too large".
+            Code::OutOfRange | Code::ResourceExhausted => "message_too_large",
+            Code::Cancelled => "upload_cancelled",
+            _ => "bad_stream",
+        };
+        self.coordinator.metrics().reject(reason);
+        tracing::debug!(reason, status = %s, "upload stream failed");
+        s
     }
 }
 
@@ -142,8 +157,8 @@ impl Federation for FederationService {
                     chunk_bytes: c.update.chunk_bytes,
                 })
             }
-            CheckIn::Exhausted(why) => {
-                return Err(self.refuse(FedError::new(Kind::Exhausted, "privacy_budget", why)))
+            CheckIn::BudgetSpent(why) => {
+                return Err(self.refuse(FedError::new(Kind::BudgetSpent, "privacy_budget", why)))
             }
             CheckIn::Later {
                 retry_after,
@@ -213,15 +228,18 @@ impl Federation for FederationService {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadReceipt>, Status> {
-        let _permit = self
-            .uploads
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("shutting down"))?;
+        let _permit = self.uploads.acquire().await.map_err(|_| {
+            self.refuse(FedError::new(
+                Kind::Unavailable,
+                "shutting_down",
+                "shutting down",
+            ))
+        })?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
-            .await?
+            .await
+            .map_err(|s| self.stream_failed(s))?
             .ok_or_else(|| self.refuse(FedError::invalid("bad_header", "empty upload stream")))?;
         let Some(pb::upload_chunk::Part::Header(mut header)) = first.part else {
             return Err(self.refuse(FedError::invalid(
@@ -258,7 +276,7 @@ impl Federation for FederationService {
             .map_err(|e| self.refuse(e))?;
         let total = ticket.total_bytes() as usize;
         let mut buf = Vec::with_capacity(total);
-        while let Some(chunk) = stream.message().await? {
+        while let Some(chunk) = stream.message().await.map_err(|s| self.stream_failed(s))? {
             match chunk.part {
                 Some(pb::upload_chunk::Part::Data(d)) => {
                     if buf.len() + d.len() > total {
@@ -297,7 +315,14 @@ impl Federation for FederationService {
         let v = self.coordinator.view();
         Ok(Response::new(pb::RoundStatus {
             round: v.round,
-            state: v.state.to_string(),
+            state: v.phase.as_str().to_string(),
+            phase: match v.phase {
+                RoundPhase::Open => pb::RoundPhase::Open,
+                RoundPhase::Closing => pb::RoundPhase::Closing,
+                RoundPhase::Idle => pb::RoundPhase::Idle,
+                RoundPhase::Finished => pb::RoundPhase::Finished,
+                RoundPhase::BudgetExhausted => pb::RoundPhase::BudgetExhausted,
+            } as i32,
             adapter_version: v.version,
             reports: v.reports,
             target_reports: v.target_reports,

@@ -199,9 +199,14 @@ pub struct Outcome {
     /// False when the time budget ran out first: the progress is saved in the checkpoint
     /// folder and a later run on the same data resumes from it.
     pub finished: bool,
+    /// True when [`Budget::cancel`] stopped the run: nothing more was saved, and the adapter
+    /// is left as it was at the step it stopped (not to be published).
+    pub cancelled: bool,
 }
 
-/// Saved progress of a resumable run.
+/// Saved progress of a resumable run. The checkpoint folder holds the current adapter (PEFT
+/// layout) and the best one so far (`best-<best_step>.safetensors`), which a resumed run
+/// restores with `best_loss`, so it keeps (and publishes) the best adapter of every part.
 #[derive(Debug, Serialize, Deserialize)]
 struct Progress {
     /// Identifies the data: the number of examples and the newest interaction's id.
@@ -209,9 +214,39 @@ struct Progress {
     steps: usize,
     best_loss: Option<f64>,
     best_step: usize,
+    /// Evaluations without improvement since the best (patience goes on across a resume).
+    #[serde(default)]
+    stale: usize,
+    /// Held-out loss of the adapter the first part started from.
+    #[serde(default)]
+    start_loss: Option<f64>,
 }
 
 const PROGRESS_FILE: &str = "progress.json";
+
+/// The best adapter so far of a resumable run, by the step it was scored at.
+fn best_file(dir: &Path, step: usize) -> std::path::PathBuf {
+    dir.join(format!("best-{step}.safetensors"))
+}
+
+/// Removes the best-adapter files of `dir`, except the one of step `keep`.
+fn remove_best_files(dir: &Path, keep: Option<usize>) {
+    let keep = keep.map(|s| best_file(dir, s));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("best-")
+            && name.ends_with(".safetensors")
+            && Some(&path) != keep.as_ref()
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
 
 /// Where a run keeps its progress, and until when it may run.
 #[derive(Debug, Clone, Copy)]
@@ -220,6 +255,19 @@ pub struct Budget<'a> {
     pub checkpoint: Option<&'a Path>,
     /// Stop at the first evaluation after this instant (progress saved).
     pub deadline: Option<std::time::Instant>,
+    /// Asked after every training step; true stops the run at once (nothing saved).
+    pub cancel: Option<Cancel<'a>>,
+}
+
+/// Whether to give a run up now (the local API sets it when the user asks to forget their
+/// data).
+#[derive(Clone, Copy)]
+pub struct Cancel<'a>(pub &'a (dyn Fn() -> bool + Sync));
+
+impl std::fmt::Debug for Cancel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cancel(..)")
+    }
 }
 
 /// What a run trains on.
@@ -234,7 +282,8 @@ pub struct Data<'a> {
 }
 
 /// Adapts `adapter` in place on `data` by `plan`. The adapter ends as the best one on the
-/// held-out slice (or the last, without one).
+/// held-out slice (or the last, without one); a run resumed from a checkpoint keeps the best
+/// adapter of the parts before it.
 pub fn adapt(
     base: &BaseModel,
     adapter: &mut LoraAdapter,
@@ -280,16 +329,37 @@ pub fn adapt(
     let data = (examples.len(), data_id);
     let mut done = 0;
     let mut best_step = 0;
+    let mut stale = 0;
+    // A resumed run goes on from the saved adapter with the best one so far, its loss, the
+    // start's loss and the patience already spent.
+    let mut resumed = None;
     if let Some(dir) = checkpoint {
         if let Some(p) = load_progress(dir, data)? {
-            let saved = LoraAdapter::load(dir, base.model.config(), &Device::Cpu)?;
-            adapter.set_tensors(&saved.to_tensors()?)?;
-            done = p.steps;
-            best_step = p.best_step;
+            match load_best(dir, p.best_step) {
+                Ok(best) => {
+                    let saved = LoraAdapter::load(dir, base.model.config(), &Device::Cpu)?;
+                    adapter.set_tensors(&saved.to_tensors()?)?;
+                    done = p.steps;
+                    best_step = p.best_step;
+                    stale = p.stale;
+                    resumed = Some((p.start_loss, p.best_loss, best));
+                }
+                // Progress without its best adapter (an older checkpoint): resuming would
+                // lose the best, so the run starts over.
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "not resuming"),
+            }
         }
     }
-    let start_loss = score(adapter)?;
-    let mut best: (Option<f64>, AdapterTensors) = (start_loss, adapter.to_tensors()?);
+    let resuming = resumed.is_some();
+    let (start_loss, mut best) = match resumed {
+        Some((start_loss, best_loss, best)) => (start_loss, (best_loss, best)),
+        None => {
+            let start_loss = score(adapter)?;
+            (start_loss, (start_loss, adapter.to_tensors()?))
+        }
+    };
+    // Whether the checkpoint holds `best` (a resumed run's does).
+    let mut best_saved = resuming;
     let remaining = plan.max_steps.saturating_sub(done);
     let cfg = FitConfig {
         steps: remaining,
@@ -301,10 +371,10 @@ pub fn adapt(
         workers: 1,
         seed: seed ^ done as u64,
     };
-    let mut stale = 0;
     let mut error = None;
     let mut stopped_early = false;
     let mut out_of_time = false;
+    let mut cancelled = false;
     let shared: &LoraAdapter = adapter;
     let taken = if remaining == 0 {
         0
@@ -316,6 +386,10 @@ pub fn adapt(
             Some(negatives),
             &cfg,
             |step, _| {
+                if budget.cancel.is_some_and(|c| (c.0)()) {
+                    cancelled = true;
+                    return false;
+                }
                 let step = done + step + 1;
                 if val_w.is_empty() || step % plan.eval_every.max(1) != 0 {
                     return true;
@@ -325,12 +399,22 @@ pub fn adapt(
                     if loss < best.0 || best.0.is_none() {
                         best = (loss, shared.to_tensors()?);
                         best_step = step;
+                        best_saved = false;
                         stale = 0;
                     } else {
                         stale += 1;
                     }
                     if let Some(dir) = checkpoint {
-                        save_progress(dir, shared, data, step, best.0, best_step)?;
+                        let progress = Progress {
+                            data,
+                            steps: step,
+                            best_loss: best.0,
+                            best_step,
+                            stale,
+                            start_loss,
+                        };
+                        save_progress(dir, shared, (!best_saved).then_some(&best.1), &progress)?;
+                        best_saved = true;
                     }
                     out_of_time = budget
                         .deadline
@@ -353,8 +437,7 @@ pub fn adapt(
     if let Some(e) = error {
         return Err(e);
     }
-    if out_of_time {
-        // The checkpoint holds the current adapter and the steps; leave `adapter` as it is.
+    if cancelled {
         return Ok(Outcome {
             steps: done + taken,
             start_loss,
@@ -362,6 +445,20 @@ pub fn adapt(
             best_step,
             stopped_early: false,
             finished: false,
+            cancelled: true,
+        });
+    }
+    if out_of_time {
+        // The checkpoint holds the current adapter, the best one and the steps; leave
+        // `adapter` as it is.
+        return Ok(Outcome {
+            steps: done + taken,
+            start_loss,
+            best_loss: best.0,
+            best_step,
+            stopped_early: false,
+            finished: false,
+            cancelled: false,
         });
     }
     if !val_w.is_empty() {
@@ -369,6 +466,7 @@ pub fn adapt(
     }
     if let Some(dir) = checkpoint {
         let _ = std::fs::remove_file(dir.join(PROGRESS_FILE));
+        remove_best_files(dir, None);
     }
     Ok(Outcome {
         steps: done + taken,
@@ -377,6 +475,7 @@ pub fn adapt(
         best_step,
         stopped_early,
         finished: true,
+        cancelled: false,
     })
 }
 
@@ -390,25 +489,36 @@ fn load_progress(dir: &Path, data: (usize, i64)) -> anyhow::Result<Option<Progre
     Ok((p.data == data).then_some(p))
 }
 
+/// The best adapter of a resumable run, saved when it was scored at `step`.
+fn load_best(dir: &Path, step: usize) -> anyhow::Result<AdapterTensors> {
+    let path = best_file(dir, step);
+    let named = fedpersona_model::checkpoint::load_safetensors(&path)
+        .with_context(|| format!("the best adapter of {}", dir.display()))?;
+    fedpersona_model::tensors::from_named(named)
+        .with_context(|| format!("{} is corrupt", path.display()))
+}
+
+/// Saves the current adapter, the best one if it changed since the last save, then the
+/// progress that names it: `progress.json` is written last, and best files it does not name
+/// are removed only after it, so a crash at any point leaves a consistent checkpoint.
 fn save_progress(
     dir: &Path,
     adapter: &LoraAdapter,
-    data: (usize, i64),
-    steps: usize,
-    best_loss: Option<f64>,
-    best_step: usize,
+    best: Option<&AdapterTensors>,
+    progress: &Progress,
 ) -> anyhow::Result<()> {
     adapter.save(dir)?;
-    let p = Progress {
-        data,
-        steps,
-        best_loss,
-        best_step,
-    };
+    if let Some(best) = best {
+        fedpersona_model::checkpoint::save_safetensors(
+            &best_file(dir, progress.best_step),
+            &fedpersona_model::tensors::into_named(best.clone()),
+        )?;
+    }
     fedpersona_model::checkpoint::write_atomic(
         &dir.join(PROGRESS_FILE),
-        &serde_json::to_vec(&p).expect("plain struct"),
+        &serde_json::to_vec(progress).expect("plain struct"),
     )?;
+    remove_best_files(dir, Some(progress.best_step));
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{self, CheckIn, Connection, Retry, Session};
+use crate::client::{self, CheckIn, Connection, Retired, Retry, Session};
 use crate::consent::Consent;
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +249,8 @@ fn save_state(dir: &Path, s: &AgentState) -> anyhow::Result<()> {
 pub struct RunSummary {
     pub rounds_reported: u64,
     pub tasks_failed: u64,
+    /// Set when the run ended because the aggregator will give no more work.
+    pub retired: Option<Retired>,
 }
 
 /// A participant: credentials, data and the frozen base model (shareable between agents).
@@ -339,6 +341,10 @@ impl Agent {
                         Duration::ZERO
                     }
                     Ok(Step::Wait(d)) => d,
+                    Ok(Step::Retired(why)) => {
+                        summary.retired = Some(why);
+                        return Ok(summary);
+                    }
                     Err(e) => {
                         summary.tasks_failed += 1;
                         tracing::warn!(error = %format!("{e:#}"), "round attempt failed");
@@ -372,6 +378,14 @@ impl Agent {
             } => {
                 tracing::debug!(reason, "no task");
                 return Ok(Step::Wait(retry_after.min(self.config.checkin_interval)));
+            }
+            CheckIn::Retired { why, message } => {
+                tracing::warn!(
+                    ?why,
+                    message,
+                    "the aggregator will give no more work: stopping"
+                );
+                return Ok(Step::Retired(why));
             }
             CheckIn::Task(t) => t,
         };
@@ -569,6 +583,8 @@ impl Agent {
 pub enum Step {
     Reported(Report),
     Wait(Duration),
+    /// The aggregator will never give this device work again (checking in is pointless).
+    Retired(Retired),
 }
 
 /// One accepted report, as the device saw it.

@@ -1,12 +1,13 @@
 //! The agent's gRPC edge: a TLS channel to the aggregator, signed requests, chunked transfers,
-//! and bounded retries with backoff on `Unavailable` / `ResourceExhausted`. Generated types
-//! stay in this module.
+//! and bounded retries with backoff on `Unavailable` / `ResourceExhausted`, except for the
+//! refusals the aggregator marks permanent ([`Retired`]). Generated types stay in this module.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use fedpersona_privacy::protect::Privatized;
 use fedpersona_proto::auth::Signer;
+use fedpersona_proto::refusal;
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -90,10 +91,31 @@ pub enum CheckIn {
         retry_after: Duration,
         reason: String,
     },
+    /// The aggregator will never give this device work again.
+    Retired {
+        why: Retired,
+        message: String,
+    },
+}
+
+/// Why the aggregator will never give this device work again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retired {
+    /// The deployment's privacy budget is spent: no round will open again.
+    PrivacyBudgetExhausted,
+}
+
+/// The permanent refusal a status carries, if it is one: retrying cannot help.
+pub fn retired(s: &tonic::Status) -> Option<Retired> {
+    match refusal::reason(s) {
+        refusal::Reason::PrivacyBudgetExhausted => Some(Retired::PrivacyBudgetExhausted),
+        refusal::Reason::Busy | refusal::Reason::Unspecified => None,
+    }
 }
 
 fn transient(s: &tonic::Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::ResourceExhausted)
+    retired(s).is_none() && matches!(s.code(), Code::Unavailable | Code::ResourceExhausted)
 }
 
 /// Runs `call` until it succeeds, fails permanently, or attempts run out; backoff doubles
@@ -171,8 +193,19 @@ impl Session {
             let mut client = self.client.clone();
             async move { client.check_in(req).await }
         })
-        .await?
-        .into_inner();
+        .await;
+        let r = match r {
+            Ok(r) => r.into_inner(),
+            Err(s) => match retired(&s) {
+                Some(why) => {
+                    return Ok(CheckIn::Retired {
+                        why,
+                        message: s.message().to_string(),
+                    })
+                }
+                None => return Err(s),
+            },
+        };
         match r.outcome {
             Some(pb::check_in_response::Outcome::Task(t)) => Ok(CheckIn::Task(t)),
             Some(pb::check_in_response::Outcome::Later(l)) => Ok(CheckIn::Later {

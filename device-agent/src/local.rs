@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -29,6 +30,14 @@ pub const STORE_FILE: &str = "interactions.sqlite";
 pub const STORE_KEY_FILE: &str = "store.key";
 /// The personal adapter (PEFT layout) that `Generate` uses.
 pub const PERSONAL_DIR: &str = "personal";
+/// The checkpoint of an adaptation cut by its time budget (an adapter trained on the text).
+pub const PROGRESS_DIR: &str = "personal.progress";
+/// Where a finished adaptation writes the new adapter before swapping it in.
+const FRESH_DIR: &str = "personal.new";
+/// Where the previous adapter waits during the swap.
+const OLD_DIR: &str = "personal.old";
+/// Everything in the agent's folder derived from the user's text, besides the store.
+const DERIVED_DIRS: [&str; 4] = [PERSONAL_DIR, PROGRESS_DIR, FRESH_DIR, OLD_DIR];
 /// The socket, unless given elsewhere.
 pub const SOCKET_FILE: &str = "local.sock";
 
@@ -317,8 +326,42 @@ pub struct LocalState {
     base: Arc<BaseModel>,
     /// When an app last called the API (the device counts as idle after a while).
     last_call: Mutex<std::time::Instant>,
-    /// One adaptation at a time.
+    /// One adaptation at a time. The blocking task that runs it holds the lock until it is
+    /// done (even if the caller went away), so [`LocalState::forget`] can wait for it.
     adapting: tokio::sync::Mutex<()>,
+    /// `forget` calls under way: a running adaptation gives up at its next step, and none
+    /// starts.
+    forgetting: AtomicUsize,
+    /// See [`LocalState::on_event`].
+    events: Mutex<Option<EventHook>>,
+}
+
+/// What a test can see of the local state's background work ([`LocalState::on_event`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An adaptation is between two training steps; it checks for cancellation next.
+    AdaptationStep,
+    /// A `forget` has asked any running adaptation to stop and now waits for it.
+    ForgetRequested,
+}
+
+#[derive(Clone)]
+struct EventHook(Arc<dyn Fn(Event) + Send + Sync>);
+
+impl std::fmt::Debug for EventHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventHook(..)")
+    }
+}
+
+/// What [`LocalState::forget`] erased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forgotten {
+    pub interactions: u64,
+    /// Whether a personal adapter, an adaptation checkpoint or a half-swapped adapter existed.
+    pub adapter: bool,
+    pub left_federation: bool,
 }
 
 /// When the personal adapter is trained: after `min_new` new interactions, once the API has
@@ -396,6 +439,82 @@ impl LocalState {
             base,
             last_call: Mutex::new(std::time::Instant::now()),
             adapting: tokio::sync::Mutex::new(()),
+            forgetting: AtomicUsize::new(0),
+            events: Mutex::new(None),
+        })
+    }
+
+    /// Calls `hook` at every [`Event`], on the thread where it happens (tests use it to
+    /// place a `forget` inside a running adaptation without timing).
+    #[doc(hidden)]
+    pub fn on_event(&self, hook: impl Fn(Event) + Send + Sync + 'static) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(EventHook(Arc::new(hook)));
+    }
+
+    fn emit(&self, event: Event) {
+        // Not called under the lock: a hook may block.
+        let hook = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            (hook.0)(event);
+        }
+    }
+
+    fn forget_pending(&self) -> bool {
+        self.forgetting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Erases the user's data: every interaction, and everything derived from them (the
+    /// personal adapter, the checkpoint of a cut adaptation, a half-swapped adapter). A
+    /// running adaptation is told to stop and waited for first, so nothing trained on the
+    /// erased text is published afterwards. With `leave_federation`, also the federation
+    /// credentials, and consent is recorded as off.
+    pub async fn forget(&self, leave_federation: bool) -> anyhow::Result<Forgotten> {
+        /// Counts a forget under way until it ends, however it ends (a dropped call too).
+        struct Pending<'a>(&'a AtomicUsize);
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.forgetting.fetch_add(1, Ordering::SeqCst);
+        let _pending = Pending(&self.forgetting);
+        self.emit(Event::ForgetRequested);
+        // A running adaptation stops at its next step and releases this; none starts while
+        // it is held.
+        let _no_adaptation = self.adapting.lock().await;
+        let interactions = {
+            let store = self.store();
+            let n = store.count()?;
+            store.forget()?;
+            n
+        };
+        let mut adapter = false;
+        for d in DERIVED_DIRS {
+            let path = self.dir.join(d);
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => adapter = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("erasing {}", path.display())),
+            }
+        }
+        if leave_federation {
+            Consent::set(&self.dir, false, now_ms()).context("recording consent")?;
+            for f in ["device.key", "agent.json"] {
+                match std::fs::remove_file(self.dir.join(f)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).context("leaving the federation"),
+                }
+            }
+        }
+        Ok(Forgotten {
+            interactions,
+            adapter,
+            left_federation: leave_federation,
         })
     }
 
@@ -436,29 +555,35 @@ impl LocalState {
         self: &Arc<Self>,
         schedule: &Schedule,
     ) -> anyhow::Result<Option<crate::adaptation::Outcome>> {
-        let Ok(_one) = self.adapting.try_lock() else {
-            return Ok(None);
-        };
-        let count = self.store().count()?;
-        let new = count.saturating_sub(self.adapted_state().interactions);
-        if new < schedule.min_new
-            || self.idle_for() < std::time::Duration::from_secs_f64(schedule.idle_s)
-        {
-            return Ok(None);
-        }
         let this = self.clone();
         let schedule = *schedule;
-        tokio::task::spawn_blocking(move || this.adapt_now(&schedule))
-            .await
-            .context("adaptation task")?
-            .map(Some)
+        tokio::task::spawn_blocking(move || {
+            // Held by this task for the whole run, even if the caller's future is dropped.
+            let Ok(_one) = this.adapting.try_lock() else {
+                return Ok(None);
+            };
+            if this.forget_pending() {
+                return Ok(None);
+            }
+            let count = this.store().count()?;
+            let new = count.saturating_sub(this.adapted_state().interactions);
+            if new < schedule.min_new
+                || this.idle_for() < std::time::Duration::from_secs_f64(schedule.idle_s)
+            {
+                return Ok(None);
+            }
+            this.adapt_now(&schedule).map(Some)
+        })
+        .await
+        .context("adaptation task")?
     }
 
     /// One adaptation of the personal adapter on every stored interaction (profile-weighted,
     /// profile-planned, early-stopped), within the schedule's budgets. The new adapter
-    /// replaces the old one only when the run finishes.
+    /// replaces the old one only when the run finishes and no `forget` began meanwhile. The
+    /// caller holds `adapting`.
     fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<crate::adaptation::Outcome> {
-        use crate::adaptation::{adapt, Budget, Data, Plan, Weights};
+        use crate::adaptation::{adapt, Budget, Cancel, Data, Plan, Weights};
         let items = self.store().all()?;
         let data_id = items.last().map_or(0, |s| s.id);
         let now = now_ms();
@@ -488,14 +613,19 @@ impl LocalState {
         };
         let batch = (schedule.max_batch_tokens / seq_len).clamp(1, 16);
         let plan = Plan::from_profile(&profile, examples.len(), 1e-3, batch, seq_len, 200);
-        let progress = self.dir.join("personal.progress");
+        let progress = self.dir.join(PROGRESS_DIR);
         std::fs::create_dir_all(&progress)?;
+        let cancel = || {
+            self.emit(Event::AdaptationStep);
+            self.forget_pending()
+        };
         let budget = Budget {
             checkpoint: Some(&progress),
             deadline: Some(
                 std::time::Instant::now()
                     + std::time::Duration::from_secs_f64(schedule.time_budget_s),
             ),
+            cancel: Some(Cancel(&cancel)),
         };
         let negatives = Weights::default().negatives(&items, now);
         let data = Data {
@@ -511,9 +641,18 @@ impl LocalState {
             rand::random(),
             budget,
         )?;
+        if outcome.cancelled || self.forget_pending() {
+            // The forget that asked for this erases what the run left behind.
+            tracing::info!("adaptation given up: the user's data is being forgotten");
+            return Ok(crate::adaptation::Outcome {
+                finished: false,
+                cancelled: true,
+                ..outcome
+            });
+        }
         if outcome.finished {
             // Written beside, then swapped in: `Generate` never sees half an adapter.
-            let fresh = self.dir.join("personal.new");
+            let fresh = self.dir.join(FRESH_DIR);
             let _ = std::fs::remove_dir_all(&fresh);
             adapter.save(&fresh)?;
             let state = AdaptedState {
@@ -526,7 +665,7 @@ impl LocalState {
                 &serde_json::to_vec(&state).expect("plain struct"),
             )?;
             let personal = self.dir.join(PERSONAL_DIR);
-            let old = self.dir.join("personal.old");
+            let old = self.dir.join(OLD_DIR);
             let _ = std::fs::remove_dir_all(&old);
             if personal.exists() {
                 std::fs::rename(&personal, &old)?;
@@ -851,33 +990,16 @@ impl LocalAgent for LocalService {
     ) -> Result<Response<pb::ForgetResponse>, Status> {
         self.state.touch();
         let r = request.into_inner();
-        let dir = &self.state.dir;
-        let erased = {
-            let store = self.state.store();
-            let n = store.count().map_err(status)?;
-            store.forget().map_err(status)?;
-            n
-        };
-        let personal = dir.join(PERSONAL_DIR);
-        let adapter_erased = personal.exists();
-        if adapter_erased {
-            std::fs::remove_dir_all(&personal)
-                .map_err(|e| internal("erasing the personal adapter", e.into()))?;
-        }
-        if r.leave_federation {
-            Consent::set(dir, false, now_ms()).map_err(|e| internal("recording consent", e))?;
-            for f in ["device.key", "agent.json"] {
-                match std::fs::remove_file(dir.join(f)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(internal("leaving the federation", e.into())),
-                }
+        let f = self.state.forget(r.leave_federation).await.map_err(|e| {
+            match e.downcast::<StoreError>() {
+                Ok(e) => status(e),
+                Err(e) => internal("forgetting", e),
             }
-        }
+        })?;
         Ok(Response::new(pb::ForgetResponse {
-            interactions_erased: erased,
-            adapter_erased,
-            left_federation: r.leave_federation,
+            interactions_erased: f.interactions,
+            adapter_erased: f.adapter,
+            left_federation: f.left_federation,
         }))
     }
 

@@ -136,6 +136,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "reported in {} rounds ({} failed attempts)",
                 summary.rounds_reported, summary.tasks_failed
             );
+            if let Some(device_agent::client::Retired::PrivacyBudgetExhausted) = summary.retired {
+                println!(
+                    "stopped: the aggregator's privacy budget is spent, no round will open again"
+                );
+            }
         }
         Command::Eval(args) => {
             let r = evaluate::run(&args)?;

@@ -525,3 +525,76 @@ fn an_operator_can_close_a_round_before_its_deadline() {
     assert_eq!(h.coordinator.view().version, 1);
     assert_eq!(h.coordinator.metrics().rejects_total(), 0);
 }
+
+/// A failure reading the upload stream itself (here: a message over the server's decoding
+/// limit, as the header or as a data chunk) is refused and counted like every other refusal.
+#[test]
+fn upload_stream_failures_are_counted_as_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    // chunk_bytes = 1 KiB: the server decodes messages of at most 1 KiB + 64 KiB.
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[update]\nclip_norm = 1.0\nencoding = \"f32\"\nchunk_bytes = 1024",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let a = srv.device();
+    let task = srv.task(&a);
+    let too_big = 1024 + 64 * 1024 + 1;
+    let send = |parts: Vec<pb::UploadChunk>| {
+        srv.rt
+            .block_on(FederationClient::new(srv.channel()).upload_update(tokio_stream::iter(parts)))
+            .map(|r| r.into_inner())
+    };
+    let header_chunk = |header: pb::UploadHeader| pb::UploadChunk {
+        part: Some(pb::upload_chunk::Part::Header(header)),
+    };
+    let before = h.coordinator.metrics().rejects_total();
+
+    // The first message (the header) cannot be decoded.
+    let huge_header = pb::UploadHeader {
+        auth: None,
+        round: task.round,
+        upload_nonce: vec![0; too_big],
+        total_bytes: 10,
+        sha256: vec![0; 32],
+        num_examples: 1,
+        train_loss: 0.0,
+    };
+    let e = send(vec![header_chunk(huge_header)]).unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(h.coordinator.metrics().rejects_total(), before + 1);
+
+    // A good header, then a data chunk that cannot be decoded.
+    let small = delta(h, 1e-3, Encoding::F32);
+    let mut header = pb::UploadHeader {
+        auth: None,
+        round: task.round,
+        upload_nonce: a.nonce().to_vec(),
+        total_bytes: small.len() as u64,
+        sha256: ring::digest::digest(&ring::digest::SHA256, &small)
+            .as_ref()
+            .to_vec(),
+        num_examples: 10,
+        train_loss: 0.0,
+    };
+    header.auth = Some(a.auth("UploadUpdate", &header));
+    let e = send(vec![
+        header_chunk(header),
+        pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(vec![0; too_big])),
+        },
+    ])
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(h.coordinator.metrics().rejects_total(), before + 2);
+    assert_eq!(h.coordinator.metrics().rejects("message_too_large"), 2);
+    assert!(h
+        .coordinator
+        .metrics()
+        .render()
+        .contains("fedpersona_rejects_total{reason=\"message_too_large\"} 2"));
+    // Nothing of it reached the round.
+    assert_eq!(h.coordinator.view().reports, 0);
+}

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use aggregator::round::RoundPhase;
 use fedpersona_privacy::accountant;
 use fedpersona_privacy::codec::Encoding;
+use fedpersona_proto::refusal;
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_client::FederationClient;
 use tonic::Code;
@@ -20,6 +22,27 @@ fn wait_for_version(srv: &Server, version: u64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The round status over gRPC, as a device reads it.
+fn round_status(srv: &Server, s: &fedpersona_proto::auth::Signer) -> pb::RoundStatus {
+    let mut req = pb::RoundStatusRequest { auth: None };
+    req.auth = Some(s.auth("GetRoundStatus", &req));
+    srv.rt
+        .block_on(FederationClient::new(srv.channel()).get_round_status(req))
+        .unwrap()
+        .into_inner()
+}
+
+/// A refusal that says the budget is spent for good: not RESOURCE_EXHAUSTED (which devices
+/// retry), and typed, so no device parses the message.
+fn assert_budget_spent(refused: &tonic::Status) {
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refusal::reason(refused),
+        refusal::Reason::PrivacyBudgetExhausted,
+        "{refused:?}"
+    );
 }
 
 fn check_in_code(srv: &Server, s: &fedpersona_proto::auth::Signer) -> Result<(), tonic::Status> {
@@ -90,7 +113,10 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
             );
         }
         let view = h.coordinator.view();
-        assert_eq!(view.state, "budget_exhausted");
+        assert_eq!(view.phase, RoundPhase::BudgetExhausted);
+        let wire = round_status(&srv, &a);
+        assert_eq!(wire.phase(), pb::RoundPhase::BudgetExhausted);
+        assert_eq!(wire.state, "budget_exhausted");
         let spent = h.coordinator.privacy_spent().unwrap();
         assert_eq!(spent.rounds_charged, 2);
         assert!((spent.epsilon - e2).abs() < 1e-9);
@@ -102,7 +128,7 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
             "ε spent is exported to Prometheus"
         );
         let refused = check_in_code(&srv, &a).unwrap_err();
-        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_budget_spent(&refused);
         assert!(
             refused.message().contains("privacy budget"),
             "{}",
@@ -115,12 +141,12 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
     let spent = srv.handle.coordinator.privacy_spent().unwrap();
     assert_eq!(spent.rounds_charged, 2);
     assert!((spent.epsilon - e2).abs() < 1e-9);
-    assert_eq!(srv.handle.coordinator.view().state, "budget_exhausted");
-    let a = srv.device();
     assert_eq!(
-        check_in_code(&srv, &a).unwrap_err().code(),
-        Code::ResourceExhausted
+        srv.handle.coordinator.view().phase,
+        RoundPhase::BudgetExhausted
     );
+    let a = srv.device();
+    assert_budget_spent(&check_in_code(&srv, &a).unwrap_err());
     let status = aggregator::cli::status(&aggregator::cli::StatusArgs {
         config: cfg.clone(),
         json: true,
@@ -224,5 +250,5 @@ fn secure_rounds_refuse_plain_uploads_and_unsigned_adverts() {
         Code::FailedPrecondition
     );
     assert_eq!(h.coordinator.store().summary().unwrap().uploads, 0);
-    assert_eq!(h.coordinator.view().state, "open");
+    assert_eq!(h.coordinator.view().phase, RoundPhase::Open);
 }

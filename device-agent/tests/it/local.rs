@@ -319,3 +319,193 @@ fn the_personal_adapter_is_trained_when_due() {
         "not while apps are using the API"
     );
 }
+
+/// Every file and folder under `dir` (folders end in `/`), relative to it, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if e.file_type().unwrap().is_dir() {
+                out.push(format!("{rel}/"));
+                walk(root, &path, out);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// After Forget, the agent's folder holds the emptied store, its key and the consent
+/// record, and nothing else: nothing derived from the user's text (adapters, checkpoints).
+fn assert_forgotten(state: &Path) {
+    const MAY_STAY: [&str; 5] = [
+        "consent.json",
+        "interactions.sqlite",
+        "interactions.sqlite-shm",
+        "interactions.sqlite-wal",
+        "store.key",
+    ];
+    let left = tree(state);
+    for f in &left {
+        assert!(
+            MAY_STAY.contains(&f.as_str()),
+            "{f} is left after forget: {left:?}"
+        );
+    }
+    assert!(!contains(&store_bytes(state), CANARY));
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn log_notes(state: &LocalState, range: std::ops::Range<usize>) {
+    for i in range {
+        state
+            .log_note(
+                &format!("{CANARY} I would say {i} things my way."),
+                Some("What now?"),
+            )
+            .unwrap();
+    }
+}
+
+/// Forget through the socket erases the personal adapter and the checkpoint an adaptation
+/// cut by its time budget left behind.
+#[test]
+fn forget_leaves_nothing_derived_from_the_users_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("agent");
+    let socket = dir.path().join("local.sock");
+    let rt = runtime();
+    let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
+    let state = Arc::new(LocalState::open(&state_dir, base).unwrap());
+    // The scheduler never fires during the test (check_s); adaptations are called directly.
+    let schedule = local::Schedule {
+        min_new: 12,
+        idle_s: 0.0,
+        check_s: 1e6,
+        time_budget_s: 60.0,
+        max_batch_tokens: 128,
+    };
+    log_notes(&state, 0..12);
+    let out = rt.block_on(state.adapt_if_due(&schedule)).unwrap().unwrap();
+    assert!(out.finished);
+    log_notes(&state, 12..24);
+    let cut = local::Schedule {
+        time_budget_s: 0.0,
+        ..schedule
+    };
+    let out = rt.block_on(state.adapt_if_due(&cut)).unwrap().unwrap();
+    assert!(!out.finished, "cut at its first evaluation");
+    assert!(state_dir
+        .join("personal/adapter_model.safetensors")
+        .exists());
+    assert!(state_dir
+        .join("personal.progress/adapter_model.safetensors")
+        .exists());
+
+    let state = Arc::try_unwrap(state).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let socket = socket.clone();
+        rt.spawn(async move {
+            local::serve(state, schedule, &socket, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    rt.block_on(async {
+        while !socket.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let r = local::connect(&socket)
+            .await
+            .unwrap()
+            .forget(pb::ForgetRequest {
+                leave_federation: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.interactions_erased, 24);
+        assert!(r.adapter_erased);
+    });
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+    assert_forgotten(&state_dir);
+}
+
+/// Forget during an adaptation stops it and waits for it: nothing it trained is published
+/// afterwards. The test orders the two through the state's events, without timing: the
+/// adaptation blocks at its first training step until the forget has asked it to stop.
+#[test]
+fn forget_stops_a_running_adaptation_and_nothing_is_published_after_it() {
+    use device_agent::local::Event;
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
+    let state = Arc::new(LocalState::open(dir.path(), base).unwrap());
+    let schedule = local::Schedule {
+        min_new: 12,
+        idle_s: 0.0,
+        check_s: 1.0,
+        time_budget_s: 600.0,
+        max_batch_tokens: 128,
+    };
+    log_notes(&state, 0..12);
+
+    let (running_tx, running_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let running_tx = std::sync::Mutex::new(Some(running_tx));
+    let (go_tx, go_rx) = (
+        std::sync::Mutex::new(Some(go_tx)),
+        std::sync::Mutex::new(go_rx),
+    );
+    state.on_event(move |e| match e {
+        Event::AdaptationStep => {
+            if let Some(tx) = running_tx.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                // Until the forget asks it to stop (the sender is dropped).
+                let _ = go_rx.lock().unwrap().recv();
+            }
+        }
+        Event::ForgetRequested => drop(go_tx.lock().unwrap().take()),
+    });
+    let adaptation = {
+        let state = state.clone();
+        rt.spawn(async move { state.adapt_if_due(&schedule).await })
+    };
+    running_rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .expect("the adaptation reached its first training step");
+
+    // The adaptation is between two steps, trained on the text, holding its lock.
+    let forgotten = rt.block_on(state.forget(false)).unwrap();
+    assert_eq!(forgotten.interactions, 12);
+    let outcome = rt
+        .block_on(adaptation)
+        .unwrap()
+        .unwrap()
+        .expect("it was running");
+    assert_forgotten(dir.path());
+    assert!(outcome.cancelled && !outcome.finished, "{outcome:?}");
+    // Nothing comes back later: the store is empty, so no adaptation is due.
+    assert!(rt
+        .block_on(state.adapt_if_due(&schedule))
+        .unwrap()
+        .is_none());
+    assert_forgotten(dir.path());
+}

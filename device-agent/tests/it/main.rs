@@ -2,6 +2,7 @@
 //! one-line errors with exit code 2 on bad input.
 
 mod adaptation;
+mod client;
 mod local;
 
 use std::path::{Path, PathBuf};

@@ -159,6 +159,7 @@ fn adaptive(
     let budget = device_agent::adaptation::Budget {
         checkpoint: None,
         deadline: None,
+        cancel: None,
     };
     let mut with_ul =
         LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;

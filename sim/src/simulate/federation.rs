@@ -252,7 +252,7 @@ impl Federation {
 
     /// Whether the aggregator refuses further rounds for its privacy budget.
     pub fn budget_exhausted(&self) -> bool {
-        self.coordinator.view().state == "budget_exhausted"
+        self.coordinator.view().phase == aggregator::round::RoundPhase::BudgetExhausted
     }
 
     /// ε spent by the rounds charged so far (None without DP).
@@ -269,7 +269,7 @@ impl Federation {
     pub fn round(&mut self, rt: &Runtime) -> anyhow::Result<RoundRecord> {
         let started = Instant::now();
         let view = self.coordinator.view();
-        if view.state == "finished" {
+        if view.phase == aggregator::round::RoundPhase::Finished {
             bail!("the federation has run all its rounds");
         }
         let round = view.round;
@@ -359,7 +359,7 @@ impl Federation {
             let deadline = Instant::now() + Duration::from_secs(600);
             loop {
                 let v = self.coordinator.view();
-                if v.round != round || v.state == "finished" {
+                if v.round != round || v.phase == aggregator::round::RoundPhase::Finished {
                     break;
                 }
                 if failures > 0 || reports.len() < cohort {
@@ -411,6 +411,7 @@ async fn participate(agent: &mut Agent) -> anyhow::Result<Option<Report>> {
         match agent.step().await? {
             Step::Reported(r) => return Ok(Some(r)),
             Step::Wait(d) => tokio::time::sleep(d.min(Duration::from_millis(50))).await,
+            Step::Retired(_) => return Ok(None),
         }
     }
     Ok(None)

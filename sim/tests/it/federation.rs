@@ -168,7 +168,10 @@ encoding = "q8"
         std::thread::sleep(Duration::from_millis(20));
     }
     let view = handle.coordinator.view();
-    assert_eq!((view.version, view.state), (2, "finished"));
+    assert_eq!(
+        (view.version, view.phase),
+        (2, aggregator::round::RoundPhase::Finished)
+    );
     let theta2 = handle.coordinator.theta();
     let moved = {
         let mut d = theta2.theta.clone();
@@ -299,6 +302,7 @@ phase_timeout_s = 30
                     match agent.step().await.unwrap() {
                         device_agent::agent::Step::Reported(r) => return r,
                         device_agent::agent::Step::Wait(d) => tokio::time::sleep(d).await,
+                        device_agent::agent::Step::Retired(why) => panic!("retired: {why:?}"),
                     }
                 }
             }));
@@ -335,4 +339,88 @@ phase_timeout_s = 30
     assert_eq!(spent.rounds_charged, 1);
     let want = fedpersona_privacy::accountant::epsilon(0.8, 4.0 / 400.0, 1, 1e-5).unwrap();
     assert!((spent.epsilon - want).abs() < 1e-9);
+}
+
+/// When the privacy budget cannot pay for another round, the agents' check-ins are refused
+/// for good: each `run` ends by itself after the last round it could take part in, and says
+/// why, instead of retrying forever.
+#[test]
+fn agents_stop_when_the_privacy_budget_is_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two devices per round out of 200 (q = 0.01): the budget pays for one round, not two.
+    let (z, q, delta) = (1.0, 0.01, 1e-5);
+    let e1 = fedpersona_privacy::accountant::epsilon(z, q, 1, delta).unwrap();
+    let e2 = fedpersona_privacy::accountant::epsilon(z, q, 2, delta).unwrap();
+    let budget = (e1 + e2) / 2.0;
+    let Loopback { rt, handle, port } = Loopback::start(
+        dir.path(),
+        &format!(
+            r#"
+[adapter]
+rank = 4
+alpha = 8
+targets = ["q_proj", "v_proj"]
+[rounds]
+cohort_size = 2
+over_selection = 0
+min_reports = 2
+round_timeout_s = 120
+min_task_time_s = 1
+retry_after_s = 0.05
+[training]
+steps = 2
+batch_size = 4
+seq_len = 32
+[update]
+clip_norm = 0.01
+encoding = "f32"
+[privacy]
+mode = "central"
+noise_multiplier = {z}
+population = 200
+epsilon_budget = {budget}
+delta = {delta}
+"#
+        ),
+    );
+    let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
+    let summaries = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..2 {
+            let cfg = agent_config(
+                dir.path(),
+                port,
+                &format!("agent-{i}"),
+                "backoff_initial_s = 0.05",
+            );
+            let base = base.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut agent = Agent::start(cfg, base, examples(i)).await.unwrap();
+                agent.run(std::future::pending()).await.unwrap()
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(
+                tokio::time::timeout(Duration::from_secs(60), t)
+                    .await
+                    .expect("the agent stopped by itself")
+                    .unwrap(),
+            );
+        }
+        out
+    });
+    for s in &summaries {
+        assert_eq!(s.rounds_reported, 1, "{s:?}");
+        assert_eq!(
+            s.retired,
+            Some(device_agent::client::Retired::PrivacyBudgetExhausted),
+            "{s:?}"
+        );
+    }
+    assert_eq!(
+        handle.coordinator.view().phase,
+        aggregator::round::RoundPhase::BudgetExhausted
+    );
+    assert_eq!(handle.coordinator.metrics().rejects("privacy_budget"), 2);
 }
