@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::{self, CheckIn, Connection, Retired, Retry, Session};
 use crate::consent::Consent;
+use crate::fs::write_private;
+use crate::shutdown::shutdown_signal;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,27 +207,6 @@ fn load_or_create_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
     let key = auth::generate_key()?;
     write_private(&path, &key)?;
     Ok(key)
-}
-
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn load_state(dir: &Path) -> anyhow::Result<AgentState> {
@@ -811,16 +792,6 @@ pub async fn run_from_config(path: &Path) -> anyhow::Result<RunSummary> {
         local.await.context("local API task")??;
     }
     summary
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ impl Consent {
             federated,
             changed_ms: now_ms,
         };
-        crate::agent::write_private(
+        crate::fs::write_private(
             &dir.join(FILE),
             &serde_json::to_vec_pretty(&c).expect("plain struct"),
         )?;

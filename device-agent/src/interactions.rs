@@ -150,7 +150,7 @@ impl StoreKey {
                 SystemRandom::new()
                     .fill(&mut bytes)
                     .map_err(|_| StoreError::Random)?;
-                crate::agent::write_private(path, &bytes).map_err(|e| err(format!("{e:#}")))?;
+                crate::fs::write_private(path, &bytes).map_err(|e| err(format!("{e:#}")))?;
                 Ok(Self::from_bytes(&bytes))
             }
             Err(e) => Err(err(e.to_string())),

@@ -10,10 +10,12 @@ pub mod client;
 pub mod consent;
 pub mod dataset;
 pub mod evaluate;
+pub mod fs;
 pub mod generate;
 pub mod interactions;
 pub mod local;
 pub mod profile;
+pub mod shutdown;
 
 use std::path::PathBuf;
 

@@ -151,7 +151,7 @@ pub async fn run(cmd: LocalCommand) -> anyhow::Result<String> {
             let socket = socket.unwrap_or_else(|| state_dir.join(SOCKET_FILE));
             let local = LocalState::open(&state_dir, Arc::new(base))?;
             tracing::info!(socket = %socket.display(), "local API serving");
-            serve(local, schedule, &socket, crate::agent::shutdown_signal()).await?;
+            serve(local, schedule, &socket, crate::shutdown::shutdown_signal()).await?;
             Ok(String::new())
         }
         LocalCommand::Log {
