@@ -214,6 +214,75 @@ pub struct Coordinator {
     round_full: Notify,
     /// Woken whenever a round's deadline is first set.
     deadline_set: Notify,
+    /// The current [`RoundView`], republished whenever the state changes it: tests and the
+    /// simulation await events on it instead of polling.
+    views: watch::Sender<RoundView>,
+}
+
+/// The state, locked; on release the view is republished if the holder changed it.
+struct Locked<'a> {
+    guard: std::sync::MutexGuard<'a, State>,
+    coordinator: &'a Coordinator,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let view = view_of(
+            &self.guard,
+            self.coordinator.config.rounds.target_reports.get(),
+        );
+        self.coordinator.views.send_if_modified(|v| {
+            let changed = *v != view;
+            *v = view;
+            changed
+        });
+    }
+}
+
+fn view_of(st: &State, target: u32) -> RoundView {
+    match &st.round {
+        Some(r) => RoundView {
+            round: r.id,
+            phase: if r.closing {
+                RoundPhase::Closing
+            } else {
+                RoundPhase::Open
+            },
+            version: st.published.version,
+            reports: r.sum.count() as u32,
+            target_reports: target,
+            deadline: r.deadline.map(|d| d.1),
+            rounds_committed: st.rounds_committed,
+        },
+        None => RoundView {
+            round: 0,
+            phase: if st.finished {
+                RoundPhase::Finished
+            } else if st.exhausted.is_some() {
+                RoundPhase::BudgetExhausted
+            } else {
+                RoundPhase::Idle
+            },
+            version: st.published.version,
+            reports: 0,
+            target_reports: target,
+            deadline: None,
+            rounds_committed: st.rounds_committed,
+        },
+    }
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> FedError {
@@ -283,21 +352,24 @@ impl Coordinator {
         if let Some(b) = config.privacy.budget {
             metrics.set_epsilon_spent(accountant.epsilon(b.delta)?.0);
         }
+        let state = State {
+            meta,
+            published,
+            round,
+            rounds_committed: rec.rounds_committed,
+            finished,
+            accountant,
+            exhausted,
+        };
+        let (views, _) = watch::channel(view_of(&state, config.rounds.target_reports.get()));
         Ok(Coordinator {
             config,
             store,
             versions,
             spec,
             metrics,
-            state: Mutex::new(State {
-                meta,
-                published,
-                round,
-                rounds_committed: rec.rounds_committed,
-                finished,
-                accountant,
-                exhausted,
-            }),
+            views,
+            state: Mutex::new(state),
             round_full: Notify::new(),
             deadline_set: Notify::new(),
         })
@@ -319,8 +391,11 @@ impl Coordinator {
         &self.metrics
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            coordinator: self,
+        }
     }
 
     /// The currently published global adapter.
@@ -340,38 +415,22 @@ impl Coordinator {
     }
 
     pub fn view(&self) -> RoundView {
-        let st = self.lock();
-        let target = self.config.rounds.target_reports.get();
-        match &st.round {
-            Some(r) => RoundView {
-                round: r.id,
-                phase: if r.closing {
-                    RoundPhase::Closing
-                } else {
-                    RoundPhase::Open
-                },
-                version: st.published.version,
-                reports: r.sum.count() as u32,
-                target_reports: target,
-                deadline: r.deadline.map(|d| d.1),
-                rounds_committed: st.rounds_committed,
-            },
-            None => RoundView {
-                round: 0,
-                phase: if st.finished {
-                    RoundPhase::Finished
-                } else if st.exhausted.is_some() {
-                    RoundPhase::BudgetExhausted
-                } else {
-                    RoundPhase::Idle
-                },
-                version: st.published.version,
-                reports: 0,
-                target_reports: target,
-                deadline: None,
-                rounds_committed: st.rounds_committed,
-            },
-        }
+        self.views.borrow().clone()
+    }
+
+    /// The view as it changes: every change of round, phase, reports or version is sent.
+    pub fn watch(&self) -> watch::Receiver<RoundView> {
+        self.views.subscribe()
+    }
+
+    /// Resolves once the view satisfies `until` (at once if it already does).
+    pub async fn wait_for(&self, until: impl FnMut(&RoundView) -> bool) -> RoundView {
+        let mut rx = self.watch();
+        let view = match rx.wait_for(until).await {
+            Ok(v) => v.clone(),
+            Err(_) => unreachable!("the sender lives as long as the coordinator"),
+        };
+        view
     }
 
     /// Assigns the device to the open round if there is room and time.

@@ -77,6 +77,20 @@ pub struct Server {
 }
 
 impl Server {
+    /// Blocks until the coordinator's view satisfies `until` (30 s at most: then `what`).
+    pub fn wait_for(
+        &self,
+        until: impl FnMut(&aggregator::round::RoundView) -> bool,
+        what: &str,
+    ) -> aggregator::round::RoundView {
+        let view = self.handle.coordinator.wait_for(until);
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(30), view).await
+            })
+            .unwrap_or_else(|_| panic!("{what}"))
+    }
+
     pub fn start(config_path: &Path) -> Server {
         let config = Config::load(config_path).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -411,14 +425,7 @@ fn a_killed_aggregator_resumes_from_its_journal() {
         srv.upload(Upload::new(&b, 2, delta(h, 3e-3, Encoding::Q8)))
             .unwrap();
         // The driver commits the full round; wait for the new version.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while h.coordinator.view().version != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round 2 never committed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        srv.wait_for(|v| v.version == 1, "round 2 never committed");
         theta1 = h.coordinator.theta();
         srv.rt.shutdown_background();
     }
@@ -479,11 +486,7 @@ fn revoked_and_unknown_devices_are_refused_and_short_rounds_are_abandoned() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // One report of the two needed by the deadline: the round is abandoned, θ unchanged.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while h.coordinator.view().round != 2 {
-        assert!(std::time::Instant::now() < deadline, "round 1 never closed");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    srv.wait_for(|v| v.round == 2, "round 1 never closed");
     let row = h.coordinator.store().round(1).unwrap().unwrap();
     assert_eq!(row.state, aggregator::store::RoundState::Abandoned);
     assert_eq!(h.coordinator.view().version, 0);
@@ -514,11 +517,7 @@ fn an_operator_can_close_a_round_before_its_deadline() {
         "one report of three: still open"
     );
     assert!(h.coordinator.close_early());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while h.coordinator.view().round != 2 {
-        assert!(std::time::Instant::now() < deadline, "round 1 never closed");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    srv.wait_for(|v| v.round == 2, "round 1 never closed");
     // Enough reports for min_reports: committed, as at the deadline.
     let row = h.coordinator.store().round(1).unwrap().unwrap();
     assert_eq!(row.state, aggregator::store::RoundState::Committed);

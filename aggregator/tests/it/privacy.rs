@@ -1,8 +1,6 @@
 //! Differential privacy at the aggregator over gRPC: central noise on the committed sum, a
 //! hard budget that stops rounds before they start, and a ledger that survives restarts.
 
-use std::time::{Duration, Instant};
-
 use aggregator::round::RoundPhase;
 use fedpersona_privacy::accountant;
 use fedpersona_privacy::codec::Encoding;
@@ -14,14 +12,10 @@ use tonic::Code;
 use crate::federation::{delta, write_config, Server, Upload};
 
 fn wait_for_version(srv: &Server, version: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while srv.handle.coordinator.view().version != version {
-        assert!(
-            Instant::now() < deadline,
-            "version {version} never committed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    srv.wait_for(
+        |v| v.version == version,
+        &format!("version {version} never committed"),
+    );
 }
 
 /// The round status over gRPC, as a device reads it.

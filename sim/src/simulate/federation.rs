@@ -356,19 +356,14 @@ impl Federation {
             }
             // Every live device has answered: close the round now if it has not closed
             // itself (some devices failed), instead of waiting for the deadline.
-            let deadline = Instant::now() + Duration::from_secs(600);
-            loop {
-                let v = self.coordinator.view();
-                if v.round != round || v.phase == aggregator::round::RoundPhase::Finished {
-                    break;
-                }
-                if failures > 0 || reports.len() < cohort {
-                    self.coordinator.close_early();
-                }
-                if Instant::now() > deadline {
-                    bail!("round {round} did not close");
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            if failures > 0 || reports.len() < cohort {
+                self.coordinator.close_early();
+            }
+            let closed = self.coordinator.wait_for(|v| {
+                v.round != round || v.phase == aggregator::round::RoundPhase::Finished
+            });
+            if tokio::time::timeout(Duration::from_secs(600), closed).await.is_err() {
+                bail!("round {round} did not close");
             }
             anyhow::Ok((reports, drops))
         })?;

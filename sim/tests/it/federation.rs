@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aggregator::config::Config;
 use candle_core::Device;
@@ -75,6 +75,18 @@ dir = "{}"
         ));
         Loopback { rt, handle, port }
     }
+}
+
+/// Blocks until the coordinator's view satisfies `until` (30 s at most: then `what`).
+fn wait_for(
+    rt: &tokio::runtime::Runtime,
+    handle: &aggregator::server::Handle,
+    until: impl FnMut(&aggregator::round::RoundView) -> bool,
+    what: &str,
+) {
+    let view = handle.coordinator.wait_for(until);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), view).await })
+        .unwrap_or_else(|_| panic!("{what}"));
 }
 
 /// An agent's config for the aggregator on `port`, state in `dir/state_dir`.
@@ -162,11 +174,12 @@ encoding = "q8"
     for s in &summaries {
         assert_eq!(s.rounds_reported, 2);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while handle.coordinator.view().rounds_committed < 2 {
-        assert!(Instant::now() < deadline, "rounds did not commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &rt,
+        &handle,
+        |v| v.rounds_committed >= 2,
+        "rounds did not commit",
+    );
     let view = handle.coordinator.view();
     assert_eq!(
         (view.version, view.phase),
@@ -322,11 +335,12 @@ phase_timeout_s = 30
     for r in &reports {
         assert_eq!(r.upload_bytes, 4 * n, "a masked input is one u32 per value");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while handle.coordinator.view().rounds_committed < 1 {
-        assert!(Instant::now() < deadline, "the secure round did not commit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &rt,
+        &handle,
+        |v| v.rounds_committed >= 1,
+        "the secure round did not commit",
+    );
     let summary = handle.coordinator.store().summary().unwrap();
     assert_eq!((summary.rounds_committed, summary.uploads), (1, 4));
     let moved = {
