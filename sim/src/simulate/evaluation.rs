@@ -30,7 +30,7 @@ pub struct FewShot {
     pub train_seq_len: usize,
     pub eval_seq_len: usize,
     pub seed: u64,
-    /// Also run the profile-driven adaptation (issue 5's ablation) from the FedAvg start.
+    /// Also run the profile-driven adaptation from the FedAvg start.
     pub adaptive: bool,
 }
 

@@ -744,7 +744,7 @@ fn method_comparisons(scores: &[UserScores], budget: usize) -> Vec<report::Compa
         ("fedavg_finetune", "global"),
         ("global", "base"),
         ("local_only", "base"),
-        // Issue 5's ablation: profile-weighted, profile-scheduled adaptation against the plain
+        // The profile ablation: profile-weighted, profile-scheduled adaptation against the plain
         // one (uniform weights, fixed steps), both from the FedAvg adapter.
         ("adaptive_finetune", "fedavg_finetune"),
         // Rejected suggestions as negatives (unlikelihood) or left out.

@@ -16,7 +16,7 @@ pub const METHODS: [&str; 9] = [
     "global",
     "fedavg_finetune",
     "meta_finetune",
-    // The profile-driven adaptation from the FedAvg adapter (issue 5's ablation).
+    // The profile-driven adaptation from the FedAvg adapter.
     "adaptive_finetune",
     // The same with rejected suggestions pushed down by an unlikelihood term.
     "adaptive_unlikelihood_finetune",
