@@ -937,6 +937,7 @@ impl Coordinator {
         };
         let reports = sum.count();
         let min = u64::from(self.config.rounds.min_reports.get());
+        let mut committed = None;
         let outcome = if reports >= min {
             let mean = self.release(&sum)?;
             let mut next = meta;
@@ -945,10 +946,7 @@ impl Coordinator {
             let published = self.versions.save(version, &next)?;
             self.store
                 .commit_round(id, version, &published.sha256, now_ms())?;
-            let mut st = self.lock();
-            st.meta = next;
-            st.published = published;
-            st.rounds_committed += 1;
+            committed = Some((next, published));
             Outcome::Committed {
                 round: id,
                 version,
@@ -966,7 +964,14 @@ impl Coordinator {
             matches!(outcome, Outcome::Committed { .. }),
             opened.elapsed(),
         );
+        // The commit and the next round's opening change the state in one step, so that
+        // no one sees the new version with the old round still closing.
         let mut st = self.lock();
+        if let Some((next, published)) = committed {
+            st.meta = next;
+            st.published = published;
+            st.rounds_committed += 1;
+        }
         let finished = self
             .config
             .rounds

@@ -15,7 +15,6 @@ use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
 use crate::round::{unix_ms, CheckIn, Coordinator, RoundPhase, SecureStep, UploadHeader};
 use crate::secure::Reply;
-use fedpersona_privacy::secagg;
 
 /// Chunk size of adapter downloads.
 const DOWNLOAD_CHUNK: usize = 256 << 10;
@@ -410,19 +409,10 @@ fn secure_step(
             s_pk: key32(&a.s_pk, "s_pk")?,
             signature: a.signature,
         },
-        Some(Step::Shares(s)) => SecureStep::Shares(
-            s.shares
-                .into_iter()
-                .map(|s| secagg::EncryptedShare {
-                    from: s.from,
-                    to: s.to,
-                    ciphertext: s.ciphertext,
-                })
-                .collect(),
-        ),
-        Some(Step::Masked(m)) => {
-            if m.values.len() != vector_len * 4 {
-                return Err(FedError::invalid(
+        Some(Step::Shares(s)) => SecureStep::Shares(s.into_shares()),
+        Some(Step::Masked(m)) => SecureStep::Masked(
+            fedpersona_proto::convert::masked_words(&m.values, vector_len).ok_or_else(|| {
+                FedError::invalid(
                     "shape",
                     format!(
                         "masked input has {} bytes, expected {} ({} words)",
@@ -430,45 +420,11 @@ fn secure_step(
                         vector_len * 4,
                         vector_len
                     ),
-                ));
-            }
-            SecureStep::Masked(
-                m.values
-                    .chunks_exact(4)
-                    .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
-                    .collect(),
-            )
-        }
-        Some(Step::Reveals(r)) => SecureStep::Reveals(
-            r.reveals
-                .into_iter()
-                .map(|r| secagg::Reveal {
-                    from: r.from,
-                    about: r.about,
-                    kind: if r.self_mask {
-                        secagg::RevealKind::SelfMaskSeed
-                    } else {
-                        secagg::RevealKind::MaskKey
-                    },
-                    share: r.share,
-                })
-                .collect(),
+                )
+            })?,
         ),
+        Some(Step::Reveals(r)) => SecureStep::Reveals(r.into_reveals()),
     })
-}
-
-/// Encrypted shares on the wire.
-pub(crate) fn shares_to_pb(shares: &[secagg::EncryptedShare]) -> pb::SecAggShares {
-    pb::SecAggShares {
-        shares: shares
-            .iter()
-            .map(|s| pb::SecAggShare {
-                from: s.from,
-                to: s.to,
-                ciphertext: s.ciphertext.clone(),
-            })
-            .collect(),
-    }
 }
 
 fn secure_reply(reply: Reply) -> pb::sec_agg_response::Step {
@@ -493,11 +449,8 @@ fn secure_reply(reply: Reply) -> pb::sec_agg_response::Step {
             own_c_pk: assignment.own.c_pk.to_vec(),
             own_s_pk: assignment.own.s_pk.to_vec(),
         }),
-        Reply::Shares(shares) => Step::SharesForYou(shares_to_pb(&shares)),
-        Reply::Survivors(s) => Step::Survivors(pb::SecAggSurvivors {
-            survivors: s.survivors,
-            dropped: s.dropped,
-        }),
+        Reply::Shares(shares) => Step::SharesForYou(pb::SecAggShares::from(&shares[..])),
+        Reply::Survivors(s) => Step::Survivors(pb::SecAggSurvivors::from(&s)),
         Reply::Done => Step::Done(true),
     }
 }

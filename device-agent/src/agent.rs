@@ -454,30 +454,13 @@ impl Agent {
         };
         let assignment = assignment_from(round, &a)?;
         let shares = client.share_keys(&assignment)?;
-        let shares = pb::SecAggShares {
-            shares: shares
-                .into_iter()
-                .map(|s| pb::SecAggShare {
-                    from: s.from,
-                    to: s.to,
-                    ciphertext: s.ciphertext,
-                })
-                .collect(),
-        };
+        let shares = pb::SecAggShares::from(&shares[..]);
         let Answer::SharesForYou(mine) = call(Ask::Shares(shares), slack).await? else {
             return Err(unexpected("shares"));
         };
-        let mine = mine
-            .shares
-            .into_iter()
-            .map(|s| secagg::EncryptedShare {
-                from: s.from,
-                to: s.to,
-                ciphertext: s.ciphertext,
-            })
-            .collect();
+        let mine = mine.into_shares();
         let masked = client.masked_input(update.values(), mine)?;
-        let values: Vec<u8> = masked.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let values = fedpersona_proto::convert::masked_bytes(&masked);
         let bytes = values.len() as u64;
         if !Consent::allows_federation(&self.config.state_dir) {
             bail!("consent withdrawn during secure aggregation: not sending the masked input");
@@ -490,21 +473,8 @@ impl Agent {
         let Answer::Survivors(s) = call(Ask::Masked(masked), slack).await? else {
             return Err(unexpected("the survivors"));
         };
-        let reveals = client.unmask(&secagg::Survivors {
-            survivors: s.survivors,
-            dropped: s.dropped,
-        })?;
-        let reveals = pb::SecAggReveals {
-            reveals: reveals
-                .into_iter()
-                .map(|r| pb::SecAggReveal {
-                    from: r.from,
-                    about: r.about,
-                    self_mask: r.kind == secagg::RevealKind::SelfMaskSeed,
-                    share: r.share.clone(),
-                })
-                .collect(),
-        };
+        let reveals = client.unmask(&s.into())?;
+        let reveals = pb::SecAggReveals::from(&reveals[..]);
         call(Ask::Reveals(reveals), slack).await?;
         Ok(bytes)
     }

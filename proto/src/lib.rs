@@ -6,6 +6,7 @@
 #![allow(missing_debug_implementations)]
 
 pub mod auth;
+pub mod convert;
 
 /// `fedpersona.v1`: enrollment, check-in, tasks, model download, update upload, round status.
 pub mod v1 {

@@ -193,7 +193,7 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
         let start = Instant::now();
         let shares = clients[*p as usize].share_keys(a)?;
         client_time[*p as usize] += start.elapsed();
-        sent[*p as usize] += crate::service::shares_to_pb(&shares).encoded_len() as u64;
+        sent[*p as usize] += pb::SecAggShares::from(&shares[..]).encoded_len() as u64;
         let start = Instant::now();
         server.submit_shares(a.index, shares)?;
         server_time += start.elapsed();
@@ -203,7 +203,7 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
     server_time += start.elapsed();
     // Indices follow the participant keys 0..n, so index = device here.
     for (to, inbox) in routed {
-        received[to as usize] += crate::service::shares_to_pb(&inbox).encoded_len() as u64;
+        received[to as usize] += pb::SecAggShares::from(&inbox[..]).encoded_len() as u64;
         if dropped.contains(&to) {
             continue;
         }
@@ -223,28 +223,13 @@ fn measure(args: &SecaggArgs) -> anyhow::Result<SecaggReport> {
     let start = Instant::now();
     let survivors = server.close_masked()?;
     server_time += start.elapsed();
-    let lists = pb::SecAggSurvivors {
-        survivors: survivors.survivors.clone(),
-        dropped: survivors.dropped.clone(),
-    }
-    .encoded_len() as u64;
+    let lists = pb::SecAggSurvivors::from(&survivors).encoded_len() as u64;
     for &i in &survivors.survivors {
         received[i as usize] += lists;
         let start = Instant::now();
         let reveals = clients[i as usize].unmask(&survivors)?;
         client_time[i as usize] += start.elapsed();
-        sent[i as usize] += pb::SecAggReveals {
-            reveals: reveals
-                .iter()
-                .map(|r| pb::SecAggReveal {
-                    from: r.from,
-                    about: r.about,
-                    self_mask: true,
-                    share: r.share.clone(),
-                })
-                .collect(),
-        }
-        .encoded_len() as u64;
+        sent[i as usize] += pb::SecAggReveals::from(&reveals[..]).encoded_len() as u64;
         let start = Instant::now();
         server.submit_reveals(i, reveals)?;
         server_time += start.elapsed();
