@@ -583,9 +583,8 @@ impl LocalState {
     /// replaces the old one only when the run finishes and no `forget` began meanwhile. The
     /// caller holds `adapting`.
     fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<crate::adaptation::Outcome> {
-        use crate::adaptation::{adapt, Budget, Cancel, Data, Plan, Weights};
+        use crate::adaptation::{adapt_on_interactions, Budget, Cancel, Personalized, Settings};
         let items = self.store().all()?;
-        let data_id = items.last().map_or(0, |s| s.id);
         let now = now_ms();
         let mut adapter = match self.personal_adapter()? {
             Some(a) => a,
@@ -595,24 +594,6 @@ impl LocalState {
                 &Device::Cpu,
             )?,
         };
-        let seq_len = 128.min(self.base.model.config().max_position_embeddings);
-        let examples = Weights::default().examples(&items, now);
-        let profile = {
-            let scorer = |ex: &[fedpersona_model::train::Example]| -> anyhow::Result<f64> {
-                let w = crate::adapt::to_windows(&self.base, ex, seq_len)?;
-                Ok(fedpersona_model::train::evaluate(
-                    &self.base.model,
-                    Some(&adapter),
-                    &self.base.tokenizer,
-                    &w,
-                    16,
-                )?
-                .loss)
-            };
-            Profile::compute(&items, now, Some(&scorer))?
-        };
-        let batch = (schedule.max_batch_tokens / seq_len).clamp(1, 16);
-        let plan = Plan::from_profile(&profile, examples.len(), 1e-3, batch, seq_len, 200);
         let progress = self.dir.join(PROGRESS_DIR);
         std::fs::create_dir_all(&progress)?;
         let cancel = || {
@@ -627,17 +608,13 @@ impl LocalState {
             ),
             cancel: Some(Cancel(&cancel)),
         };
-        let negatives = Weights::default().negatives(&items, now);
-        let data = Data {
-            examples: &examples,
-            negatives: &negatives,
-            id: data_id,
-        };
-        let outcome = adapt(
+        let settings = Settings::device(&self.base, schedule.max_batch_tokens);
+        let Personalized { outcome, .. } = adapt_on_interactions(
             &self.base,
             &mut adapter,
-            data,
-            &plan,
+            &items,
+            now,
+            &settings,
             rand::random(),
             budget,
         )?;

@@ -127,7 +127,12 @@ fn replay(
     Ok(out)
 }
 
-/// Profile-driven adaptation from `start` on the replayed support lines, scored on the query.
+/// When the replayed interactions end (ms since the epoch).
+const REPLAY_NOW_MS: i64 = 1_750_000_000_000;
+
+/// Profile-driven adaptation from `start` on the replayed support lines, scored on the query:
+/// the agent's own adaptation ([`device_agent::adaptation::adapt_on_interactions`]) with the settings the
+/// local API runs on a device, so the arm measures what users get.
 fn adaptive(
     base: &BaseModel,
     start: &AdapterTensors,
@@ -135,62 +140,42 @@ fn adaptive(
     query: &[Window],
     fs: &FewShot,
 ) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
-    use device_agent::adaptation::{adapt, Data, Plan, Weights};
+    use device_agent::adaptation::{adapt_on_interactions, Budget, Settings};
     use device_agent::interactions::Feedback;
-    let now_ms = 1_750_000_000_000;
-    let mut adapter =
-        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
+    let now_ms = REPLAY_NOW_MS;
+    let fresh =
+        || LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu);
+    let mut adapter = fresh()?;
     let items = replay(base, &adapter.frozen(), support, now_ms)?;
-    let examples = Weights::default().examples(&items, now_ms);
-    let scorer_windows = |ex: &[fedpersona_model::train::Example]| -> anyhow::Result<f64> {
-        let w = to_windows(base, ex, fs.eval_seq_len)?;
-        Ok(evaluate(&base.model, Some(&adapter), &base.tokenizer, &w, 16)?.loss)
-    };
-    let profile = device_agent::profile::Profile::compute(&items, now_ms, Some(&scorer_windows))?;
-    // About three epochs, capped at the curve's length so both arms see comparable compute.
-    let plan = Plan::from_profile(
-        &profile,
-        examples.len(),
-        fs.lr,
-        fs.batch_size,
-        fs.train_seq_len,
-        fs.curve_to.max(fs.steps),
+    let device = Settings::device(
+        base,
+        device_agent::local::Schedule::default().max_batch_tokens,
     );
-    let budget = device_agent::adaptation::Budget {
+    // The device runs without a deadline here: a run cut by its time budget resumes on the
+    // same data and keeps its best adapter, so this is what the device ends with.
+    let budget = Budget {
         checkpoint: None,
         deadline: None,
         cancel: None,
     };
-    let mut with_ul =
-        LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu)?;
-    let plain = Data {
-        examples: &examples,
-        negatives: &[],
-        id: 0,
-    };
-    let outcome = adapt(base, &mut adapter, plain, &plan, fs.seed, budget)?;
+    let run = adapt_on_interactions(base, &mut adapter, &items, now_ms, &device, fs.seed, budget)?;
     let report = evaluate(&base.model, Some(&adapter), &base.tokenizer, query, 16)?;
     // The same run with the rejected suggestions pushed down (unlikelihood, weight 0.5).
-    let negatives = Weights::default().negatives(&items, now_ms);
-    let ul_plan = Plan {
+    let mut with_ul = fresh()?;
+    let ul = Settings {
         unlikelihood: 0.5,
-        ..plan
+        ..device
     };
-    let data = Data {
-        examples: &examples,
-        negatives: &negatives,
-        id: 0,
-    };
-    adapt(base, &mut with_ul, data, &ul_plan, fs.seed, budget)?;
+    adapt_on_interactions(base, &mut with_ul, &items, now_ms, &ul, fs.seed, budget)?;
     let report_ul = evaluate(&base.model, Some(&with_ul), &base.tokenizer, query, 16)?;
     let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
     Ok((
         report,
         report_ul,
         AdaptiveRun {
-            steps: outcome.steps,
-            stopped_early: outcome.stopped_early,
-            lr: plan.lr,
+            steps: run.outcome.steps,
+            stopped_early: run.outcome.stopped_early,
+            lr: run.plan.lr,
             accepted: count(Feedback::Accepted),
             edited: count(Feedback::Edited),
             rejected: count(Feedback::Rejected),
@@ -394,6 +379,74 @@ pub fn score_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The adaptive arm is the device's own adaptation: the same function with the settings
+    /// the local API uses, not the simulation's fine-tuning knobs.
+    #[test]
+    fn the_adaptive_arm_is_the_devices_adaptation() {
+        use device_agent::adaptation::{adapt_on_interactions, Budget, Settings};
+        use fedpersona_model::train::Example;
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/model/tests/fixtures/hf-tiny-llama");
+        let base = BaseModel::load(&fixture, &Device::Cpu).unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec![fedpersona_model::Target::Q, fedpersona_model::Target::V],
+            ..LoraConfig::default()
+        };
+        let start = LoraAdapter::new(base.model.config(), lora.clone(), &Device::Cpu)
+            .unwrap()
+            .to_tensors()
+            .unwrap();
+        let support: Vec<Example> = (0..12)
+            .map(|i| {
+                Example::new(
+                    Some(format!("Question {i}?")),
+                    format!("The user answers the same way, {i}."),
+                )
+            })
+            .collect();
+        let query = to_windows(&base, &support[..3], 64).unwrap();
+        // Knobs unlike the device's: the adaptive arm must not take them.
+        let fs = FewShot {
+            lora: lora.clone(),
+            support_lines: 12,
+            steps: 1,
+            curve_to: 2,
+            lr: 0.5,
+            batch_size: 2,
+            train_seq_len: 32,
+            eval_seq_len: 64,
+            seed: 3,
+            adaptive: true,
+        };
+        let (report, _, run) = adaptive(&base, &start, &support, &query, &fs).unwrap();
+
+        // What the local API would run on the same interactions, with the same seed.
+        let mut a =
+            LoraAdapter::from_tensors(base.model.config(), lora, &start, &Device::Cpu).unwrap();
+        let items = replay(&base, &a.frozen(), &support, REPLAY_NOW_MS).unwrap();
+        let device = Settings::device(
+            &base,
+            device_agent::local::Schedule::default().max_batch_tokens,
+        );
+        let none = Budget {
+            checkpoint: None,
+            deadline: None,
+            cancel: None,
+        };
+        let want =
+            adapt_on_interactions(&base, &mut a, &items, REPLAY_NOW_MS, &device, fs.seed, none)
+                .unwrap();
+        assert_eq!(run.lr, want.plan.lr, "the device's learning rate");
+        assert_eq!(run.steps, want.outcome.steps);
+        assert_eq!(
+            report,
+            evaluate(&base.model, Some(&a), &base.tokenizer, &query, 16).unwrap(),
+            "the same adapter"
+        );
+    }
 
     #[test]
     fn merge_is_token_weighted() {
