@@ -199,7 +199,7 @@ pub struct Outcome {
     /// False when the time budget ran out first: the progress is saved in the checkpoint
     /// folder and a later run on the same data resumes from it.
     pub finished: bool,
-    /// True when [`Budget::cancel`] stopped the run: nothing more was saved, and the adapter
+    /// True when [`RunLimits::cancel`] stopped the run: nothing more was saved, and the adapter
     /// is left as it was at the step it stopped (not to be published).
     pub cancelled: bool,
 }
@@ -250,7 +250,7 @@ fn remove_best_files(dir: &Path, keep: Option<usize>) {
 
 /// Where a run keeps its progress, and until when it may run.
 #[derive(Debug, Clone, Copy)]
-pub struct Budget<'a> {
+pub struct RunLimits<'a> {
     /// Checkpoint folder (PEFT adapter + progress) for resuming.
     pub checkpoint: Option<&'a Path>,
     /// Stop at the first evaluation after this instant (progress saved).
@@ -290,7 +290,7 @@ pub fn adapt(
     data: Data<'_>,
     plan: &Plan,
     seed: u64,
-    budget: Budget<'_>,
+    budget: RunLimits<'_>,
 ) -> anyhow::Result<Outcome> {
     let Data {
         examples,
@@ -570,7 +570,7 @@ pub fn adapt_on_interactions(
     now_ms: i64,
     settings: &Settings,
     seed: u64,
-    budget: Budget<'_>,
+    budget: RunLimits<'_>,
 ) -> anyhow::Result<Personalized> {
     let weights = Weights::default();
     let examples = weights.examples(items, now_ms);

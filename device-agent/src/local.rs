@@ -583,7 +583,7 @@ impl LocalState {
     /// replaces the old one only when the run finishes and no `forget` began meanwhile. The
     /// caller holds `adapting`.
     fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<crate::adaptation::Outcome> {
-        use crate::adaptation::{adapt_on_interactions, Budget, Cancel, Personalized, Settings};
+        use crate::adaptation::{adapt_on_interactions, Cancel, Personalized, RunLimits, Settings};
         let items = self.store().all()?;
         let now = now_ms();
         let mut adapter = match self.personal_adapter()? {
@@ -600,7 +600,7 @@ impl LocalState {
             self.emit(Event::AdaptationStep);
             self.forget_pending()
         };
-        let budget = Budget {
+        let budget = RunLimits {
             checkpoint: Some(&progress),
             deadline: Some(
                 std::time::Instant::now()

@@ -3,7 +3,7 @@
 //! checkpoint.
 
 use candle_core::Device;
-use device_agent::adaptation::{adapt, Budget, Data, Plan};
+use device_agent::adaptation::{adapt, Data, Plan, RunLimits};
 use fedpersona_model::train::Example;
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
 
@@ -56,7 +56,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
     };
     let ex = examples();
     let mut a = adapter(&base);
-    let none = Budget {
+    let none = RunLimits {
         checkpoint: None,
         deadline: None,
         cancel: None,
@@ -129,7 +129,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
     // saved; the next run on the same data resumes from there.
     let dir = tempfile::tempdir().unwrap();
     let mut b = adapter(&base);
-    let cut = Budget {
+    let cut = RunLimits {
         checkpoint: Some(dir.path()),
         deadline: Some(std::time::Instant::now()),
         cancel: None,
@@ -139,7 +139,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
     assert_eq!(first.steps, 2);
     assert!(dir.path().join("progress.json").exists());
     let mut c = adapter(&base);
-    let resume = Budget {
+    let resume = RunLimits {
         checkpoint: Some(dir.path()),
         deadline: None,
         cancel: None,
@@ -149,7 +149,7 @@ fn early_stopping_keeps_the_best_and_a_cut_run_resumes() {
     assert!(!dir.path().join("progress.json").exists());
     // Other data does not resume someone else's progress.
     let mut d = adapter(&base);
-    let cut_again = Budget {
+    let cut_again = RunLimits {
         checkpoint: Some(dir.path()),
         deadline: Some(std::time::Instant::now()),
         cancel: None,
@@ -228,7 +228,7 @@ fn a_resumed_run_keeps_the_best_adapter_of_the_cut_run() {
     let dir = tempfile::tempdir().unwrap();
 
     let mut b = from_start();
-    let cut = Budget {
+    let cut = RunLimits {
         checkpoint: Some(dir.path()),
         deadline: Some(std::time::Instant::now()),
         cancel: None,
@@ -244,7 +244,7 @@ fn a_resumed_run_keeps_the_best_adapter_of_the_cut_run() {
 
     // The resumed run starts from whatever adapter the caller has (here: the cut run's
     // current one, as the local API would not have published anything).
-    let resume = Budget {
+    let resume = RunLimits {
         checkpoint: Some(dir.path()),
         deadline: None,
         cancel: None,

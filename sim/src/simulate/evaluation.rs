@@ -140,7 +140,7 @@ fn adaptive(
     query: &[Window],
     fs: &FewShot,
 ) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
-    use device_agent::adaptation::{adapt_on_interactions, Budget, Settings};
+    use device_agent::adaptation::{adapt_on_interactions, RunLimits, Settings};
     use device_agent::interactions::Feedback;
     let now_ms = REPLAY_NOW_MS;
     let fresh =
@@ -153,7 +153,7 @@ fn adaptive(
     );
     // The device runs without a deadline here: a run cut by its time budget resumes on the
     // same data and keeps its best adapter, so this is what the device ends with.
-    let budget = Budget {
+    let budget = RunLimits {
         checkpoint: None,
         deadline: None,
         cancel: None,
@@ -384,7 +384,7 @@ mod tests {
     /// the local API uses, not the simulation's fine-tuning knobs.
     #[test]
     fn the_adaptive_arm_is_the_devices_adaptation() {
-        use device_agent::adaptation::{adapt_on_interactions, Budget, Settings};
+        use device_agent::adaptation::{adapt_on_interactions, RunLimits, Settings};
         use fedpersona_model::train::Example;
         let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../shared/model/tests/fixtures/hf-tiny-llama");
@@ -431,7 +431,7 @@ mod tests {
             &base,
             device_agent::local::Schedule::default().max_batch_tokens,
         );
-        let none = Budget {
+        let none = RunLimits {
             checkpoint: None,
             deadline: None,
             cancel: None,
