@@ -512,7 +512,9 @@ impl Agent {
             Some(s) => s ^ task.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
             None => rand::random::<u64>(),
         };
+        let state_dir = self.config.state_dir.clone();
         tokio::task::spawn_blocking(move || {
+            save_global(&state_dir, &base, &lora, &theta)?;
             local_update(
                 &base,
                 &examples,
@@ -618,6 +620,30 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
         encoding,
         noise,
     }))
+}
+
+/// Keeps the downloaded global adapter in the state folder (`global/`), where the local API's
+/// first adaptation starts: written beside it and renamed, so a crash leaves the old one or
+/// none, never half of one.
+fn save_global(
+    state_dir: &Path,
+    base: &BaseModel,
+    lora: &LoraConfig,
+    theta: &AdapterTensors,
+) -> anyhow::Result<()> {
+    let adapter = LoraAdapter::from_tensors(base.model.config(), lora.clone(), theta, &Device::Cpu)
+        .context("the global adapter does not fit this base model")?;
+    let dir = state_dir.join(crate::local::GLOBAL_DIR);
+    let fresh = state_dir.join(format!("{}.new", crate::local::GLOBAL_DIR));
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh)?;
+    }
+    adapter.save(&fresh).context("saving the global adapter")?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&fresh, &dir).context("saving the global adapter")?;
+    Ok(())
 }
 
 /// The aggregator's assignment, with every neighbour's key advert checked against its

@@ -30,6 +30,10 @@ pub const STORE_FILE: &str = "interactions.sqlite";
 pub const STORE_KEY_FILE: &str = "store.key";
 /// The personal adapter (PEFT layout) that `Generate` uses.
 pub const PERSONAL_DIR: &str = "personal";
+/// The federation's latest global adapter (PEFT layout), written by `run` at each download:
+/// where the personal adapter starts when there is none yet, as the simulation measures.
+/// Not derived from this user's text alone (it is the aggregator's release).
+pub const GLOBAL_DIR: &str = "global";
 /// The checkpoint of an adaptation cut by its time budget (an adapter trained on the text).
 pub const PROGRESS_DIR: &str = "personal.progress";
 /// Where a finished adaptation writes the new adapter before swapping it in.
@@ -588,11 +592,7 @@ impl LocalState {
         let now = now_ms();
         let mut adapter = match self.personal_adapter()? {
             Some(a) => a,
-            None => LoraAdapter::new(
-                self.base.model.config(),
-                fedpersona_model::LoraConfig::default(),
-                &Device::Cpu,
-            )?,
+            None => self.start_adapter()?,
         };
         let progress = self.dir.join(PROGRESS_DIR);
         std::fs::create_dir_all(&progress)?;
@@ -668,6 +668,26 @@ impl LocalState {
         LoraAdapter::load(&dir, self.base.model.config(), &Device::Cpu)
             .map(Some)
             .with_context(|| format!("loading the personal adapter {}", dir.display()))
+    }
+
+    /// Where a first adaptation starts: the federation's global adapter when `run` has
+    /// downloaded one (unreadable or unfitting ones are logged and skipped), else a fresh
+    /// adapter.
+    fn start_adapter(&self) -> anyhow::Result<LoraAdapter> {
+        let global = self.dir.join(GLOBAL_DIR);
+        if global.join("adapter_config.json").exists() {
+            match LoraAdapter::load(&global, self.base.model.config(), &Device::Cpu) {
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the saved global adapter is unusable: starting fresh")
+                }
+            }
+        }
+        Ok(LoraAdapter::new(
+            self.base.model.config(),
+            fedpersona_model::LoraConfig::default(),
+            &Device::Cpu,
+        )?)
     }
 
     fn profile(&self) -> anyhow::Result<Profile> {

@@ -509,3 +509,43 @@ fn forget_stops_a_running_adaptation_and_nothing_is_published_after_it() {
         .is_none());
     assert_forgotten(dir.path());
 }
+
+/// The first adaptation starts from the federation's global adapter that `run` saved (here
+/// of rank 2 on q, k, v, o), not from a fresh one: what the simulation's adaptive arm
+/// measures.
+#[test]
+fn the_first_adaptation_starts_from_the_global_adapter() {
+    use fedpersona_model::{LoraAdapter, LoraConfig, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
+    let global = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec![Target::Q, Target::K, Target::V, Target::O],
+        ..LoraConfig::default()
+    };
+    LoraAdapter::new(base.model.config(), global.clone(), &Device::Cpu)
+        .unwrap()
+        .save(&dir.path().join(local::GLOBAL_DIR))
+        .unwrap();
+    let state = Arc::new(LocalState::open(dir.path(), base.clone()).unwrap());
+    let schedule = local::Schedule {
+        min_new: 12,
+        idle_s: 0.0,
+        check_s: 1.0,
+        time_budget_s: 60.0,
+        max_batch_tokens: 128,
+    };
+    log_notes(&state, 0..12);
+    let out = rt.block_on(state.adapt_if_due(&schedule)).unwrap().unwrap();
+    assert!(out.finished);
+    let personal = LoraAdapter::load(
+        &dir.path().join("personal"),
+        base.model.config(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(personal.config().rank, 2);
+    assert_eq!(personal.config().targets, global.targets);
+}

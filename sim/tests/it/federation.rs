@@ -174,6 +174,12 @@ encoding = "q8"
     for s in &summaries {
         assert_eq!(s.rounds_reported, 2);
     }
+    // Each agent keeps the global adapter it trained from: the local API's starting point.
+    for i in 0..3 {
+        let global = dir.path().join(format!("agent-{i}")).join("global");
+        assert!(global.join("adapter_model.safetensors").is_file());
+        assert!(!dir.path().join(format!("agent-{i}/global.new")).exists());
+    }
     wait_for(
         &rt,
         &handle,
