@@ -17,8 +17,6 @@ pub enum Kind {
     /// Already done (a replayed nonce, a second report).
     Duplicate,
     NotFound,
-    /// Too busy now: retry later (RESOURCE_EXHAUSTED, refusal reason BUSY).
-    Busy,
     /// The privacy budget is spent for good: no round will open again, so retrying cannot
     /// help (FAILED_PRECONDITION, refusal reason PRIVACY_BUDGET_EXHAUSTED).
     BudgetSpent,
@@ -66,7 +64,6 @@ impl From<FedError> for Status {
             Kind::WrongRound => (Code::FailedPrecondition, None),
             Kind::Duplicate => (Code::AlreadyExists, None),
             Kind::NotFound => (Code::NotFound, None),
-            Kind::Busy => (Code::ResourceExhausted, Some(Reason::Busy)),
             Kind::BudgetSpent => (
                 Code::FailedPrecondition,
                 Some(Reason::PrivacyBudgetExhausted),

@@ -437,7 +437,9 @@ pub fn adapt(
     if let Some(e) = error {
         return Err(e);
     }
-    if cancelled {
+    if cancelled || out_of_time {
+        // Out of time, the checkpoint holds the current adapter, the best one and the steps;
+        // either way `adapter` is left as it is.
         return Ok(Outcome {
             steps: done + taken,
             start_loss,
@@ -445,20 +447,7 @@ pub fn adapt(
             best_step,
             stopped_early: false,
             finished: false,
-            cancelled: true,
-        });
-    }
-    if out_of_time {
-        // The checkpoint holds the current adapter, the best one and the steps; leave
-        // `adapter` as it is.
-        return Ok(Outcome {
-            steps: done + taken,
-            start_loss,
-            best_loss: best.0,
-            best_step,
-            stopped_early: false,
-            finished: false,
-            cancelled: false,
+            cancelled,
         });
     }
     if !val_w.is_empty() {

@@ -634,16 +634,10 @@ fn save_global(
     let adapter = LoraAdapter::from_tensors(base.model.config(), lora.clone(), theta, &Device::Cpu)
         .context("the global adapter does not fit this base model")?;
     let dir = state_dir.join(crate::local::GLOBAL_DIR);
-    let fresh = state_dir.join(format!("{}.new", crate::local::GLOBAL_DIR));
-    if fresh.exists() {
-        std::fs::remove_dir_all(&fresh)?;
-    }
+    let fresh = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&fresh);
     adapter.save(&fresh).context("saving the global adapter")?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::rename(&fresh, &dir).context("saving the global adapter")?;
-    Ok(())
+    crate::fs::replace_dir(&fresh, &dir)
 }
 
 /// The aggregator's assignment, with every neighbour's key advert checked against its

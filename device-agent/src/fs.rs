@@ -34,6 +34,20 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Puts `fresh` (a complete folder written beside `dest`) in place of the folder `dest`:
+/// the old folder moves to `<dest>.old` and is removed once `fresh` is in, so a reader finds
+/// the old folder or the new one, never half of one.
+pub fn replace_dir(fresh: &Path, dest: &Path) -> anyhow::Result<()> {
+    let old = dest.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dest.exists() {
+        std::fs::rename(dest, &old).with_context(|| format!("moving {} aside", dest.display()))?;
+    }
+    std::fs::rename(fresh, dest).with_context(|| format!("writing {}", dest.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +68,22 @@ mod tests {
         assert!(!tmp.exists());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_folder_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dest, fresh) = (dir.path().join("personal"), dir.path().join("personal.new"));
+        for (i, contents) in ["first", "second"].into_iter().enumerate() {
+            std::fs::create_dir(&fresh).unwrap();
+            std::fs::write(fresh.join(format!("file{i}")), contents).unwrap();
+            replace_dir(&fresh, &dest).unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(&dest)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["file1"]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -38,7 +38,7 @@ pub const GLOBAL_DIR: &str = "global";
 pub const PROGRESS_DIR: &str = "personal.progress";
 /// Where a finished adaptation writes the new adapter before swapping it in.
 const FRESH_DIR: &str = "personal.new";
-/// Where the previous adapter waits during the swap.
+/// Where the previous adapter waits during the swap (`fs::replace_dir`'s `<dest>.old`).
 const OLD_DIR: &str = "personal.old";
 /// Everything in the agent's folder derived from the user's text, besides the store.
 const DERIVED_DIRS: [&str; 4] = [PERSONAL_DIR, PROGRESS_DIR, FRESH_DIR, OLD_DIR];
@@ -641,14 +641,7 @@ impl LocalState {
                 &fresh.join("state.json"),
                 &serde_json::to_vec(&state).expect("plain struct"),
             )?;
-            let personal = self.dir.join(PERSONAL_DIR);
-            let old = self.dir.join(OLD_DIR);
-            let _ = std::fs::remove_dir_all(&old);
-            if personal.exists() {
-                std::fs::rename(&personal, &old)?;
-            }
-            std::fs::rename(&fresh, &personal)?;
-            let _ = std::fs::remove_dir_all(&old);
+            crate::fs::replace_dir(&fresh, &self.dir.join(PERSONAL_DIR))?;
             let _ = std::fs::remove_dir_all(&progress);
             tracing::info!(steps = outcome.steps, "personal adapter updated");
         }
