@@ -1,7 +1,8 @@
 //! `fedpersona-sim`: the whole system on one machine, and the base model's training run.
 
 use clap::{Parser, Subcommand};
-use fedpersona_sim::{pretrain_cli, simulate};
+use fedpersona_sim::args::SimulateArgs;
+use fedpersona_sim::{pretrain_cli, report, scale, simulate};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,7 +18,7 @@ struct Cli {
 enum Command {
     /// Run an aggregator and many agents on this machine and report how well each method
     /// personalizes held-out users (`--quick` for a few minutes' run).
-    Simulate(Box<simulate::SimulateArgs>),
+    Simulate(Box<SimulateArgs>),
     /// Train the byte-level base model on the public plays (the shipped checkpoint).
     Pretrain(pretrain_cli::PretrainArgs),
 }
@@ -49,9 +50,9 @@ fn main() {
     }
 }
 
-fn run_simulate(args: &simulate::SimulateArgs) -> anyhow::Result<()> {
+fn run_simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     if args.scale_test {
-        let r = simulate::scale::run(args)?;
+        let r = scale::run(args)?;
         println!(
             "{} agents resident: RSS {:.0} MB -> {:.0} MB ({:.1} KB per agent), enrolled in {:.1} s",
             r.agents, r.rss_before_agents_mb, r.rss_with_agents_mb, r.kb_per_agent, r.enroll_seconds
@@ -71,7 +72,7 @@ fn run_simulate(args: &simulate::SimulateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let r = simulate::run(args)?;
-    print!("{}", simulate::report::summary(&r));
+    print!("{}", report::summary(&r));
     println!("wrote {}", args.out.join("report.md").display());
     Ok(())
 }

@@ -1,5 +1,4 @@
-//! What a simulation writes: `report.json`, `report.md` and `rounds.jsonl`, and the
-//! statistics behind them (mean over users with a Student-t 95% interval).
+//! What a simulation writes: `report.json`, `report.md` and `rounds.jsonl`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,92 +8,13 @@ use anyhow::Context;
 use fedpersona_model::checkpoint::write_atomic;
 use serde::Serialize;
 
-/// The evaluated methods, in the order tables list them.
-pub const METHODS: [&str; 9] = [
-    "base",
-    "local_only",
-    "global",
-    "fedavg_finetune",
-    "meta_finetune",
-    // The profile-driven adaptation from the FedAvg adapter.
-    "adaptive_finetune",
-    // The same with rejected suggestions pushed down by an unlikelihood term.
-    "adaptive_unlikelihood_finetune",
-    // Private runs only: FedAvg trained without DP in the same run, the cost's reference.
-    "global_nonprivate",
-    "fedavg_finetune_nonprivate",
-];
-
-/// Mean and 95% confidence half-width over users.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Interval {
-    pub mean: f64,
-    pub ci95: f64,
-    pub n: usize,
-}
-
-/// Mean of `xs` and the half-width of its 95% interval (Student t with n − 1 degrees of
-/// freedom; 0 for fewer than two values).
-pub fn interval(xs: &[f64]) -> Interval {
-    let n = xs.len();
-    if n == 0 {
-        return Interval {
-            mean: f64::NAN,
-            ci95: f64::NAN,
-            n,
-        };
-    }
-    let mean = xs.iter().sum::<f64>() / n as f64;
-    if n < 2 {
-        return Interval { mean, ci95: 0.0, n };
-    }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    Interval {
-        mean,
-        ci95: t975(n - 1) * (var / n as f64).sqrt(),
-        n,
-    }
-}
-
-/// The 97.5% quantile of Student's t with `df` degrees of freedom: exact table values up to
-/// 30, then the Cornish-Fisher expansion around the normal quantile (error below 1e-4).
-pub fn t975(df: usize) -> f64 {
-    const TABLE: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-        2.052, 2.048, 2.045, 2.042,
-    ];
-    match df {
-        0 => f64::INFINITY,
-        1..=30 => TABLE[df - 1],
-        _ => {
-            let z: f64 = 1.959_963_984_540_054;
-            let v = df as f64;
-            z + (z.powi(3) + z) / (4.0 * v)
-                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
-                + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z)
-                    / (384.0 * v.powi(3))
-        }
-    }
-}
-
-/// One method's figures on the held-out users.
-#[derive(Debug, Clone, Serialize)]
-pub struct MethodResult {
-    pub accuracy: f64,
-    pub accuracy_ci95: f64,
-    pub bits_per_byte: f64,
-    pub bits_per_byte_ci95: f64,
-    pub users: usize,
-    /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve).
-    pub accuracy_by_steps: BTreeMap<usize, f64>,
-}
+use crate::methods::{Comparison, Method, MethodResult};
+use crate::settings::{FederationKind, PrivacyMode, PrivacyPlan, ResolvedPrivacy};
 
 /// One federated round, as `rounds.jsonl` records it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundRecord {
-    /// `fedavg` or `meta`.
-    pub federation: &'static str,
+    pub federation: FederationKind,
     pub round: u64,
     pub committed: bool,
     pub reports: u32,
@@ -113,16 +33,6 @@ pub struct RoundRecord {
     pub monitor_accuracy: Option<f64>,
 }
 
-/// `better − worse` in accuracy, paired by user.
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub better: &'static str,
-    pub worse: &'static str,
-    pub mean_difference: f64,
-    pub ci95: f64,
-    pub users: usize,
-}
-
 /// What the profile-driven adaptation of the held-out users did, on average.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdaptiveSummary {
@@ -138,7 +48,7 @@ pub struct AdaptiveSummary {
 }
 
 impl AdaptiveSummary {
-    pub fn of(runs: impl Iterator<Item = super::evaluation::AdaptiveRun>) -> Option<Self> {
+    pub fn of(runs: impl Iterator<Item = crate::evaluation::AdaptiveRun>) -> Option<Self> {
         let runs: Vec<_> = runs.collect();
         if runs.is_empty() {
             return None;
@@ -177,8 +87,8 @@ pub struct PrivacyReport {
 
 impl PrivacyReport {
     pub fn new(
-        plan: &super::federation::PrivacyPlan,
-        spent: &[(Option<super::federation::ResolvedPrivacy>, Option<f64>)],
+        plan: &PrivacyPlan,
+        spent: &[(Option<ResolvedPrivacy>, Option<f64>)],
         global_accuracy: Option<f64>,
         global_accuracy_nonprivate: Option<f64>,
     ) -> Self {
@@ -187,7 +97,7 @@ impl PrivacyReport {
             .iter()
             .filter_map(|(_, e)| *e)
             .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
-        let private = plan.mode != super::PrivacyMode::None;
+        let private = plan.mode != PrivacyMode::None;
         PrivacyReport {
             mode: plan.mode.name().into(),
             epsilon,
@@ -289,8 +199,8 @@ pub fn summary(r: &Report) -> String {
             pct(n)
         );
     }
-    for m in METHODS {
-        if let Some(x) = r.methods.get(m) {
+    for m in Method::ALL {
+        if let Some(x) = r.methods.get(m.name()) {
             let _ = writeln!(
                 s,
                 "{m:>16}  accuracy {:>6}% ± {:<5}  bits/byte {:.4}",
@@ -363,8 +273,8 @@ pub fn markdown(r: &Report) -> String {
         );
         let _ = writeln!(s, "| method | accuracy % | bits/byte | users |");
         let _ = writeln!(s, "|---|---|---|---|");
-        for m in METHODS {
-            if let Some(x) = r.methods.get(m) {
+        for m in Method::ALL {
+            if let Some(x) = r.methods.get(m.name()) {
                 let _ = writeln!(
                     s,
                     "| {m} | {} ± {} | {:.4} ± {:.4} | {} |",
@@ -419,8 +329,12 @@ pub fn markdown(r: &Report) -> String {
             }
             let _ = writeln!(s);
             let _ = writeln!(s, "|---|{}", "---|".repeat(steps.len()));
-            for m in ["local_only", "fedavg_finetune", "meta_finetune"] {
-                if let Some(x) = r.methods.get(m) {
+            for m in [
+                Method::LocalOnly,
+                Method::FedavgFinetune,
+                Method::MetaFinetune,
+            ] {
+                if let Some(x) = r.methods.get(m.name()) {
                     let _ = write!(s, "| {m} |");
                     for st in &steps {
                         let _ = write!(
@@ -449,34 +363,4 @@ pub fn markdown(r: &Report) -> String {
     );
     let _ = writeln!(s, "```");
     s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn interval_matches_hand_computation() {
-        // Mean 2.5, sample sd 1.2910, n 4, t(3) = 3.182: 3.182 * 1.2910 / 2 = 2.0540.
-        let i = interval(&[1.0, 2.0, 3.0, 4.0]);
-        assert!((i.mean - 2.5).abs() < 1e-12);
-        assert!((i.ci95 - 2.0540).abs() < 1e-3, "{}", i.ci95);
-        assert_eq!(interval(&[0.3]).ci95, 0.0);
-        assert!(interval(&[]).mean.is_nan());
-    }
-
-    #[test]
-    fn t_quantiles_match_tables() {
-        // scipy.stats.t.ppf(0.975, df)
-        for (df, want) in [
-            (31, 2.0395),
-            (40, 2.0211),
-            (60, 2.0003),
-            (120, 1.9799),
-            (1000, 1.9623),
-        ] {
-            assert!((t975(df) - want).abs() < 2e-4, "df {df}: {}", t975(df));
-        }
-        assert!(t975(30) > t975(31) && t975(31) > t975(1000));
-    }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::corpus::UserSplit;
+use crate::settings::{FederationKind, FewShot};
 use anyhow::Context;
 use candle_core::Device;
 use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig, Window};
@@ -15,58 +16,29 @@ use fedpersona_privacy::AdapterTensors;
 
 use device_agent::adapt::to_windows;
 
-/// How a held-out user adapts.
-#[derive(Debug, Clone)]
-pub struct FewShot {
-    pub lora: LoraConfig,
-    /// Support lines used (the first ones of the user's support split).
-    pub support_lines: usize,
-    /// Local fine-tuning steps: the methods are scored after this many.
-    pub steps: usize,
-    /// The accuracy-vs-steps curve goes on to this many steps (at least `steps`).
-    pub curve_to: usize,
-    pub lr: f64,
-    pub batch_size: usize,
-    pub train_seq_len: usize,
-    pub eval_seq_len: usize,
-    pub seed: u64,
-    /// Also run the profile-driven adaptation from the FedAvg start.
-    pub adaptive: bool,
+/// The starting adapters of the federated methods: each federation's final adapter.
+pub type Starts = BTreeMap<FederationKind, AdapterTensors>;
+
+/// One adaptation of a held-out user, scored at its checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Curve {
+    /// Fine-tuning from a fresh adapter.
+    LocalOnly,
+    /// Fine-tuning from a federation's adapter (its first point is the adapter untouched).
+    From(FederationKind),
+    /// The device's profile-driven adaptation from the FedAvg adapter: one point, at the
+    /// scored budget's key.
+    Adaptive,
+    /// The same with rejected suggestions pushed down (unlikelihood).
+    AdaptiveUnlikelihood,
 }
 
-impl FewShot {
-    /// Step counts at which the query data is scored: 0, 1, 2, 5, 10, 20, 40, … up to the
-    /// curve's end, and the scored budget.
-    pub fn checkpoints(&self) -> Vec<usize> {
-        let end = self.curve_to.max(self.steps);
-        let mut c: Vec<usize> = [0, 1, 2]
-            .into_iter()
-            .chain((0..).map(|i| 5usize << i).take_while(|&x| x <= end))
-            .filter(|&x| x <= end)
-            .chain([self.steps, end])
-            .collect();
-        c.sort_unstable();
-        c.dedup();
-        c
-    }
-}
-
-/// The starting adapters of the federated methods.
-#[derive(Debug, Clone)]
-pub struct Starts {
-    pub fedavg: Option<AdapterTensors>,
-    pub meta: Option<AdapterTensors>,
-    /// The FedAvg adapter trained without DP (private runs: the reference for privacy's cost).
-    pub fedavg_nonprivate: Option<AdapterTensors>,
-}
-
-/// One held-out user's scores: `base`, and per adapted method its curve over checkpoints.
+/// One held-out user's scores: `base`, and per adaptation its curve over checkpoints.
 #[derive(Debug, Clone)]
 pub struct UserScores {
     pub base: EvalReport,
-    /// `local_only`, `fedavg`, `meta` → (steps, report) in step order; `adaptive` has one
-    /// entry, at the scored budget's key, for the profile-driven run from the FedAvg start.
-    pub curves: BTreeMap<&'static str, Vec<(usize, EvalReport)>>,
+    /// (steps, report) in step order.
+    pub curves: BTreeMap<Curve, Vec<(usize, EvalReport)>>,
     /// The adaptive run (with a FedAvg start).
     pub adaptive: Option<AdaptiveRun>,
 }
@@ -201,30 +173,23 @@ pub fn personalize(
     let mut curves = BTreeMap::new();
     let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
     curves.insert(
-        "local_only",
+        Curve::LocalOnly,
         fine_tune(base, fresh, &train_w, &query_w, fs)?,
     );
-    for (name, start) in [
-        ("fedavg", &starts.fedavg),
-        ("meta", &starts.meta),
-        ("fedavg_nonprivate", &starts.fedavg_nonprivate),
-    ] {
-        if let Some(theta) = start {
-            let adapter = LoraAdapter::from_tensors(
-                base.model.config(),
-                fs.lora.clone(),
-                theta,
-                &Device::Cpu,
-            )
-            .context("starting adapter")?;
-            curves.insert(name, fine_tune(base, adapter, &train_w, &query_w, fs)?);
-        }
+    for (&kind, theta) in starts {
+        let adapter =
+            LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), theta, &Device::Cpu)
+                .context("starting adapter")?;
+        curves.insert(
+            Curve::From(kind),
+            fine_tune(base, adapter, &train_w, &query_w, fs)?,
+        );
     }
-    let adaptive = match &starts.fedavg {
+    let adaptive = match starts.get(&FederationKind::Fedavg) {
         Some(theta) if fs.adaptive => {
             let (report, report_ul, run) = adaptive(base, theta, &support, &query_w, fs)?;
-            curves.insert("adaptive", vec![(fs.steps, report)]);
-            curves.insert("adaptive_unlikelihood", vec![(fs.steps, report_ul)]);
+            curves.insert(Curve::Adaptive, vec![(fs.steps, report)]);
+            curves.insert(Curve::AdaptiveUnlikelihood, vec![(fs.steps, report_ul)]);
             Some(run)
         }
         _ => None,

@@ -14,8 +14,10 @@ use fedpersona_model::runtime::{peak_rss_mb, rss_mb};
 use fedpersona_model::{checkpoint, BaseModel};
 use serde::Serialize;
 
-use super::federation::{Env, Federation, FederationSpec, ServerStep};
-use super::{Progress, Settings, SimulateArgs};
+use crate::args::SimulateArgs;
+use crate::federation::{runtime, Env, Federation};
+use crate::progress::Progress;
+use crate::settings::{FederationKind, FederationSpec, ServerStep, Settings};
 
 /// Lines per synthetic user.
 const SHARD_LINES: usize = 4;
@@ -76,7 +78,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
     drop(lines);
 
     let base = Arc::new(BaseModel::load(&base_dir, &Device::Cpu)?);
-    let rt = super::runtime(settings.workers)?;
+    let rt = runtime(settings.workers)?;
     let tls_dir = args.out.join("tls");
     aggregator::tls::write(
         &aggregator::tls::generate(&["localhost".into(), "127.0.0.1".into()])?,
@@ -90,7 +92,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
         workers: settings.workers,
     };
     let spec = FederationSpec {
-        name: "fedavg",
+        kind: FederationKind::Fedavg,
         rounds: rounds as u64,
         clients_per_round: cohort,
         local_steps: 1,

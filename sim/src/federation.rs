@@ -13,106 +13,27 @@ use std::time::{Duration, Instant};
 use crate::corpus::UserSplit;
 use aggregator::round::Coordinator;
 use anyhow::{bail, Context};
-use fedpersona_model::{BaseModel, LoraConfig};
+use fedpersona_model::BaseModel;
 use fedpersona_privacy::{mode, AdapterTensors};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 
-use super::report::RoundRecord;
+use crate::report::RoundRecord;
+use crate::settings::{FederationSpec, PrivacyMode, ResolvedPrivacy};
 use device_agent::agent::{Agent, AgentConfig, Report, Step};
 use device_agent::client::{Connection, Retry};
 
-/// The server step of a federation.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct ServerStep {
-    /// `sgd` (FedAvg / Reptile), `momentum` (FedAvgM) or `adam` (FedAdam).
-    pub optimizer: &'static str,
-    pub lr: f64,
-    pub momentum: f64,
-}
-
-/// What one federation runs.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FederationSpec {
-    /// `fedavg` or `meta`.
-    pub name: &'static str,
-    pub rounds: u64,
-    pub clients_per_round: usize,
-    pub local_steps: u32,
-    pub lr: f64,
-    pub batch_size: u32,
-    pub seq_len: u32,
-    pub clip_norm: f64,
-    #[serde(skip)]
-    pub lora: LoraConfig,
-    pub server: ServerStep,
-    /// Chance that a picked device takes the task and never reports.
-    pub dropout: f64,
-    pub seed: u64,
-    pub privacy: PrivacyPlan,
-}
-
-/// Differential privacy and secure aggregation of a simulated federation.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct PrivacyPlan {
-    pub mode: super::PrivacyMode,
-    /// Target ε over all the rounds (the noise multiplier is solved for it), or None.
-    pub epsilon: Option<f64>,
-    /// z, or None to solve it from `epsilon`.
-    pub noise_multiplier: Option<f64>,
-    pub delta: f64,
-    pub secure_aggregation: bool,
-}
-
-/// What the aggregator is configured with, resolved for the population.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct ResolvedPrivacy {
-    pub noise_multiplier: f64,
-    pub sampling_rate: f64,
-    pub epsilon_budget: f64,
-}
-
-/// Cohort size and over-selection for a federation of `users`.
-fn cohort_of(spec: &FederationSpec, users: usize) -> (usize, f64) {
-    let cohort = spec.clients_per_round.clamp(1, users);
-    // Over-selection leaves room for the expected dropouts (and then some).
-    let over = if spec.dropout > 0.0 {
-        (3.0 * spec.dropout / (1.0 - spec.dropout)).clamp(0.1, 10.0)
-    } else {
-        0.0
-    };
-    (cohort, over)
-}
-
-impl PrivacyPlan {
-    /// The noise multiplier and budget for `users` devices (None without DP). The sampling
-    /// rate is the aggregator's: devices assigned per round over the population.
-    pub fn resolve(
-        &self,
-        spec: &FederationSpec,
-        users: usize,
-    ) -> anyhow::Result<Option<ResolvedPrivacy>> {
-        use fedpersona_privacy::accountant;
-        if self.mode == super::PrivacyMode::None {
-            return Ok(None);
-        }
-        let (cohort, over) = cohort_of(spec, users);
-        let assigned = mode::assigned_per_round(cohort as u64, over).min(users as u64);
-        let q = mode::sampling_rate(assigned, users as u64);
-        let z = match (self.noise_multiplier, self.epsilon) {
-            (Some(z), _) => z,
-            (None, Some(e)) => accountant::noise_multiplier_for(e, q, spec.rounds, self.delta)?,
-            (None, None) => bail!("a private simulation needs --epsilon or --noise-multiplier"),
-        };
-        let planned = accountant::epsilon(z, q, spec.rounds, self.delta)?;
-        Ok(Some(ResolvedPrivacy {
-            noise_multiplier: z,
-            sampling_rate: q,
-            epsilon_budget: mode::planned_budget(self.epsilon, planned),
-        }))
-    }
+/// The runtime of the in-process aggregator and agents. Local training runs on blocking
+/// threads: as many as train at once (plus one for the aggregator's round close), so each
+/// keeps its allocator cache warm and no more.
+pub fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(workers + 1)
+        .enable_all()
+        .build()?)
 }
 
 /// What the federations of a run share.
@@ -373,7 +294,7 @@ impl Federation {
             reports.iter().map(|r| f64::from(r.train_loss)).sum::<f64>() / reports.len() as f64
         });
         Ok(RoundRecord {
-            federation: self.spec.name,
+            federation: self.spec.kind,
             round,
             committed,
             reports: reports.len() as u32,
@@ -420,7 +341,7 @@ fn aggregator_toml(
     users: usize,
     privacy: Option<ResolvedPrivacy>,
 ) -> String {
-    let (cohort, over) = cohort_of(spec, users);
+    let (cohort, over) = spec.cohort(users);
     let privacy = match privacy {
         None => String::new(),
         Some(p) => format!(
@@ -438,7 +359,7 @@ fn aggregator_toml(
     };
     // Distributed noise is sized for the least number of reports a round accepts: with no
     // dropouts, every assigned device.
-    let min_reports = if spec.privacy.mode == super::PrivacyMode::Distributed {
+    let min_reports = if spec.privacy.mode == PrivacyMode::Distributed {
         (mode::expected_reports(cohort as u64, spec.dropout) as usize)
             .clamp(cohort.div_ceil(2), cohort)
     } else {
@@ -503,7 +424,7 @@ optimizer = "{opt}"
 server_lr = {slr:?}
 momentum = {mom:?}
 {privacy}{secure}"#,
-        name = spec.name,
+        name = spec.kind.name(),
         cert = path(&env.tls_dir.join("server.pem")),
         key = path(&env.tls_dir.join("server.key")),
         model = path(&env.base_dir),
