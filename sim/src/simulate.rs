@@ -170,6 +170,11 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             ));
             rounds.push(record);
             report::write_rounds(&rounds, &args.out)?;
+            tracing::info!(
+                federation = name,
+                round = n,
+                "round recorded in rounds.jsonl"
+            );
             bar.inc(1);
         }
         bar.finish();
