@@ -80,3 +80,64 @@ pub(super) fn open_round(
     *accountant = next;
     Ok(Ok(()))
 }
+
+#[cfg(test)]
+mod tests {
+    use fedpersona_privacy::accountant;
+
+    use crate::round::testing::{device, report, start};
+    use crate::round::{CheckIn, RoundPhase};
+
+    #[test]
+    fn without_dp_rounds_open_uncharged() {
+        let f = start(2, 1, |_| {});
+        let c = &f.coordinator;
+        assert_eq!(c.view().phase, RoundPhase::Open);
+        assert!(c.store().ledger().unwrap().is_empty());
+        assert_eq!(c.privacy_spent(), None);
+    }
+
+    #[test]
+    fn a_round_the_budget_cannot_pay_for_does_not_open() {
+        // 2 devices assigned of 4: q = 0.5. The budget pays for one round, not two.
+        let (z, q, delta) = (1.0, 0.5, 1e-5);
+        let one = accountant::epsilon(z, q, 1, delta).unwrap();
+        let two = accountant::epsilon(z, q, 2, delta).unwrap();
+        let f = start(2, 1, |f| {
+            f.rounds.over_selection = 0.0;
+            f.privacy.mode = "central".into();
+            f.privacy.noise_multiplier = z;
+            f.privacy.population = 4;
+            f.privacy.epsilon_budget = (one + two) / 2.0;
+            f.privacy.delta = delta;
+        });
+        let c = &f.coordinator;
+        let spent = c.privacy_spent().unwrap();
+        assert_eq!(spent.rounds_charged, 1);
+        assert!(
+            (spent.epsilon - one).abs() < 1e-9,
+            "{} vs {one}",
+            spent.epsilon
+        );
+        assert_eq!(c.store().ledger().unwrap().len(), 1);
+
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        c.close_round().unwrap();
+        let v = c.view();
+        assert_eq!(
+            (v.round, v.phase, v.rounds_committed),
+            (0, RoundPhase::BudgetExhausted, 1)
+        );
+        match c.check_in(&device(2)) {
+            CheckIn::BudgetSpent(why) => {
+                assert!(why.starts_with("privacy budget exhausted"), "{why}")
+            }
+            other => panic!("not refused for the budget: {other:?}"),
+        }
+        assert!(!c.close_early());
+        // The refused round was not charged.
+        assert_eq!(c.store().ledger().unwrap().len(), 1);
+        assert_eq!(c.privacy_spent().unwrap().rounds_charged, 1);
+    }
+}

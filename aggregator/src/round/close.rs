@@ -296,3 +296,117 @@ impl Coordinator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Outcome;
+    use crate::round::testing::{device, report, start};
+    use crate::round::RoundPhase;
+    use crate::store::RoundState;
+
+    #[test]
+    fn a_round_with_enough_reports_commits_once_and_the_next_opens() {
+        let f = start(3, 1, |_| {});
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        let theta = c.theta();
+        assert!(c.close_early());
+        assert_eq!(c.view().phase, RoundPhase::Closing);
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Committed {
+                round: 1,
+                version: 1,
+                reports: 1
+            }
+        );
+        let v = c.view();
+        assert_eq!(
+            (v.round, v.phase, v.version, v.rounds_committed),
+            (2, RoundPhase::Open, 1, 1)
+        );
+        assert_eq!(c.published().version, 1);
+        assert_ne!(c.theta(), theta);
+        let row = c.store().round(1).unwrap().unwrap();
+        assert_eq!((row.state, row.reports), (RoundState::Committed, 1));
+
+        // Closing again closes round 2, empty: round 1 is not committed a second time.
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Abandoned {
+                round: 2,
+                reports: 0
+            }
+        );
+        let v = c.view();
+        assert_eq!((v.round, v.version, v.rounds_committed), (3, 1, 1));
+        assert_eq!(c.store().summary().unwrap().latest_version, Some(1));
+        let row = c.store().round(2).unwrap().unwrap();
+        assert_eq!(row.state, RoundState::Abandoned);
+        assert_eq!(
+            row.reason.as_deref(),
+            Some("0 reports by the deadline, 1 needed")
+        );
+    }
+
+    #[test]
+    fn too_few_reports_abandon_the_round() {
+        let f = start(3, 2, |_| {});
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        let theta = c.theta();
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Abandoned {
+                round: 1,
+                reports: 1
+            }
+        );
+        assert_eq!((c.view().round, c.view().version), (2, 0));
+        assert_eq!(c.theta(), theta);
+    }
+
+    #[test]
+    fn the_last_round_finishes_training() {
+        let f = start(1, 1, |f| f.rounds.max_rounds = 1);
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        assert_eq!(c.view().phase, RoundPhase::Closing);
+        assert!(matches!(
+            c.close_round().unwrap(),
+            Outcome::Committed { .. }
+        ));
+        assert_eq!(c.view().phase, RoundPhase::Finished);
+        assert!(!c.close_early());
+        assert_eq!(
+            c.close_round().unwrap_err().to_string(),
+            "no round to close"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_driver_closes_a_round_once_it_is_full() {
+        let f = start(1, 1, |_| {});
+        let c = f.coordinator.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(c.clone().drive(async {
+            let _ = stopped.await;
+        }));
+        c.check_in(&device(1));
+        report(&c, &device(1), 1, 1).unwrap();
+        let v = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_for(|v| v.rounds_committed == 1),
+        )
+        .await
+        .expect("the driver commits the full round");
+        assert_eq!((v.round, v.version, v.phase), (2, 1, RoundPhase::Open));
+        stop.send(()).unwrap();
+        driver.await.unwrap();
+    }
+}

@@ -15,6 +15,8 @@ mod assign;
 mod budget;
 mod close;
 mod secure;
+#[cfg(test)]
+mod testing;
 mod upload;
 
 use std::collections::HashMap;
@@ -383,4 +385,32 @@ impl OpenRound {
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{device, start};
+    use super::{CheckIn, RoundPhase};
+
+    #[test]
+    fn the_view_is_republished_when_an_assignment_sets_the_deadline() {
+        let f = start(2, 1, |_| {});
+        let c = &f.coordinator;
+        let mut rx = c.watch();
+        let before = rx.borrow_and_update().clone();
+        assert_eq!((before.round, before.phase), (1, RoundPhase::Open));
+        assert_eq!(
+            (before.version, before.reports, before.target_reports),
+            (0, 0, 2)
+        );
+        assert_eq!(before.deadline, None);
+        let CheckIn::Task(task) = c.check_in(&device(1)) else {
+            panic!("no task");
+        };
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().deadline, Some(task.deadline));
+        // The same device again changes nothing, so nothing is sent.
+        c.check_in(&device(1));
+        assert!(!rx.has_changed().unwrap());
+    }
 }

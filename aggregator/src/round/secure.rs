@@ -143,3 +143,49 @@ impl OpenRound {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fedpersona_privacy::secagg::Phase;
+
+    use super::SecureStep;
+    use crate::auth::now_ms;
+    use crate::error::Kind;
+    use crate::round::testing::{device, refusal, start};
+
+    #[test]
+    fn secure_steps_need_an_open_secure_round() {
+        let f = start(2, 1, |_| {});
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        let shares = |round| c.secure_submit(&device(1), round, SecureStep::Shares(Vec::new()));
+        assert_eq!(refusal(shares(1)), (Kind::WrongRound, "no_secagg"));
+        assert_eq!(refusal(shares(7)), (Kind::WrongRound, "wrong_round"));
+        assert_eq!(
+            refusal(c.secure_reply(&device(1), 1, Phase::Advertise)),
+            (Kind::WrongRound, "no_secagg")
+        );
+    }
+
+    #[test]
+    fn an_advert_needs_an_assigned_device_and_waits_for_its_phase() {
+        let f = start(3, 3, |f| f.secure_aggregation.enabled = true);
+        let c = &f.coordinator;
+        let d = device(1);
+        c.store().enroll(&d.0, &[7; 32], now_ms()).unwrap();
+        let advert = || SecureStep::Advertise {
+            c_pk: [1; 32],
+            s_pk: [2; 32],
+            signature: vec![0; 64],
+        };
+        assert_eq!(
+            refusal(c.secure_submit(&d, 1, advert())),
+            (Kind::WrongRound, "not_in_cohort")
+        );
+        assert_eq!(
+            c.secure_reply(&d, 1, Phase::Advertise).unwrap().map(drop),
+            None
+        );
+        assert_eq!(c.view().reports, 0);
+    }
+}

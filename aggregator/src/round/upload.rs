@@ -201,3 +201,140 @@ fn rejection_reason(e: &crate::aggregate::UpdateRejection) -> &'static str {
 fn internal(what: &str, e: impl std::fmt::Display) -> FedError {
     FedError::internal(what, e)
 }
+
+#[cfg(test)]
+mod tests {
+    use fedpersona_privacy::AdapterTensors;
+
+    use super::UploadHeader;
+    use crate::error::Kind;
+    use crate::round::testing::{device, encode, header, refusal, report, start, update};
+
+    #[test]
+    fn headers_that_do_not_fit_are_refused_before_any_data() {
+        let f = start(2, 1, |f| f.update.max_upload_bytes = 65536);
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        let bytes = update(c, 1e-3);
+        let begin = |d: u32, edit: &dyn Fn(&mut UploadHeader)| {
+            let mut h = header(1, 1, &bytes);
+            edit(&mut h);
+            refusal(c.begin_upload(device(d), h))
+        };
+        let invalid = |reason| (Kind::Invalid, reason);
+        assert_eq!(
+            begin(1, &|h| h.nonce.pop().map(drop).unwrap()),
+            invalid("bad_header")
+        );
+        assert_eq!(begin(1, &|h| h.sha256.truncate(31)), invalid("bad_header"));
+        assert_eq!(begin(1, &|h| h.total_bytes = 0), invalid("bad_header"));
+        assert_eq!(begin(1, &|h| h.total_bytes = 65537), invalid("oversized"));
+        assert_eq!(
+            begin(1, &|h| h.round = 7),
+            (Kind::WrongRound, "wrong_round")
+        );
+        assert_eq!(begin(2, &|_| {}), (Kind::WrongRound, "not_in_cohort"));
+        assert_eq!(c.view().reports, 0);
+    }
+
+    #[test]
+    fn data_that_does_not_check_is_refused_and_changes_nothing() {
+        let f = start(2, 1, |_| {});
+        let c = &f.coordinator;
+        let d = device(1);
+        c.check_in(&d);
+        let theta = c.theta();
+        let finish = |bytes: &[u8], h: UploadHeader| {
+            let ticket = c.begin_upload(d.clone(), h).unwrap();
+            refusal(c.finish_upload(ticket, bytes))
+        };
+        let good = update(c, 1e-3);
+        let mut short = header(1, 1, &good);
+        short.total_bytes += 1;
+        assert_eq!(finish(&good, short), (Kind::Invalid, "truncated"));
+        let mut other = header(1, 1, &good);
+        other.sha256 = vec![0; 32];
+        assert_eq!(finish(&good, other), (Kind::Invalid, "hash"));
+        let garbage = b"not an update".to_vec();
+        assert_eq!(
+            finish(&garbage, header(1, 1, &garbage)),
+            (Kind::Invalid, "malformed")
+        );
+        let mut wrong = AdapterTensors::default();
+        wrong.insert(c.spec().shapes()[0].0.clone(), vec![3, 3], vec![0.0; 9]);
+        let wrong = encode(&wrong);
+        assert_eq!(
+            finish(&wrong, header(1, 1, &wrong)),
+            (Kind::Invalid, "shape")
+        );
+        // The codec already refuses a NaN, before the update's own checks.
+        let nan = update(c, f32::NAN);
+        assert_eq!(
+            finish(&nan, header(1, 1, &nan)),
+            (Kind::Invalid, "malformed")
+        );
+        let big = update(c, 1.0);
+        assert_eq!(finish(&big, header(1, 1, &big)), (Kind::Invalid, "norm"));
+
+        assert_eq!(c.view().reports, 0);
+        assert_eq!(c.theta(), theta);
+        // Neither the nonce nor the device's report was used up.
+        assert_eq!(report(c, &d, 1, 1).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_replayed_nonce_or_a_second_report_is_refused() {
+        let f = start(3, 1, |_| {});
+        let c = &f.coordinator;
+        for n in 1..=3 {
+            c.check_in(&device(n));
+        }
+        assert_eq!(report(c, &device(1), 1, 1).unwrap(), 1);
+        assert_eq!(
+            refusal(report(c, &device(2), 1, 1)),
+            (Kind::Duplicate, "replay")
+        );
+        assert_eq!(
+            refusal(report(c, &device(1), 1, 2)),
+            (Kind::WrongRound, "already_reported")
+        );
+        // Two uploads begun with one nonce: the journal refuses the second.
+        let bytes = update(c, 1e-3);
+        let a = c.begin_upload(device(2), header(1, 5, &bytes)).unwrap();
+        let b = c.begin_upload(device(3), header(1, 5, &bytes)).unwrap();
+        assert_eq!(c.finish_upload(a, &bytes).unwrap(), 2);
+        assert_eq!(
+            refusal(c.finish_upload(b, &bytes)),
+            (Kind::Duplicate, "replay")
+        );
+        assert_eq!(c.view().reports, 2);
+    }
+
+    #[test]
+    fn weighting_by_examples_needs_a_positive_count() {
+        let f = start(2, 1, |f| f.update.weighting = "examples".into());
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        let bytes = update(c, 1e-3);
+        let mut h = header(1, 1, &bytes);
+        h.num_examples = 0;
+        let ticket = c.begin_upload(device(1), h).unwrap();
+        assert_eq!(
+            refusal(c.finish_upload(ticket, &bytes)),
+            (Kind::Invalid, "bad_header")
+        );
+        assert_eq!(c.view().reports, 0);
+    }
+
+    #[test]
+    fn with_secure_aggregation_plain_uploads_are_refused() {
+        let f = start(3, 3, |f| f.secure_aggregation.enabled = true);
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        let bytes = update(c, 1e-3);
+        assert_eq!(
+            refusal(c.begin_upload(device(1), header(1, 1, &bytes))),
+            (Kind::WrongRound, "secagg_only")
+        );
+    }
+}
