@@ -7,11 +7,19 @@
 //! [`Store::recover`] marks it `abandoned` at start-up and its uploads are never counted, while
 //! their nonces stay on record so a replay is still refused. Behind this small interface
 //! SQLite is the embedded default; a shared database would replace it for several replicas.
+//!
+//! The schema and its migrations live in `schema`, the read-outs for `aggregator status` in
+//! `status`.
+
+mod schema;
+mod status;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+pub use status::{RoundRow, Summary};
 
 /// Errors from the journal.
 #[derive(Debug, thiserror::Error)]
@@ -81,76 +89,6 @@ pub struct Recovered {
     pub rounds_committed: u64,
 }
 
-/// One journal row of a round, for `aggregator status`.
-#[derive(Debug, Clone)]
-pub struct RoundRow {
-    pub id: u64,
-    pub state: RoundState,
-    pub base_version: u64,
-    pub reports: u64,
-    pub opened_at_ms: i64,
-    pub closed_at_ms: Option<i64>,
-    pub reason: Option<String>,
-}
-
-/// Totals for `aggregator status`.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub devices: u64,
-    pub revoked: u64,
-    pub rounds_committed: u64,
-    pub rounds_abandoned: u64,
-    pub uploads: u64,
-    pub latest_version: Option<u64>,
-    pub last_round: Option<RoundRow>,
-}
-
-const SCHEMA_VERSION: i64 = 2;
-
-const SCHEMA: &str = "
-CREATE TABLE devices (
-    id TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL UNIQUE,
-    enrolled_at_ms INTEGER NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE rounds (
-    id INTEGER PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('open', 'committed', 'abandoned')),
-    base_version INTEGER NOT NULL,
-    opened_at_ms INTEGER NOT NULL,
-    closed_at_ms INTEGER,
-    reports INTEGER NOT NULL DEFAULT 0,
-    reason TEXT
-);
-CREATE TABLE versions (
-    version INTEGER PRIMARY KEY,
-    round INTEGER REFERENCES rounds(id),
-    sha256 BLOB NOT NULL,
-    created_at_ms INTEGER NOT NULL
-);
-CREATE TABLE uploads (
-    nonce BLOB PRIMARY KEY,
-    round INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    received_at_ms INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    UNIQUE (round, device)
-);
-";
-
-/// Version 2: the privacy ledger. A round is charged in the transaction that opens it, so a
-/// crash can never lose a charge, and the round id as key means it is never counted twice.
-const MIGRATION_2: &str = "
-CREATE TABLE privacy_ledger (
-    round INTEGER PRIMARY KEY REFERENCES rounds(id),
-    mode TEXT NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sampling_rate REAL NOT NULL,
-    charged_at_ms INTEGER NOT NULL
-);
-";
-
 /// One round's entry in the privacy ledger: what the accountant composes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Charge {
@@ -190,26 +128,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {SCHEMA} {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))?;
-            }
-            1 => {
-                conn.execute_batch(&format!(
-                    "BEGIN; {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                ))?;
-            }
-            SCHEMA_VERSION => {}
-            v if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema(v)),
-            v => {
-                return Err(StoreError::Inconsistent(format!(
-                    "unknown schema version {v}"
-                )))
-            }
-        }
+        schema::migrate(&conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
         })
@@ -450,64 +369,6 @@ impl Store {
         v.reverse();
         Ok(v)
     }
-
-    pub fn round(&self, id: u64) -> Result<Option<RoundRow>, StoreError> {
-        self.conn()
-            .query_row(
-                "SELECT id, state, base_version, reports, opened_at_ms, closed_at_ms, reason FROM rounds WHERE id = ?1",
-                params![id as i64],
-                round_row,
-            )
-            .optional()?
-            .transpose()
-    }
-
-    pub fn summary(&self) -> Result<Summary, StoreError> {
-        let conn = self.conn();
-        let count = |sql: &str| -> Result<u64, rusqlite::Error> {
-            conn.query_row(sql, [], |r| r.get::<_, i64>(0))
-                .map(|v| v as u64)
-        };
-        let last_round = conn
-            .query_row(
-                "SELECT id, state, base_version, reports, opened_at_ms, closed_at_ms, reason FROM rounds ORDER BY id DESC LIMIT 1",
-                [],
-                round_row,
-            )
-            .optional()?
-            .transpose()?;
-        Ok(Summary {
-            devices: count("SELECT COUNT(*) FROM devices")?,
-            revoked: count("SELECT COUNT(*) FROM devices WHERE revoked = 1")?,
-            rounds_committed: count("SELECT COUNT(*) FROM rounds WHERE state = 'committed'")?,
-            rounds_abandoned: count("SELECT COUNT(*) FROM rounds WHERE state = 'abandoned'")?,
-            uploads: count("SELECT COUNT(*) FROM uploads")?,
-            latest_version: conn
-                .query_row("SELECT MAX(version) FROM versions", [], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })?
-                .map(|v| v as u64),
-            last_round,
-        })
-    }
-}
-
-fn round_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<RoundRow, StoreError>> {
-    let state: String = r.get(1)?;
-    let Some(state) = RoundState::parse(&state) else {
-        return Ok(Err(StoreError::Inconsistent(format!(
-            "round has unknown state {state:?}"
-        ))));
-    };
-    Ok(Ok(RoundRow {
-        id: r.get::<_, i64>(0)? as u64,
-        state,
-        base_version: r.get::<_, i64>(2)? as u64,
-        reports: r.get::<_, i64>(3)? as u64,
-        opened_at_ms: r.get(4)?,
-        closed_at_ms: r.get(5)?,
-        reason: r.get(6)?,
-    }))
 }
 
 impl std::fmt::Display for RoundState {

@@ -1,0 +1,342 @@
+//! The TOML file's schema, section by section, as `Config::load` reads it: public and
+//! serializable, so a program can build a file value and write it with `toml::to_string`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use fedpersona_model::lora::LoraConfig;
+use serde::{Deserialize, Serialize};
+
+/// The whole file: `[server]`, `[tls]`, `[enrollment]`, `[model]` and `[rounds]` are required,
+/// the other sections default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: ServerFile,
+    pub tls: TlsFile,
+    pub enrollment: EnrollmentFile,
+    pub model: ModelFile,
+    #[serde(default)]
+    pub adapter: AdapterFile,
+    pub rounds: RoundsFile,
+    #[serde(default)]
+    pub training: TrainingFile,
+    #[serde(default)]
+    pub update: UpdateFile,
+    #[serde(default)]
+    pub meta: MetaFile,
+    #[serde(default)]
+    pub privacy: PrivacyFile,
+    #[serde(default)]
+    pub secure_aggregation: SecAggFile,
+}
+
+impl ConfigFile {
+    /// A file of the required sections, every optional section at its default.
+    pub fn new(
+        server: ServerFile,
+        tls: TlsFile,
+        enrollment: EnrollmentFile,
+        model: ModelFile,
+        rounds: RoundsFile,
+    ) -> Self {
+        ConfigFile {
+            server,
+            tls,
+            enrollment,
+            model,
+            adapter: AdapterFile::default(),
+            rounds,
+            training: TrainingFile::default(),
+            update: UpdateFile::default(),
+            meta: MetaFile::default(),
+            privacy: PrivacyFile::default(),
+            secure_aggregation: SecAggFile::default(),
+        }
+    }
+}
+
+/// `[server]`: where to listen and keep state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    #[serde(default = "default_max_concurrent_uploads")]
+    pub max_concurrent_uploads: usize,
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: usize,
+}
+
+impl ServerFile {
+    /// Listening on `listen` with state in `state_dir`, no metrics endpoint, other keys at
+    /// their defaults.
+    pub fn new(listen: SocketAddr, state_dir: impl Into<PathBuf>) -> Self {
+        ServerFile {
+            listen,
+            metrics_listen: None,
+            state_dir: state_dir.into(),
+            max_concurrent_uploads: default_max_concurrent_uploads(),
+            keep_versions: default_keep_versions(),
+        }
+    }
+}
+
+fn default_max_concurrent_uploads() -> usize {
+    8
+}
+fn default_keep_versions() -> usize {
+    10
+}
+
+/// `[tls]`: certificate and key files, or plaintext (loopback only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+impl TlsFile {
+    /// TLS with this certificate and key (PEM files).
+    pub fn files(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        TlsFile {
+            cert: Some(cert.into()),
+            key: Some(key.into()),
+            plaintext: false,
+        }
+    }
+
+    /// No TLS: accepted only on a loopback listen address.
+    pub fn plaintext() -> Self {
+        TlsFile {
+            cert: None,
+            key: None,
+            plaintext: true,
+        }
+    }
+}
+
+/// `[enrollment]`: the tokens a device may enroll with (inline or one per line in a file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentFile {
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl EnrollmentFile {
+    /// These tokens, inline.
+    pub fn tokens(tokens: Vec<String>) -> Self {
+        EnrollmentFile {
+            tokens,
+            token_file: None,
+        }
+    }
+}
+
+/// `[model]`: the base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelFile {
+    /// The base model folder (its `config.json` fixes the adapter shapes).
+    pub dir: PathBuf,
+}
+
+/// `[adapter]`: the LoRA adapter being federated (defaults: `LoraConfig::default()`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterFile {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names, as `Target::name` spells them.
+    pub targets: Vec<String>,
+    pub freeze_a: bool,
+    pub seed: u64,
+}
+
+impl Default for AdapterFile {
+    fn default() -> Self {
+        let d = LoraConfig::default();
+        AdapterFile {
+            rank: d.rank,
+            alpha: d.alpha,
+            targets: d.targets.iter().map(|t| t.name().to_string()).collect(),
+            freeze_a: d.freeze_a,
+            seed: d.seed,
+        }
+    }
+}
+
+/// `[rounds]`: cohort size, over-selection, minimum reports and timing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundsFile {
+    pub cohort_size: u32,
+    #[serde(default = "default_over_selection")]
+    pub over_selection: f64,
+    pub min_reports: u32,
+    pub round_timeout_s: f64,
+    #[serde(default = "default_min_task_time_s")]
+    pub min_task_time_s: f64,
+    #[serde(default = "default_retry_s")]
+    pub retry_after_s: f64,
+    /// Stop after this many committed rounds; 0: no limit.
+    #[serde(default)]
+    pub max_rounds: u64,
+}
+
+impl RoundsFile {
+    /// The required keys; over-selection, minimum task time and retry at their defaults, no
+    /// limit on rounds.
+    pub fn new(cohort_size: u32, min_reports: u32, round_timeout_s: f64) -> Self {
+        RoundsFile {
+            cohort_size,
+            over_selection: default_over_selection(),
+            min_reports,
+            round_timeout_s,
+            min_task_time_s: default_min_task_time_s(),
+            retry_after_s: default_retry_s(),
+            max_rounds: 0,
+        }
+    }
+}
+
+fn default_over_selection() -> f64 {
+    0.3
+}
+fn default_min_task_time_s() -> f64 {
+    10.0
+}
+fn default_retry_s() -> f64 {
+    30.0
+}
+
+/// `[training]`: what devices are told to do locally.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingFile {
+    pub steps: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub seq_len: u32,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+}
+
+impl Default for TrainingFile {
+    fn default() -> Self {
+        TrainingFile {
+            steps: 10,
+            learning_rate: 2e-3,
+            batch_size: 8,
+            seq_len: 128,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// `[update]`: clipping, encoding, size limits and weighting of uploads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateFile {
+    pub clip_norm: f64,
+    /// `"q8"` or `"f32"`.
+    pub encoding: String,
+    pub max_upload_bytes: u64,
+    pub chunk_bytes: u32,
+    /// `"uniform"` or `"examples"` (capped at `max_examples_weight`).
+    pub weighting: String,
+    pub max_examples_weight: u32,
+}
+
+impl Default for UpdateFile {
+    fn default() -> Self {
+        UpdateFile {
+            clip_norm: 1.0,
+            encoding: "q8".into(),
+            max_upload_bytes: 64 << 20,
+            chunk_bytes: 1 << 20,
+            weighting: "uniform".into(),
+            max_examples_weight: 10_000,
+        }
+    }
+}
+
+/// `[meta]`: the server optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetaFile {
+    /// `"sgd"`, `"momentum"` or `"adam"`.
+    pub optimizer: String,
+    pub server_lr: f64,
+    pub momentum: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+}
+
+impl Default for MetaFile {
+    fn default() -> Self {
+        MetaFile {
+            optimizer: "sgd".into(),
+            server_lr: 1.0,
+            momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+}
+
+/// `[privacy]`: differential privacy mode, noise, population and budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyFile {
+    /// `"none"`, `"local"`, `"distributed"` or `"central"` (`PrivacyMode::name`).
+    pub mode: String,
+    pub noise_multiplier: f64,
+    pub population: u64,
+    pub epsilon_budget: f64,
+    pub delta: f64,
+}
+
+impl Default for PrivacyFile {
+    fn default() -> Self {
+        PrivacyFile {
+            mode: "none".into(),
+            noise_multiplier: 0.0,
+            population: 0,
+            epsilon_budget: 0.0,
+            delta: 0.0,
+        }
+    }
+}
+
+/// `[secure_aggregation]`: SecAgg+ of the updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecAggFile {
+    pub enabled: bool,
+    pub max_neighbours: u32,
+    pub phase_timeout_s: f64,
+}
+
+impl Default for SecAggFile {
+    fn default() -> Self {
+        SecAggFile {
+            enabled: false,
+            max_neighbours: 20,
+            phase_timeout_s: 60.0,
+        }
+    }
+}

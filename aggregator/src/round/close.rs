@@ -1,0 +1,412 @@
+//! Closing: the driver that closes a round when it is full or past its deadline (and moves a
+//! secure round's phases on), the commit or abandonment, the release, and the next opening.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedpersona_privacy::mode;
+use fedpersona_privacy::secagg::{self, Phase};
+
+use super::budget::open_round;
+use super::{Coordinator, OpenRound};
+use crate::aggregate::RunningSum;
+use crate::auth::now_ms;
+use crate::config::PrivacyMode;
+use crate::secure::Advance;
+
+/// How a closed round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed {
+        round: u64,
+        version: u64,
+        reports: u64,
+    },
+    Abandoned {
+        round: u64,
+        reports: u64,
+    },
+}
+
+impl Coordinator {
+    /// Closes the open round if it is due (full, closing or past its deadline), or moves its
+    /// secure aggregation on.
+    fn close_if_due(&self) -> anyhow::Result<Option<Outcome>> {
+        let due = {
+            let mut st = self.lock();
+            match st.round.as_mut() {
+                Some(r) if r.secure.is_some() => None,
+                Some(r) if r.closing || r.deadline.is_some_and(|d| Instant::now() >= d.0) => {
+                    r.closing = true;
+                    Some(true)
+                }
+                _ => Some(false),
+            }
+        };
+        match due {
+            None => self.advance_secure(),
+            Some(true) => self.close_round().map(Some),
+            Some(false) => Ok(None),
+        }
+    }
+
+    /// Moves the open round's secure aggregation on if its phase is due: closes the phase,
+    /// or unmasks the sum and closes the round, or abandons it when too few devices are left.
+    fn advance_secure(&self) -> anyhow::Result<Option<Outcome>> {
+        let advance = {
+            let mut st = self.lock();
+            let Some(r) = st.round.as_mut() else {
+                return Ok(None);
+            };
+            let deadline_passed = r.deadline.is_some_and(|d| Instant::now() >= d.0);
+            let Some(secure) = r.secure.as_mut() else {
+                return Ok(None);
+            };
+            let due = match secure.phase() {
+                Phase::Advertise => r.closing || deadline_passed,
+                Phase::Aborted => true,
+                _ => secure.phase_due().is_some_and(|d| Instant::now() >= d),
+            };
+            if !due {
+                return Ok(None);
+            }
+            r.closing = true;
+            secure.advance()
+        };
+        match advance {
+            Advance::Next => Ok(None),
+            Advance::Aborted(why) => {
+                tracing::warn!(reason = %why, "secure aggregation aborted; abandoning the round");
+                self.close_round().map(Some)
+            }
+            Advance::Finish(server) => {
+                match server.finish() {
+                    Ok(agg) => {
+                        let g = self
+                            .config
+                            .secure_aggregation
+                            .expect("secure rounds have a policy")
+                            .granularity;
+                        let flat: Vec<f64> = secagg::to_signed(&agg.sum)
+                            .into_iter()
+                            .map(|v| f64::from(v) * g)
+                            .collect();
+                        let mut st = self.lock();
+                        let r = st.round.as_mut().expect("the round being finished");
+                        r.sum
+                            .add_sum(&flat, agg.contributors.len() as u64)
+                            .map_err(|e| anyhow::anyhow!("adding the secure sum: {e}"))?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unmasking failed; abandoning the round");
+                        let mut st = self.lock();
+                        if let Some(s) = st.round.as_mut().and_then(|r| r.secure.as_mut()) {
+                            s.abort(e.to_string());
+                        }
+                    }
+                }
+                self.close_round().map(Some)
+            }
+        }
+    }
+
+    /// Closes the open round now, as if its deadline had passed: it commits with at least
+    /// `min_reports` reports, else it is abandoned. For an operator who will not wait, and for
+    /// the simulation once every live device has answered. Returns whether a round was open.
+    pub fn close_early(&self) -> bool {
+        let mut st = self.lock();
+        match st.round.as_mut() {
+            Some(r) => {
+                r.closing = true;
+                drop(st);
+                self.round_full.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs rounds until `shutdown` resolves: closes each round when it is full or its
+    /// deadline passes.
+    pub async fn drive(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = {
+                let st = self.lock();
+                let secure = st.round.as_ref().and_then(|r| r.secure.as_ref());
+                let wake = match &st.round {
+                    None => None,
+                    Some(r) => match secure.map(|s| (s.phase(), s.phase_due())) {
+                        Some((Phase::Advertise, _)) | None if r.closing => Some(Instant::now()),
+                        Some((Phase::Advertise, _)) | None => r.deadline.map(|d| d.0),
+                        Some((Phase::Aborted, _)) => Some(Instant::now()),
+                        Some((_, due)) => due,
+                    },
+                };
+                wake.map(tokio::time::Instant::from_std)
+            };
+            let wake = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = self.round_full.notified() => {}
+                _ = self.deadline_set.notified() => continue,
+                _ = wake => {}
+            }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.close_if_due()).await {
+                Ok(Ok(Some(outcome))) => tracing::info!(?outcome, "round closed"),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "closing the round failed; stopping rounds");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "closing the round panicked; stopping rounds");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes the round (already marked closing): commit with enough reports, else abandon;
+    /// then opens the next round unless the configured number is reached.
+    pub fn close_round(&self) -> anyhow::Result<Outcome> {
+        let (id, sum, opened, meta, base_version) = {
+            let st = self.lock();
+            let r = st
+                .round
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no round to close"))?;
+            (
+                r.id,
+                r.sum.clone(),
+                r.opened,
+                st.meta.clone(),
+                st.published.version,
+            )
+        };
+        let reports = sum.count();
+        let min = u64::from(self.config.rounds.min_reports.get());
+        let mut committed = None;
+        let outcome = if reports >= min {
+            let mean = self.release(&sum)?;
+            let mut next = meta;
+            next.apply(self.config.meta, &mean)?;
+            let version = base_version + 1;
+            let published = self.versions.save(version, &next)?;
+            self.store
+                .commit_round(id, version, &published.sha256, now_ms())?;
+            committed = Some((next, published));
+            Outcome::Committed {
+                round: id,
+                version,
+                reports,
+            }
+        } else {
+            self.store.abandon_round(
+                id,
+                &format!("{reports} reports by the deadline, {min} needed"),
+                now_ms(),
+            )?;
+            Outcome::Abandoned { round: id, reports }
+        };
+        self.metrics.round_closed(
+            matches!(outcome, Outcome::Committed { .. }),
+            opened.elapsed(),
+        );
+        // The commit and the next round's opening change the state in one step, so that
+        // no one sees the new version with the old round still closing.
+        let mut st = self.lock();
+        if let Some((next, published)) = committed {
+            st.meta = next;
+            st.published = published;
+            st.rounds_committed += 1;
+        }
+        let finished = self
+            .config
+            .rounds
+            .max_rounds
+            .is_some_and(|m| st.rounds_committed >= m);
+        st.round = None;
+        if finished {
+            st.finished = true;
+        } else {
+            let version = st.published.version;
+            match open_round(
+                &self.config,
+                &self.store,
+                &mut st.accountant,
+                id + 1,
+                version,
+            )? {
+                Ok(()) => st.round = Some(OpenRound::new(id + 1, self.spec.clone(), &self.config)),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "no further rounds: the privacy budget is spent");
+                    st.exhausted = Some(why);
+                }
+            }
+        }
+        self.metrics.set_round(id + 1, st.published.version);
+        if let Some(b) = self.config.privacy.budget {
+            self.metrics
+                .set_epsilon_spent(st.accountant.epsilon(b.delta)?.0);
+        }
+        drop(st);
+        if let Outcome::Committed { .. } = outcome {
+            self.prune();
+        }
+        Ok(outcome)
+    }
+
+    /// What the round publishes: the mean of its reports, with the central noise where the
+    /// aggregator adds it. With DP the divisor is the target cohort size, not the count.
+    fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_privacy::AdapterTensors> {
+        let p = &self.config.privacy;
+        let c = f64::from(self.config.update.clip_norm);
+        let denominator =
+            mode::release_denominator(u64::from(self.config.rounds.target_reports.get()));
+        let d = self.spec.num_values();
+        let k = mode::grid_exponent(c, d);
+        Ok(match p.mode {
+            PrivacyMode::None | PrivacyMode::Local => sum.mean().expect("at least one report"),
+            PrivacyMode::Distributed => sum.noised_mean(0.0, k, denominator)?,
+            PrivacyMode::Central => sum.noised_mean(
+                mode::central_sigma(p.noise_multiplier, c, k, d),
+                k,
+                denominator,
+            )?,
+        })
+    }
+
+    fn prune(&self) {
+        match self.store.versions_to_prune(self.config.keep_versions) {
+            Ok(old) => {
+                for v in old {
+                    if let Err(e) = self.versions.remove(v) {
+                        tracing::warn!(version = v, error = %e, "could not remove an old adapter version");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list old adapter versions"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Outcome;
+    use crate::round::testing::{device, report, start};
+    use crate::round::RoundPhase;
+    use crate::store::RoundState;
+
+    #[test]
+    fn a_round_with_enough_reports_commits_once_and_the_next_opens() {
+        let f = start(3, 1, |_| {});
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        let theta = c.theta();
+        assert!(c.close_early());
+        assert_eq!(c.view().phase, RoundPhase::Closing);
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Committed {
+                round: 1,
+                version: 1,
+                reports: 1
+            }
+        );
+        let v = c.view();
+        assert_eq!(
+            (v.round, v.phase, v.version, v.rounds_committed),
+            (2, RoundPhase::Open, 1, 1)
+        );
+        assert_eq!(c.published().version, 1);
+        assert_ne!(c.theta(), theta);
+        let row = c.store().round(1).unwrap().unwrap();
+        assert_eq!((row.state, row.reports), (RoundState::Committed, 1));
+
+        // Closing again closes round 2, empty: round 1 is not committed a second time.
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Abandoned {
+                round: 2,
+                reports: 0
+            }
+        );
+        let v = c.view();
+        assert_eq!((v.round, v.version, v.rounds_committed), (3, 1, 1));
+        assert_eq!(c.store().summary().unwrap().latest_version, Some(1));
+        let row = c.store().round(2).unwrap().unwrap();
+        assert_eq!(row.state, RoundState::Abandoned);
+        assert_eq!(
+            row.reason.as_deref(),
+            Some("0 reports by the deadline, 1 needed")
+        );
+    }
+
+    #[test]
+    fn too_few_reports_abandon_the_round() {
+        let f = start(3, 2, |_| {});
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        let theta = c.theta();
+        assert_eq!(
+            c.close_round().unwrap(),
+            Outcome::Abandoned {
+                round: 1,
+                reports: 1
+            }
+        );
+        assert_eq!((c.view().round, c.view().version), (2, 0));
+        assert_eq!(c.theta(), theta);
+    }
+
+    #[test]
+    fn the_last_round_finishes_training() {
+        let f = start(1, 1, |f| f.rounds.max_rounds = 1);
+        let c = &f.coordinator;
+        c.check_in(&device(1));
+        report(c, &device(1), 1, 1).unwrap();
+        assert_eq!(c.view().phase, RoundPhase::Closing);
+        assert!(matches!(
+            c.close_round().unwrap(),
+            Outcome::Committed { .. }
+        ));
+        assert_eq!(c.view().phase, RoundPhase::Finished);
+        assert!(!c.close_early());
+        assert_eq!(
+            c.close_round().unwrap_err().to_string(),
+            "no round to close"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_driver_closes_a_round_once_it_is_full() {
+        let f = start(1, 1, |_| {});
+        let c = f.coordinator.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(c.clone().drive(async {
+            let _ = stopped.await;
+        }));
+        c.check_in(&device(1));
+        report(&c, &device(1), 1, 1).unwrap();
+        let v = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_for(|v| v.rounds_committed == 1),
+        )
+        .await
+        .expect("the driver commits the full round");
+        assert_eq!((v.round, v.version, v.phase), (2, 1, RoundPhase::Open));
+        stop.send(()).unwrap();
+        driver.await.unwrap();
+    }
+}
