@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::corpus::UserSplit;
+use aggregator::config::file::{
+    AdapterFile, ConfigFile, EnrollmentFile, MetaFile, ModelFile, PrivacyFile, RoundsFile,
+    SecAggFile, ServerFile, TlsFile, TrainingFile, UpdateFile,
+};
 use aggregator::round::Coordinator;
 use anyhow::{bail, Context};
 use fedpersona_model::BaseModel;
@@ -85,10 +89,13 @@ impl Federation {
         let token = hex::encode(rand::random::<[u8; 24]>());
         let config_path = dir.join("aggregator.toml");
         let privacy = spec.privacy.resolve(&spec, users.len())?;
-        fedpersona_model::checkpoint::write_atomic(
-            &config_path,
-            aggregator_toml(&spec, env, &token, users.len(), privacy).as_bytes(),
-        )?;
+        let file = aggregator_config(&spec, env, &token, users.len(), privacy)?;
+        let toml = format!(
+            "# Written by `fedpersona-sim simulate` for the {} federation of this run.\n{}",
+            spec.kind.name(),
+            toml::to_string(&file).context("writing the aggregator's config")?
+        );
+        fedpersona_model::checkpoint::write_atomic(&config_path, toml.as_bytes())?;
         aggregator::tls::set_private(&config_path)?;
         let config = aggregator::config::Config::load(&config_path)?;
         let handle = aggregator::server::start(config)?;
@@ -334,29 +341,14 @@ async fn participate(agent: &mut Agent) -> anyhow::Result<Option<Report>> {
 }
 
 /// The aggregator's config for a federation, as an operator would write it.
-fn aggregator_toml(
+fn aggregator_config(
     spec: &FederationSpec,
     env: &Env,
     token: &str,
     users: usize,
     privacy: Option<ResolvedPrivacy>,
-) -> String {
+) -> anyhow::Result<ConfigFile> {
     let (cohort, over) = spec.cohort(users);
-    let privacy = match privacy {
-        None => String::new(),
-        Some(p) => format!(
-            "\n[privacy]\nmode = {:?}\nnoise_multiplier = {:?}\npopulation = {users}\nepsilon_budget = {:?}\ndelta = {:?}\n",
-            spec.privacy.mode.name(),
-            p.noise_multiplier,
-            p.epsilon_budget,
-            spec.privacy.delta
-        ),
-    };
-    let secure = if spec.privacy.secure_aggregation {
-        "\n[secure_aggregation]\nenabled = true\nmax_neighbours = 20\nphase_timeout_s = 120\n"
-    } else {
-        ""
-    };
     // Distributed noise is sized for the least number of reports a round accepts: with no
     // dropouts, every assigned device.
     let min_reports = if spec.privacy.mode == PrivacyMode::Distributed {
@@ -365,81 +357,69 @@ fn aggregator_toml(
     } else {
         cohort.div_ceil(2)
     };
-    let targets: Vec<String> = spec
-        .lora
-        .targets
-        .iter()
-        .map(|t| format!("{:?}", t.name()))
-        .collect();
     // Absolute: the aggregator resolves relative paths against its config file's folder.
-    let path = |p: &Path| {
-        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        format!("{:?}", p.display().to_string())
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut file = ConfigFile::new(
+        ServerFile::new(([127, 0, 0, 1], 0).into(), "state"),
+        TlsFile::files(
+            absolute(&env.tls_dir.join("server.pem")),
+            absolute(&env.tls_dir.join("server.key")),
+        ),
+        EnrollmentFile::tokens(vec![token.to_string()]),
+        ModelFile {
+            dir: absolute(&env.base_dir),
+        },
+        RoundsFile::new(cohort.try_into()?, min_reports.try_into()?, 86_400.0),
+    );
+    file.server.keep_versions = 2;
+    file.adapter = AdapterFile {
+        rank: spec.lora.rank,
+        alpha: spec.lora.alpha,
+        targets: spec.lora.targets.iter().map(|t| t.name().into()).collect(),
+        seed: spec.lora.seed,
+        ..file.adapter
     };
-    format!(
-        r#"# Written by `fedpersona-sim simulate` for the {name} federation of this run.
-[server]
-listen = "127.0.0.1:0"
-state_dir = "state"
-keep_versions = 2
-
-[tls]
-cert = {cert}
-key = {key}
-
-[enrollment]
-tokens = ["{token}"]
-
-[model]
-dir = {model}
-
-[adapter]
-rank = {rank}
-alpha = {alpha:?}
-targets = [{targets}]
-seed = {seed}
-
-[rounds]
-cohort_size = {cohort}
-over_selection = {over:?}
-min_reports = {min_reports}
-round_timeout_s = 86400
-min_task_time_s = 1
-retry_after_s = 0.05
-max_rounds = {rounds}
-
-[training]
-steps = {steps}
-learning_rate = {lr:?}
-batch_size = {batch}
-seq_len = {seq}
-grad_clip = 1.0
-
-[update]
-clip_norm = {clip:?}
-encoding = "q8"
-
-[meta]
-optimizer = "{opt}"
-server_lr = {slr:?}
-momentum = {mom:?}
-{privacy}{secure}"#,
-        name = spec.kind.name(),
-        cert = path(&env.tls_dir.join("server.pem")),
-        key = path(&env.tls_dir.join("server.key")),
-        model = path(&env.base_dir),
-        rank = spec.lora.rank,
-        alpha = spec.lora.alpha,
-        targets = targets.join(", "),
-        seed = spec.lora.seed,
-        rounds = spec.rounds,
-        steps = spec.local_steps,
-        lr = spec.lr,
-        batch = spec.batch_size,
-        seq = spec.seq_len,
-        clip = spec.clip_norm,
-        opt = spec.server.optimizer,
-        slr = spec.server.lr,
-        mom = spec.server.momentum,
-    )
+    file.rounds = RoundsFile {
+        over_selection: over,
+        min_task_time_s: 1.0,
+        retry_after_s: 0.05,
+        max_rounds: spec.rounds,
+        ..file.rounds
+    };
+    file.training = TrainingFile {
+        steps: spec.local_steps,
+        learning_rate: spec.lr,
+        batch_size: spec.batch_size,
+        seq_len: spec.seq_len,
+        grad_clip: 1.0,
+        ..file.training
+    };
+    file.update = UpdateFile {
+        clip_norm: spec.clip_norm,
+        encoding: "q8".into(),
+        ..file.update
+    };
+    file.meta = MetaFile {
+        optimizer: spec.server.optimizer.into(),
+        server_lr: spec.server.lr,
+        momentum: spec.server.momentum,
+        ..file.meta
+    };
+    if let Some(p) = privacy {
+        file.privacy = PrivacyFile {
+            mode: spec.privacy.mode.name().into(),
+            noise_multiplier: p.noise_multiplier,
+            population: users as u64,
+            epsilon_budget: p.epsilon_budget,
+            delta: spec.privacy.delta,
+        };
+    }
+    if spec.privacy.secure_aggregation {
+        file.secure_aggregation = SecAggFile {
+            enabled: true,
+            max_neighbours: 20,
+            phase_timeout_s: 120.0,
+        };
+    }
+    Ok(file)
 }
