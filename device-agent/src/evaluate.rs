@@ -5,8 +5,9 @@ use anyhow::bail;
 use fedpersona_model::data::split_ordered;
 use fedpersona_model::train::{evaluate, EvalReport};
 
-use crate::adapt::{resolve_seq_len, to_windows};
+use crate::adapt::to_windows;
 use crate::dataset::DataArgs;
+use crate::train::resolve_seq_len;
 use crate::ModelArgs;
 
 /// Which part of the data is scored.

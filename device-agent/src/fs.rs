@@ -1,12 +1,139 @@
-//! Files in the agent's state folder: private (mode 0600) and written atomically, so a crash
-//! leaves either the old contents or the new, never a torn file, and no other user can read
-//! them.
+//! The agent's state folder: [`StateDir`] names every file and folder in it, and the
+//! writes here are private (mode 0600) and atomic, so a crash leaves either the old contents
+//! or the new, never a torn file, and no other user can read them.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+
+/// The agent's state folder (`device.state_dir`, `local serve --state-dir`): the one place
+/// that knows what lives in it. Everything derived from the user's text is listed in
+/// [`StateDir::derived_from_text`], which `forget` erases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// The folder at `root` (nothing is created until [`StateDir::create`]).
+    pub fn new(root: impl Into<PathBuf>) -> StateDir {
+        StateDir { root: root.into() }
+    }
+
+    /// Creates the folder if it is missing.
+    pub fn create(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The encrypted interaction store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("interactions.sqlite")
+    }
+
+    /// The store's key (mode 0600). It holds no text: the empty store stays under it after
+    /// `forget`.
+    pub fn store_key(&self) -> PathBuf {
+        self.root.join("store.key")
+    }
+
+    /// The user's consent to federated participation.
+    pub fn consent(&self) -> PathBuf {
+        self.root.join("consent.json")
+    }
+
+    /// The personal adapter (PEFT layout) that `Generate` uses.
+    pub fn personal(&self) -> PathBuf {
+        self.root.join("personal")
+    }
+
+    /// What the last finished adaptation covered, inside an adapter folder.
+    pub fn adapted_state_in(adapter_dir: &Path) -> PathBuf {
+        adapter_dir.join("state.json")
+    }
+
+    /// Where a finished adaptation writes the new adapter before swapping it in.
+    pub fn personal_fresh(&self) -> PathBuf {
+        self.root.join("personal.new")
+    }
+
+    /// The checkpoint of an adaptation cut by its time budget (an adapter trained on the
+    /// text).
+    pub fn adaptation_progress(&self) -> PathBuf {
+        self.root.join("personal.progress")
+    }
+
+    /// Everything in the folder derived from the user's text besides the store: the
+    /// personal adapter, its fresh copy, the previous one mid-swap ([`replace_dir`]'s
+    /// `<dest>.old`) and the checkpoint of a cut adaptation.
+    pub fn derived_from_text(&self) -> [PathBuf; 4] {
+        let personal = self.personal();
+        [
+            aside(&personal),
+            personal,
+            self.personal_fresh(),
+            self.adaptation_progress(),
+        ]
+    }
+
+    /// The federation's latest global adapter (PEFT layout), written by `run` at each
+    /// download: where the personal adapter starts when there is none yet. Not derived from
+    /// this user's text alone (it is the aggregator's release).
+    pub fn global(&self) -> PathBuf {
+        self.root.join("global")
+    }
+
+    /// Where a downloaded global adapter is written before it replaces [`StateDir::global`].
+    pub fn global_fresh(&self) -> PathBuf {
+        self.root.join("global.new")
+    }
+
+    /// The device's Ed25519 key (mode 0600).
+    pub fn device_key(&self) -> PathBuf {
+        self.root.join("device.key")
+    }
+
+    /// The device id and the last round reported.
+    pub fn agent_state(&self) -> PathBuf {
+        self.root.join("agent.json")
+    }
+
+    /// What leaving the federation erases: the device's key and its enrolment.
+    pub fn federation_credentials(&self) -> [PathBuf; 2] {
+        [self.device_key(), self.agent_state()]
+    }
+
+    /// The local API's socket, unless given elsewhere.
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("local.sock")
+    }
+}
+
+/// Where [`replace_dir`] keeps the previous folder while the new one moves in.
+fn aside(dest: &Path) -> PathBuf {
+    dest.with_extension("old")
+}
+
+/// Removes a file or folder; returns whether there was one.
+pub fn remove(path: &Path) -> anyhow::Result<bool> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("erasing {}", path.display())),
+    }
+}
 
 /// Writes `bytes` to `path` with mode 0600: to a temporary file beside it, synced, then
 /// renamed over `path`, and the folder synced so the rename survives a power cut.
@@ -38,7 +165,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// the old folder moves to `<dest>.old` and is removed once `fresh` is in, so a reader finds
 /// the old folder or the new one, never half of one.
 pub fn replace_dir(fresh: &Path, dest: &Path) -> anyhow::Result<()> {
-    let old = dest.with_extension("old");
+    let old = aside(dest);
     let _ = std::fs::remove_dir_all(&old);
     if dest.exists() {
         std::fs::rename(dest, &old).with_context(|| format!("moving {} aside", dest.display()))?;
@@ -85,5 +212,34 @@ mod tests {
             .collect();
         assert_eq!(names, ["file1"]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn everything_derived_from_text_is_inside_the_folder_and_apart_from_what_stays() {
+        let dir = StateDir::new("/state");
+        let derived = dir.derived_from_text();
+        let stays = [dir.store(), dir.store_key(), dir.consent(), dir.global()];
+        for p in &derived {
+            assert_eq!(p.parent(), Some(dir.root()), "{}", p.display());
+            assert!(!stays.contains(p), "{}", p.display());
+        }
+        // The folder `replace_dir` swaps the personal adapter through is among them.
+        assert!(derived.contains(&aside(&dir.personal())));
+        let mut names: Vec<_> = derived.iter().collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), derived.len());
+    }
+
+    #[test]
+    fn remove_takes_files_and_folders_and_reports_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, folder) = (dir.path().join("f"), dir.path().join("d"));
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::create_dir_all(folder.join("inner")).unwrap();
+        assert!(remove(&file).unwrap());
+        assert!(remove(&folder).unwrap());
+        assert!(!remove(&folder).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -1,21 +1,20 @@
-//! The device agent: on-device LoRA training, evaluation and generation on a frozen base
-//! model, and federated participation (`run`). The profiling layer and the local API build on
-//! these.
+//! The device agent: the user profiling layer ([`user`]), the neural adaptation layer
+//! ([`adapt`]: personal LoRA on the frozen base model), the local API apps reach it by
+//! ([`local`]), and federated participation ([`federation`], `device-agent run`). Beside
+//! them, the commands that work on a model directly: [`train`], [`evaluate`], [`generate`]
+//! and [`bench`]. Arrows point one way: federation → local → adapt → user, all on [`fs`].
 
 pub mod adapt;
-pub mod adaptation;
-pub mod agent;
 pub mod bench;
-pub mod client;
-pub mod consent;
 pub mod dataset;
 pub mod evaluate;
+pub mod federation;
 pub mod fs;
 pub mod generate;
-pub mod interactions;
 pub mod local;
-pub mod profile;
 pub mod shutdown;
+pub mod train;
+pub mod user;
 
 use std::path::PathBuf;
 

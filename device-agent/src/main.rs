@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use device_agent::bench::{self, BenchCommand};
-use device_agent::{adapt, evaluate, generate};
+use device_agent::{evaluate, generate, train};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Train a LoRA adapter on the user's own text.
-    Train(adapt::TrainArgs),
+    Train(train::TrainArgs),
     /// Continue a prompt (prints only the continuation).
     Generate(generate::GenerateArgs),
     /// Loss, bits per byte and next-token accuracy on a data file.
@@ -49,7 +49,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
             fedpersona_model::runtime::set_kernel_threads(1);
-            let s = adapt::run(&args)?;
+            let s = train::run(&args)?;
             let fmt = |r: Option<fedpersona_model::train::EvalReport>| {
                 r.map_or("-".to_string(), |r| {
                     format!(
@@ -131,12 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(device_agent::agent::run_from_config(&config))?;
+                .block_on(device_agent::federation::run_from_config(&config))?;
             println!(
                 "reported in {} rounds ({} failed attempts)",
                 summary.rounds_reported, summary.tasks_failed
             );
-            if let Some(device_agent::client::Retired::PrivacyBudgetExhausted) = summary.retired {
+            if let Some(device_agent::federation::client::Retired::PrivacyBudgetExhausted) =
+                summary.retired
+            {
                 println!(
                     "stopped: the aggregator's privacy budget is spent, no round will open again"
                 );

@@ -57,14 +57,14 @@ pub struct AdaptiveRun {
 /// The user's support lines replayed as interactions, one a day up to `now_ms`: the agent
 /// (with `start`) suggests a continuation of each line's context, greedy, as long as the
 /// line; the line is what the user "wrote"; the feedback is
-/// [`simulated_feedback`](device_agent::adaptation::simulated_feedback) of the two.
+/// [`simulated_feedback`](crate::feedback::simulated_feedback) of the two.
 fn replay(
     base: &BaseModel,
     start: &LoraAdapter,
     support: &[fedpersona_model::train::Example],
     now_ms: i64,
-) -> anyhow::Result<Vec<device_agent::interactions::Stored>> {
-    use device_agent::interactions::{Interaction, Stored};
+) -> anyhow::Result<Vec<device_agent::user::store::Stored>> {
+    use device_agent::user::store::{Interaction, Stored};
     let mut out = Vec::with_capacity(support.len());
     for (i, ex) in support.iter().enumerate() {
         let mut prompt: Vec<u32> = base.bos().into_iter().collect();
@@ -82,7 +82,7 @@ fn replay(
             |_| true,
         )?;
         let suggestion = base.tokenizer.decode(&ids).unwrap_or_default();
-        let feedback = device_agent::adaptation::simulated_feedback(&suggestion, &ex.text);
+        let feedback = crate::feedback::simulated_feedback(&suggestion, &ex.text);
         out.push(Stored {
             id: i as i64 + 1,
             interaction: Interaction {
@@ -103,7 +103,7 @@ fn replay(
 const REPLAY_NOW_MS: i64 = 1_750_000_000_000;
 
 /// Profile-driven adaptation from `start` on the replayed support lines, scored on the query:
-/// the agent's own adaptation ([`device_agent::adaptation::adapt_on_interactions`]) with the settings the
+/// the agent's own adaptation ([`device_agent::adapt::adapt_on_interactions`]) with the settings the
 /// local API runs on a device, so the arm measures what users get.
 fn adaptive(
     base: &BaseModel,
@@ -112,8 +112,8 @@ fn adaptive(
     query: &[Window],
     fs: &FewShot,
 ) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
-    use device_agent::adaptation::{adapt_on_interactions, RunLimits, Settings};
-    use device_agent::interactions::Feedback;
+    use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
+    use device_agent::user::store::Feedback;
     let now_ms = REPLAY_NOW_MS;
     let fresh =
         || LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu);
@@ -349,7 +349,7 @@ mod tests {
     /// the local API uses, not the simulation's fine-tuning knobs.
     #[test]
     fn the_adaptive_arm_is_the_devices_adaptation() {
-        use device_agent::adaptation::{adapt_on_interactions, RunLimits, Settings};
+        use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
         use fedpersona_model::train::Example;
         let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../shared/model/tests/fixtures/hf-tiny-llama");

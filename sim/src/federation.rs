@@ -26,8 +26,8 @@ use tokio::sync::Semaphore;
 
 use crate::report::RoundRecord;
 use crate::settings::{FederationSpec, PrivacyMode, ResolvedPrivacy};
-use device_agent::agent::{Agent, AgentConfig, Report, Step};
-use device_agent::client::{Connection, Retry};
+use device_agent::federation::client::{Connection, Retry};
+use device_agent::federation::{Agent, AgentConfig, Report, Step};
 
 /// The runtime of the in-process aggregator and agents. Local training runs on blocking
 /// threads: as many as train at once (plus one for the aggregator's round close), so each
@@ -118,7 +118,7 @@ impl Federation {
         };
         let channel = {
             let _in_runtime = rt.enter();
-            device_agent::client::channel(&connection)?
+            device_agent::federation::client::channel(&connection)?
         };
         let on_enrolled = Arc::new(on_enrolled);
         let agents = rt.block_on(async {
@@ -128,7 +128,9 @@ impl Federation {
                 let config = AgentConfig {
                     connection: connection.clone(),
                     enrollment_token: token.clone(),
-                    state_dir: dir.join("agents").join(i.to_string()),
+                    state_dir: device_agent::fs::StateDir::new(
+                        dir.join("agents").join(i.to_string()),
+                    ),
                     model_dir: env.base_dir.clone(),
                     data: device_agent::dataset::DataArgs {
                         data: PathBuf::from("(simulated user)"),

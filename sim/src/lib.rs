@@ -7,6 +7,7 @@ pub mod args;
 pub mod corpus;
 pub mod evaluation;
 pub mod federation;
+pub mod feedback;
 pub mod methods;
 pub mod plot;
 pub mod pretrain;

@@ -3,7 +3,7 @@
 //! checkpoint.
 
 use candle_core::Device;
-use device_agent::adaptation::{adapt, Data, Plan, RunLimits};
+use device_agent::adapt::{adapt, Data, Plan, RunLimits};
 use fedpersona_model::train::Example;
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
 

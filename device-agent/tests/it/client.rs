@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::Device;
-use device_agent::agent::{Agent, AgentConfig, Step};
-use device_agent::client::Retired;
+use device_agent::federation::client::Retired;
+use device_agent::federation::{Agent, AgentConfig, Step};
 use fedpersona_model::train::Example;
 use fedpersona_model::BaseModel;
 use fedpersona_proto::refusal::{self, Reason};

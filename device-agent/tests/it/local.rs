@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
+use device_agent::fs::StateDir;
 use device_agent::local::{self, LocalState};
+use device_agent::user::consent::Consent;
 use fedpersona_model::BaseModel;
 use fedpersona_proto::local as pb;
 use tonic::Code;
@@ -51,22 +53,16 @@ fn the_local_api_works_end_to_end_over_its_unix_socket() {
         .build()
         .unwrap();
     let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
-    let local_state = LocalState::open(&state, base).unwrap();
+    let local_state = LocalState::open(StateDir::new(&state), base).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let socket = socket.clone();
-        rt.spawn(async move {
-            local::serve(local_state, local::Schedule::default(), &socket, async {
-                let _ = stopped.await;
-            })
-            .await
-        })
+    // Bound before it serves: the socket exists once `bind` returns.
+    let bound = {
+        let _rt = rt.enter();
+        local::bind(local_state, local::Schedule::default(), &socket).unwrap()
     };
-    rt.block_on(async {
-        while !socket.exists() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    });
+    let server = rt.spawn(bound.serve(async move {
+        let _ = stopped.await;
+    }));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
@@ -197,7 +193,7 @@ fn the_local_api_works_end_to_end_over_its_unix_socket() {
             .unwrap()
             .into_inner();
         assert!(!r.federated);
-        assert!(!device_agent::consent::Consent::allows_federation(&state));
+        assert!(!Consent::allows_federation(&StateDir::new(&state)));
     });
 
     // Encryption at rest: the canary is nowhere in the store's files.
@@ -272,7 +268,7 @@ fn the_personal_adapter_is_trained_when_due() {
         .build()
         .unwrap();
     let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
-    let state = Arc::new(LocalState::open(dir.path(), base).unwrap());
+    let state = Arc::new(LocalState::open(StateDir::new(dir.path()), base).unwrap());
     let schedule = local::Schedule {
         min_new: 12,
         idle_s: 0.0,
@@ -389,7 +385,7 @@ fn forget_leaves_nothing_derived_from_the_users_text() {
     let socket = dir.path().join("local.sock");
     let rt = runtime();
     let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
-    let state = Arc::new(LocalState::open(&state_dir, base).unwrap());
+    let state = Arc::new(LocalState::open(StateDir::new(&state_dir), base).unwrap());
     // The scheduler never fires during the test (check_s); adaptations are called directly.
     let schedule = local::Schedule {
         min_new: 12,
@@ -417,19 +413,14 @@ fn forget_leaves_nothing_derived_from_the_users_text() {
 
     let state = Arc::try_unwrap(state).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = {
-        let socket = socket.clone();
-        rt.spawn(async move {
-            local::serve(state, schedule, &socket, async {
-                let _ = stopped.await;
-            })
-            .await
-        })
+    let bound = {
+        let _rt = rt.enter();
+        local::bind(state, schedule, &socket).unwrap()
     };
+    let server = rt.spawn(bound.serve(async move {
+        let _ = stopped.await;
+    }));
     rt.block_on(async {
-        while !socket.exists() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
         let r = local::connect(&socket)
             .await
             .unwrap()
@@ -457,7 +448,7 @@ fn forget_stops_a_running_adaptation_and_nothing_is_published_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
-    let state = Arc::new(LocalState::open(dir.path(), base).unwrap());
+    let state = Arc::new(LocalState::open(StateDir::new(dir.path()), base).unwrap());
     let schedule = local::Schedule {
         min_new: 12,
         idle_s: 0.0,
@@ -527,9 +518,9 @@ fn the_first_adaptation_starts_from_the_global_adapter() {
     };
     LoraAdapter::new(base.model.config(), global.clone(), &Device::Cpu)
         .unwrap()
-        .save(&dir.path().join(local::GLOBAL_DIR))
+        .save(&StateDir::new(dir.path()).global())
         .unwrap();
-    let state = Arc::new(LocalState::open(dir.path(), base.clone()).unwrap());
+    let state = Arc::new(LocalState::open(StateDir::new(dir.path()), base.clone()).unwrap());
     let schedule = local::Schedule {
         min_new: 12,
         idle_s: 0.0,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// matches the loopback aggregator; the production example shows every key of the schema.
 #[test]
 fn deploy_example_agent_configs_load() {
-    use device_agent::agent::AgentConfig;
+    use device_agent::federation::AgentConfig;
     use std::time::Duration;
 
     const TOKEN: &str = "deploy-test-enrollment-token-0123";
@@ -54,7 +54,7 @@ fn deploy_example_agent_configs_load() {
                 assert!(cfg.connection.url.starts_with("https://"));
                 assert_eq!(cfg.connection.ca_pem.as_deref(), Some(ca.as_bytes()));
                 assert_eq!(cfg.enrollment_token, TOKEN);
-                assert_eq!(cfg.state_dir, Path::new("/var/lib/fedpersona-agent"));
+                assert_eq!(cfg.state_dir.root(), Path::new("/var/lib/fedpersona-agent"));
                 assert_eq!(cfg.data.data, base.join("data/me.jsonl"));
                 assert_eq!(cfg.data.user, None);
                 assert_eq!(cfg.data.load().unwrap().len(), 1);
@@ -63,7 +63,7 @@ fn deploy_example_agent_configs_load() {
             }
             "agent-loopback.toml" => {
                 assert_eq!(cfg.connection.ca_pem, None);
-                assert_eq!(cfg.state_dir, base.join("agent-state"));
+                assert_eq!(cfg.state_dir.root(), base.join("agent-state"));
                 assert_eq!(cfg.data.user.as_deref(), Some("hamlet/HAMLET"));
                 assert!(cfg.model_dir.join("config.json").is_file());
                 assert!(!cfg.data.load().unwrap().is_empty());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aggregator::config::Config;
 use candle_core::Device;
-use device_agent::agent::{Agent, AgentConfig};
+use device_agent::federation::{Agent, AgentConfig};
 use fedpersona_model::train::Example;
 use fedpersona_model::BaseModel;
 
@@ -243,8 +243,8 @@ seq_len = 32
 "#,
     );
     let agent_cfg = agent_config(dir.path(), port, "agent", "");
-    let state = dir.path().join("agent");
-    device_agent::consent::Consent::set(&state, false, 1).unwrap();
+    let state = device_agent::fs::StateDir::new(dir.path().join("agent"));
+    device_agent::user::consent::Consent::set(&state, false, 1).unwrap();
     let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
     let mut agent = rt
         .block_on(Agent::start(agent_cfg, base, examples(0)))
@@ -252,7 +252,10 @@ seq_len = 32
     let metrics = || handle.coordinator.metrics().render();
     for _ in 0..3 {
         let s = rt.block_on(agent.step()).unwrap();
-        assert!(matches!(s, device_agent::agent::Step::Wait(_)), "{s:?}");
+        assert!(
+            matches!(s, device_agent::federation::Step::Wait(_)),
+            "{s:?}"
+        );
     }
     assert!(
         !metrics().contains("fedpersona_checkins_total{"),
@@ -262,9 +265,12 @@ seq_len = 32
     assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 0);
 
     // Consent given: the next step takes part and reports.
-    device_agent::consent::Consent::set(&state, true, 2).unwrap();
+    device_agent::user::consent::Consent::set(&state, true, 2).unwrap();
     let s = rt.block_on(agent.step()).unwrap();
-    assert!(matches!(s, device_agent::agent::Step::Reported(_)), "{s:?}");
+    assert!(
+        matches!(s, device_agent::federation::Step::Reported(_)),
+        "{s:?}"
+    );
     assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 1);
     assert!(metrics().contains("fedpersona_checkins_total{"));
 }
@@ -319,9 +325,9 @@ phase_timeout_s = 30
                 let mut agent = Agent::start(cfg, base, examples(i)).await.unwrap();
                 loop {
                     match agent.step().await.unwrap() {
-                        device_agent::agent::Step::Reported(r) => return r,
-                        device_agent::agent::Step::Wait(d) => tokio::time::sleep(d).await,
-                        device_agent::agent::Step::Retired(why) => panic!("retired: {why:?}"),
+                        device_agent::federation::Step::Reported(r) => return r,
+                        device_agent::federation::Step::Wait(d) => tokio::time::sleep(d).await,
+                        device_agent::federation::Step::Retired(why) => panic!("retired: {why:?}"),
                     }
                 }
             }));
@@ -434,7 +440,7 @@ delta = {delta}
         assert_eq!(s.rounds_reported, 1, "{s:?}");
         assert_eq!(
             s.retired,
-            Some(device_agent::client::Retired::PrivacyBudgetExhausted),
+            Some(device_agent::federation::client::Retired::PrivacyBudgetExhausted),
             "{s:?}"
         );
     }

@@ -7,11 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use fedpersona_model::data::split_ordered;
-use fedpersona_model::train::{
-    evaluate, fit, tokenize, windows, EvalReport, Example, FitConfig, TrainConfig, Window,
-};
-use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig};
+use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 
+use crate::adapt::{parse_targets, to_windows};
 use crate::dataset::DataArgs;
 
 /// Flags of `device-agent train`.
@@ -67,38 +66,6 @@ pub struct TrainSummary {
     pub after: Option<EvalReport>,
     pub final_train_loss: f64,
     pub seconds: f64,
-}
-
-pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
-    let mut out = Vec::new();
-    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        match Target::parse(name) {
-            Some(t) => out.push(t),
-            None => bail!("unknown target {name:?}: use q, k, v, o, gate, up or down"),
-        }
-    }
-    out.sort();
-    out.dedup();
-    if out.is_empty() {
-        bail!("--targets names no projection");
-    }
-    Ok(out)
-}
-
-/// Tokenized windows of examples for a model.
-pub fn to_windows(
-    base: &BaseModel,
-    examples: &[Example],
-    seq_len: usize,
-) -> anyhow::Result<Vec<Window>> {
-    let mut out = Vec::new();
-    for ex in examples {
-        out.extend(windows(
-            &tokenize(&base.tokenizer, base.bos(), ex)?,
-            seq_len,
-        ));
-    }
-    Ok(out)
 }
 
 /// The window length: the flag, else 256 or the model's limit if smaller.

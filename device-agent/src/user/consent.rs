@@ -5,12 +5,10 @@
 //! `SetConsent` writes the file, and the agent reads it before every round and again before
 //! every upload, so a change takes effect without a restart.
 
-use std::path::Path;
-
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-const FILE: &str = "consent.json";
+use crate::fs::StateDir;
 
 /// The recorded choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +30,8 @@ impl Default for Consent {
 impl Consent {
     /// The consent recorded in `dir` (given, if nothing is recorded). A file that cannot be
     /// read or parsed is an error: the agent then does not take part.
-    pub fn load(dir: &Path) -> anyhow::Result<Consent> {
-        let path = dir.join(FILE);
+    pub fn load(dir: &StateDir) -> anyhow::Result<Consent> {
+        let path = dir.consent();
         match std::fs::read(&path) {
             Ok(b) => {
                 serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))
@@ -44,14 +42,14 @@ impl Consent {
     }
 
     /// Records the user's choice.
-    pub fn set(dir: &Path, federated: bool, now_ms: i64) -> anyhow::Result<Consent> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    pub fn set(dir: &StateDir, federated: bool, now_ms: i64) -> anyhow::Result<Consent> {
+        dir.create()?;
         let c = Consent {
             federated,
             changed_ms: now_ms,
         };
         crate::fs::write_private(
-            &dir.join(FILE),
+            &dir.consent(),
             &serde_json::to_vec_pretty(&c).expect("plain struct"),
         )?;
         Ok(c)
@@ -59,7 +57,7 @@ impl Consent {
 
     /// Whether the agent may take part now: only with consent recorded as given (or never
     /// recorded); an unreadable record counts as refusal.
-    pub fn allows_federation(dir: &Path) -> bool {
+    pub fn allows_federation(dir: &StateDir) -> bool {
         match Consent::load(dir) {
             Ok(c) => c.federated,
             Err(e) => {
@@ -76,29 +74,27 @@ mod tests {
 
     #[test]
     fn defaults_to_given_and_persists_a_refusal() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(Consent::allows_federation(dir.path()));
-        Consent::set(dir.path(), false, 42).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = &StateDir::new(tmp.path());
+        assert!(Consent::allows_federation(dir));
+        Consent::set(dir, false, 42).unwrap();
         assert_eq!(
-            Consent::load(dir.path()).unwrap(),
+            Consent::load(dir).unwrap(),
             Consent {
                 federated: false,
                 changed_ms: 42
             }
         );
-        assert!(!Consent::allows_federation(dir.path()));
+        assert!(!Consent::allows_federation(dir));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(FILE))
+        let mode = std::fs::metadata(dir.consent())
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
-        assert!(
-            !Consent::allows_federation(dir.path()),
-            "unreadable = refused"
-        );
-        Consent::set(dir.path(), true, 43).unwrap();
-        assert!(Consent::allows_federation(dir.path()));
+        std::fs::write(dir.consent(), b"{not json").unwrap();
+        assert!(!Consent::allows_federation(dir), "unreadable = refused");
+        Consent::set(dir, true, 43).unwrap();
+        assert!(Consent::allows_federation(dir));
     }
 }

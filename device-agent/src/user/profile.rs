@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use fedpersona_model::train::Example;
 use serde::Serialize;
 
-use crate::interactions::{Feedback, Stored};
+use crate::user::store::{Feedback, Stored};
 
 const DAY_MS: f64 = 86_400_000.0;
 
@@ -144,7 +144,7 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interactions::Interaction;
+    use crate::user::store::Interaction;
 
     fn item(id: i64, days_ago: f64, feedback: Feedback, app: &str, now: i64) -> Stored {
         Stored {
