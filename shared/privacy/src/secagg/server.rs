@@ -12,33 +12,7 @@ use super::messages::{
     Aggregate, Assignment, EncryptedShare, KeyAdvert, Reveal, RevealKind, Survivors,
 };
 use super::params::{Params, MAX_CLIENTS};
-
-/// Where a [`Server`] is in its round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// Collecting key adverts ([`Server::advertise`]).
-    Advertise,
-    /// Collecting encrypted shares ([`Server::submit_shares`]).
-    ShareKeys,
-    /// Collecting masked inputs ([`Server::submit_masked`]).
-    MaskedInput,
-    /// Collecting reveals ([`Server::submit_reveals`]), then [`Server::finish`].
-    Unmask,
-    /// Too few clients were left; the round is over without a result.
-    Aborted,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Advertise => "advertise",
-            Phase::ShareKeys => "share-keys",
-            Phase::MaskedInput => "masked-input",
-            Phase::Unmask => "unmask",
-            Phase::Aborted => "aborted",
-        })
-    }
-}
+use super::phase::Phase;
 
 /// The server's state for one round, generic over the caller's opaque,
 /// ordered participant key `P` (which fixes the index order).
