@@ -8,9 +8,10 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, CIPHERTEXT_LEN, PLAINTEXT_LEN, SHARE_LEN};
 use super::error::SecAggError;
-use super::messages::{Assignment, EncryptedShare, KeyAdvert, Reveal, RevealKind, Survivors};
+use super::messages::{Assignment, EncryptedShare, KeyAdvert, Reveal, Survivors};
 use super::params::Params;
 use super::phase::ClientPhase;
+use super::secret::RevealKind;
 
 /// One client's state for one round. Every method either succeeds and moves
 /// to the next phase, or fails and leaves the client as it was (nothing was

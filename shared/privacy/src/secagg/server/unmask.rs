@@ -9,8 +9,9 @@ use super::state::{State, Unmasking};
 use super::{check_index, Server};
 use crate::secagg::crypto::{self, CombineError, SHARE_LEN};
 use crate::secagg::error::SecAggError;
-use crate::secagg::messages::{Aggregate, Reveal, RevealKind};
+use crate::secagg::messages::{Aggregate, Reveal};
 use crate::secagg::phase::Phase;
+use crate::secagg::secret::RevealKind;
 
 impl<P: Ord + Clone> Server<P> {
     /// Phase 3: records client `from`'s reveals. `from` must be in U3 and
