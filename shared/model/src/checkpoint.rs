@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ConfigError, LlamaConfig};
-use crate::model::{Llama, ModelError};
+use crate::error::ModelError;
+use crate::model::Llama;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Errors from reading or writing checkpoint files.

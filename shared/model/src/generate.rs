@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
 use crate::lora::LoraAdapter;
-use crate::model::{KvCache, Llama, ModelError};
+use crate::model::{Adapter, KvCache, Llama, ModelError};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,7 +100,7 @@ pub fn generate(
 ) -> Result<Vec<u32>, ModelError> {
     // No autograd graph: the KV cache would otherwise keep every step's graph alive.
     let frozen = adapter.map(LoraAdapter::frozen);
-    let adapter = frozen.as_ref();
+    let adapter = frozen.as_ref().map(|a| a as &dyn Adapter);
     let max_pos = model.config().max_position_embeddings;
     // Keep the end of an over-long prompt, leaving room for at least one new token.
     let prompt = &prompt[prompt.len().saturating_sub(max_pos.saturating_sub(1))..];

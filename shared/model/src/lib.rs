@@ -3,9 +3,11 @@
 //! leave it as [`fedpersona_privacy::AdapterTensors`] ([`tensors`] converts). It does no
 //! network I/O.
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod lora;
@@ -18,6 +20,7 @@ pub mod train;
 
 pub use checkpoint::BaseModel;
 pub use config::LlamaConfig;
-pub use lora::{LoraAdapter, LoraConfig, Target};
-pub use model::{KvCache, Llama};
+pub use error::ModelError;
+pub use lora::{LoraAdapter, LoraConfig};
+pub use model::{Adapter, KvCache, Llama, Target};
 pub use tokenizer::Tokenizer;

@@ -8,32 +8,10 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, CIPHERTEXT_LEN, PLAINTEXT_LEN, SHARE_LEN};
 use super::error::SecAggError;
-use super::messages::{Assignment, EncryptedShare, KeyAdvert, Reveal, RevealKind, Survivors};
+use super::messages::{Assignment, EncryptedShare, KeyAdvert, Reveal, Survivors};
 use super::params::Params;
-
-/// Where a [`Client`] is in its round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClientPhase {
-    /// Keys made and advertised; waiting for the assignment.
-    ShareKeys,
-    /// Shares sent; waiting for the neighbours' shares to mask the input.
-    MaskedInput,
-    /// Masked input sent; waiting for the survivor lists.
-    Unmask,
-    /// Reveals sent; nothing is left to do.
-    Done,
-}
-
-impl fmt::Display for ClientPhase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ClientPhase::ShareKeys => "share-keys",
-            ClientPhase::MaskedInput => "masked-input",
-            ClientPhase::Unmask => "unmask",
-            ClientPhase::Done => "done",
-        })
-    }
-}
+use super::phase::ClientPhase;
+use super::secret::RevealKind;
 
 /// One client's state for one round. Every method either succeeds and moves
 /// to the next phase, or fails and leaves the client as it was (nothing was

@@ -2,9 +2,8 @@
 
 use thiserror::Error;
 
-use super::client::ClientPhase;
-use super::messages::RevealKind;
-use super::server::Phase;
+use super::phase::{ClientPhase, Phase};
+use super::secret::RevealKind;
 
 /// Everything that can go wrong in a round. Messages name the indices,
 /// phases and lengths involved; none contains secret material.

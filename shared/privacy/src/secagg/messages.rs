@@ -6,6 +6,7 @@ use std::fmt;
 use zeroize::Zeroize;
 
 use super::params::Params;
+use super::secret::RevealKind;
 
 /// Domain string for [`advert_signing_bytes`].
 const ADVERT_DOMAIN: &[u8] = b"fedpersona/secagg/v1/key-advert";
@@ -94,25 +95,6 @@ pub struct Survivors {
     /// Sorted indices that took part in the share phase (U2) but sent no
     /// masked input.
     pub dropped: Vec<u32>,
-}
-
-/// Which secret a revealed share belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RevealKind {
-    /// A share of `b_u`, revealed for a client that survived.
-    SelfMaskSeed,
-    /// A share of the mask secret key `s_sk`, revealed for a client that
-    /// dropped after the share phase.
-    MaskKey,
-}
-
-impl fmt::Display for RevealKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RevealKind::SelfMaskSeed => "self-mask seed",
-            RevealKind::MaskKey => "mask key",
-        })
-    }
 }
 
 /// A share revealed to the server in the unmask phase. The share is secret

@@ -121,20 +121,23 @@ mod crypto;
 mod error;
 mod messages;
 mod params;
+mod phase;
+mod secret;
 mod server;
 
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, ClientPhase};
+pub use client::Client;
 pub use crypto::expand_mask;
 pub use error::SecAggError;
 pub use messages::{
-    advert_signing_bytes, Aggregate, Assignment, EncryptedShare, KeyAdvert, Reveal, RevealKind,
-    Survivors,
+    advert_signing_bytes, Aggregate, Assignment, EncryptedShare, KeyAdvert, Reveal, Survivors,
 };
 pub use params::{
     check_headroom, from_signed, to_signed, Params, MAX_CLIENTS, MAX_NEIGHBOURS, MIN_CLIENTS,
     MIN_NEIGHBOURS,
 };
-pub use server::{Phase, Server};
+pub use phase::{ClientPhase, Phase};
+pub use secret::RevealKind;
+pub use server::Server;

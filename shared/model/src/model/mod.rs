@@ -3,8 +3,19 @@
 //!
 //! Every op on the training path has a backward: the fused kernels of `kernels` are used
 //! (candle's own fused `rms_norm`, `softmax_last_dim` and `rope` have none and would silently
-//! stop gradients). LoRA adapters are not part of the model: `forward` takes one, so many
-//! users share one copy of the frozen weights.
+//! stop gradients). LoRA adapters are not part of the model: `forward` takes any [`Adapter`]
+//! (the LoRA layer, `crate::lora`, sits above the plain model, as PEFT wraps a base model),
+//! so many users share one copy of the frozen weights.
+
+mod adapter;
+mod flat_weights;
+mod rope;
+mod target;
+
+pub use crate::error::ModelError;
+pub use adapter::Adapter;
+pub(crate) use flat_weights::{flat, FlatWeights};
+pub use target::Target;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -14,32 +25,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::config::LlamaConfig;
-use crate::kernels::{self, RopeTables};
-use crate::lora::{LoraAdapter, Target};
-use crate::lora_step::FlatWeights;
-
-/// Errors from building or running the model.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("missing tensor {0} in the checkpoint")]
-    MissingTensor(String),
-    #[error("tensor {name} has shape {actual:?}, expected {expected:?}")]
-    Shape {
-        name: String,
-        actual: Vec<usize>,
-        expected: Vec<usize>,
-    },
-    #[error("tensor {0} contains NaN or infinite values")]
-    NonFinite(String),
-    #[error("sequence of {needed} positions exceeds max_position_embeddings ({max})")]
-    TooLong { needed: usize, max: usize },
-    #[error("token id {id} is outside the vocabulary ({vocab})")]
-    TokenOutOfRange { id: u32, vocab: usize },
-    #[error("the adapter does not fit this model: {0}")]
-    AdapterMismatch(String),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
+use crate::kernels;
+use crate::kernels::RopeTables;
 
 pub type Result<T> = std::result::Result<T, ModelError>;
 
@@ -49,50 +36,6 @@ pub(crate) struct Block {
     pub input_norm: Tensor,
     pub post_attention_norm: Tensor,
     pub proj: [Tensor; Target::COUNT],
-}
-
-/// The rotary tables of a config, `[max_positions, head_dim]` in the HF `rotate_half` layout.
-fn rope_tables(cfg: &LlamaConfig) -> RopeTables {
-    let d = cfg.head_dim;
-    let mut inv_freq: Vec<f64> = (0..d / 2)
-        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64))
-        .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        let factor = s.factor.unwrap_or(1.0);
-        match s.rope_type.as_str() {
-            "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            "llama3" => {
-                let low = s.low_freq_factor.unwrap_or(1.0);
-                let high = s.high_freq_factor.unwrap_or(4.0);
-                let old = s.original_max_position_embeddings.unwrap_or(8192) as f64;
-                let (low_wl, high_wl) = (old / low, old / high);
-                for f in inv_freq.iter_mut() {
-                    let wl = 2.0 * std::f64::consts::PI / *f;
-                    if wl > low_wl {
-                        *f /= factor;
-                    } else if wl >= high_wl {
-                        let smooth = (old / wl - low) / (high - low);
-                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let n = cfg.max_position_embeddings;
-    let mut cos = Vec::with_capacity(n * d);
-    let mut sin = Vec::with_capacity(n * d);
-    for p in 0..n {
-        // HF layout: the table is cat(freqs, freqs).
-        for _ in 0..2 {
-            for f in &inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-    }
-    RopeTables::new(cos, sin, d)
 }
 
 /// Keys and values of past positions, per layer, for incremental decoding.
@@ -248,7 +191,7 @@ impl Llama {
         if let Some(extra) = tensors.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
             tracing::warn!(tensor = %extra, "ignoring unexpected tensor in checkpoint");
         }
-        let rope = rope_tables(&cfg);
+        let rope = rope::rope_tables(&cfg);
         Ok(Llama {
             cfg,
             embed,
@@ -347,14 +290,14 @@ impl Llama {
     }
 
     /// A copy with the adapter folded into the base weights: `W + scale · B·A`.
-    pub fn merged(&self, adapter: &LoraAdapter) -> Result<Self> {
+    pub fn merged(&self, adapter: &dyn Adapter) -> Result<Self> {
         adapter.check_fits(&self.cfg)?;
         let mut out = self.clone();
         out.flat = Arc::default();
         for (l, block) in out.blocks.iter_mut().enumerate() {
             for t in Target::ALL {
-                if let Some(pair) = adapter.pair(l, t) {
-                    let delta = (pair.b.matmul(&pair.a)? * adapter.scale())?;
+                if let Some((a, b)) = adapter.factors(l, t) {
+                    let delta = (b.matmul(a)? * adapter.scale())?;
                     block.proj[t as usize] = (&block.proj[t as usize] + delta)?.detach();
                 }
             }
@@ -367,16 +310,15 @@ impl Llama {
         layer: usize,
         target: Target,
         x: &Tensor,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn Adapter>,
     ) -> Result<Tensor> {
         let w = &self.blocks[layer].proj[target as usize];
-        match adapter.and_then(|a| a.pair(layer, target).map(|p| (a.scale(), p))) {
-            Some((scale, pair)) => {
+        match adapter.and_then(|a| a.factors(layer, target).map(|f| (a.scale(), f))) {
+            Some((scale, (a, b))) => {
                 let dims = x.dims().to_vec();
                 let inner = *dims.last().expect("rank >= 1");
                 let rows: usize = dims[..dims.len() - 1].iter().product();
-                let y =
-                    kernels::lora_linear(&x.reshape((rows, inner))?, w, &pair.a, &pair.b, scale)?;
+                let y = kernels::lora_linear(&x.reshape((rows, inner))?, w, a, b, scale)?;
                 let mut out_dims = dims;
                 *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
                 Ok(y.reshape(out_dims)?)
@@ -385,11 +327,11 @@ impl Llama {
         }
     }
 
-    fn mlp(&self, l: usize, h: &Tensor, adapter: Option<&LoraAdapter>) -> Result<Tensor> {
+    fn mlp(&self, l: usize, h: &Tensor, adapter: Option<&dyn Adapter>) -> Result<Tensor> {
         let adapted = adapter.is_some_and(|a| {
             [Target::Gate, Target::Up, Target::Down]
                 .iter()
-                .any(|&t| a.pair(l, t).is_some())
+                .any(|&t| a.factors(l, t).is_some())
         });
         if adapted {
             let gate = self.proj(l, Target::Gate, h, adapter)?;
@@ -425,7 +367,7 @@ impl Llama {
     pub fn forward(
         &self,
         tokens: &Tensor,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn Adapter>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let hidden = self.hidden_states(tokens, adapter, cache)?;
@@ -436,7 +378,7 @@ impl Llama {
     fn hidden_states(
         &self,
         tokens: &Tensor,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn Adapter>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         if let Some(a) = adapter {
@@ -483,7 +425,7 @@ impl Llama {
         l: usize,
         x: &Tensor,
         start: usize,
-        adapter: Option<&LoraAdapter>,
+        adapter: Option<&dyn Adapter>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let b = x.dim(0)?;

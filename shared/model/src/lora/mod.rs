@@ -1,95 +1,20 @@
-//! LoRA adapters: rank/alpha/targets, FFA-LoRA, and the PEFT on-disk layout
-//! (`adapter_config.json` + `adapter_model.safetensors` with PEFT tensor names).
+//! LoRA adapters: rank/alpha/targets, FFA-LoRA, and the [`Adapter`] the plain model's forward
+//! pass takes. The PEFT on-disk layout (`adapter_config.json` + `adapter_model.safetensors`
+//! with PEFT tensor names) is in `peft`.
+
+mod peft;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, CheckpointError};
+use crate::checkpoint::CheckpointError;
 use crate::config::LlamaConfig;
-use crate::model::ModelError;
+use crate::error::ModelError;
+use crate::model::Adapter;
+pub use crate::model::Target;
 use fedpersona_privacy::AdapterTensors;
-
-/// A projection LoRA can adapt. The discriminant indexes per-layer arrays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Target {
-    #[serde(rename = "q_proj")]
-    Q,
-    #[serde(rename = "k_proj")]
-    K,
-    #[serde(rename = "v_proj")]
-    V,
-    #[serde(rename = "o_proj")]
-    O,
-    #[serde(rename = "gate_proj")]
-    Gate,
-    #[serde(rename = "up_proj")]
-    Up,
-    #[serde(rename = "down_proj")]
-    Down,
-}
-
-impl Target {
-    pub const COUNT: usize = 7;
-    pub const ALL: [Target; Target::COUNT] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-    ];
-
-    /// The PEFT / HF module name (`q_proj`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Q => "q_proj",
-            Target::K => "k_proj",
-            Target::V => "v_proj",
-            Target::O => "o_proj",
-            Target::Gate => "gate_proj",
-            Target::Up => "up_proj",
-            Target::Down => "down_proj",
-        }
-    }
-
-    /// The module path inside a decoder layer (`self_attn.q_proj`, `mlp.up_proj`, ...).
-    pub fn hf_module(self) -> &'static str {
-        match self {
-            Target::Q => "self_attn.q_proj",
-            Target::K => "self_attn.k_proj",
-            Target::V => "self_attn.v_proj",
-            Target::O => "self_attn.o_proj",
-            Target::Gate => "mlp.gate_proj",
-            Target::Up => "mlp.up_proj",
-            Target::Down => "mlp.down_proj",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Target> {
-        Target::ALL
-            .into_iter()
-            .find(|t| t.name() == s || t.name().trim_end_matches("_proj") == s)
-    }
-
-    /// `(out_features, in_features)` of the projection's weight.
-    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
-        let h = cfg.hidden_size;
-        let q = cfg.num_attention_heads * cfg.head_dim;
-        let kv = cfg.num_key_value_heads * cfg.head_dim;
-        match self {
-            Target::Q => (q, h),
-            Target::K | Target::V => (kv, h),
-            Target::O => (h, q),
-            Target::Gate | Target::Up => (cfg.intermediate_size, h),
-            Target::Down => (h, cfg.intermediate_size),
-        }
-    }
-}
 
 /// Adapter hyperparameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -348,33 +273,6 @@ impl LoraAdapter {
         &self.vars
     }
 
-    pub(crate) fn check_fits(&self, model: &LlamaConfig) -> Result<(), ModelError> {
-        if self.num_layers != model.num_hidden_layers {
-            return Err(ModelError::AdapterMismatch(format!(
-                "adapter has {} layers, model {}",
-                self.num_layers, model.num_hidden_layers
-            )));
-        }
-        for (l, slot) in self.slots.iter().enumerate() {
-            for t in Target::ALL {
-                if let Some(p) = &slot[t as usize] {
-                    let (out, inp) = t.shape(model);
-                    if p.a.dims() != [self.config.rank, inp]
-                        || p.b.dims() != [out, self.config.rank]
-                    {
-                        return Err(ModelError::AdapterMismatch(format!(
-                            "layer {l} {} has A {:?} and B {:?}",
-                            t.name(),
-                            p.a.dims(),
-                            p.b.dims()
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// All adapter tensors as flat f32 arrays under their PEFT names.
     pub fn to_tensors(&self) -> Result<AdapterTensors, LoraError> {
         let mut out = AdapterTensors::default();
@@ -452,133 +350,41 @@ impl LoraAdapter {
         }
         Ok(())
     }
+}
 
-    /// Saves in the PEFT layout (atomic writes).
-    pub fn save(&self, dir: &Path) -> Result<(), LoraError> {
-        std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
-        let cfg = PeftConfig::from_config(&self.config);
-        let json = serde_json::to_vec_pretty(&cfg).expect("plain struct serializes");
-        checkpoint::write_atomic(&dir.join("adapter_config.json"), &json)?;
-        checkpoint::save_safetensors(
-            &dir.join("adapter_model.safetensors"),
-            &crate::tensors::into_named(self.to_tensors()?),
-        )?;
+impl Adapter for LoraAdapter {
+    fn check_fits(&self, model: &LlamaConfig) -> Result<(), ModelError> {
+        if self.num_layers != model.num_hidden_layers {
+            return Err(ModelError::AdapterMismatch(format!(
+                "adapter has {} layers, model {}",
+                self.num_layers, model.num_hidden_layers
+            )));
+        }
+        for (l, slot) in self.slots.iter().enumerate() {
+            for t in Target::ALL {
+                if let Some(p) = &slot[t as usize] {
+                    let (out, inp) = t.shape(model);
+                    if p.a.dims() != [self.config.rank, inp]
+                        || p.b.dims() != [out, self.config.rank]
+                    {
+                        return Err(ModelError::AdapterMismatch(format!(
+                            "layer {l} {} has A {:?} and B {:?}",
+                            t.name(),
+                            p.a.dims(),
+                            p.b.dims()
+                        )));
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Loads an adapter in the PEFT layout for the given model config.
-    pub fn load(dir: &Path, model: &LlamaConfig, device: &Device) -> Result<Self, LoraError> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| CheckpointError::io(&cfg_path, e))?;
-        let bad = |message: String| LoraError::BadAdapterConfig {
-            path: cfg_path.display().to_string(),
-            message,
-        };
-        let peft: PeftConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let config = peft.to_config().map_err(bad)?;
-        let tensors = checkpoint::load_safetensors(&dir.join("adapter_model.safetensors"))?;
-        let tensors = crate::tensors::from_named(tensors).map_err(|e| bad(e.to_string()))?;
-        Self::from_tensors(model, config, &tensors, device)
-    }
-}
-
-/// `adapter_config.json` as PEFT writes and reads it (the LoRA fields we use).
-#[derive(Debug, Serialize, Deserialize)]
-struct PeftConfig {
-    peft_type: String,
-    #[serde(default)]
-    task_type: Option<String>,
-    r: usize,
-    lora_alpha: f64,
-    target_modules: serde_json::Value,
-    #[serde(default)]
-    lora_dropout: f64,
-    #[serde(default = "none_bias")]
-    bias: String,
-    #[serde(default)]
-    fan_in_fan_out: bool,
-    #[serde(default)]
-    use_rslora: bool,
-    #[serde(default)]
-    use_dora: bool,
-    #[serde(default)]
-    layers_to_transform: Option<serde_json::Value>,
-    #[serde(default)]
-    modules_to_save: Option<serde_json::Value>,
-    #[serde(default)]
-    inference_mode: bool,
-    #[serde(default)]
-    base_model_name_or_path: Option<String>,
-}
-
-fn none_bias() -> String {
-    "none".to_string()
-}
-
-impl PeftConfig {
-    fn from_config(c: &LoraConfig) -> Self {
-        let mut names: Vec<&str> = c.targets.iter().map(|t| t.name()).collect();
-        names.sort_unstable();
-        PeftConfig {
-            peft_type: "LORA".into(),
-            task_type: Some("CAUSAL_LM".into()),
-            r: c.rank,
-            lora_alpha: c.alpha,
-            target_modules: names.into(),
-            lora_dropout: 0.0,
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            use_rslora: false,
-            use_dora: false,
-            layers_to_transform: None,
-            modules_to_save: None,
-            inference_mode: true,
-            base_model_name_or_path: None,
-        }
+    fn factors(&self, layer: usize, target: Target) -> Option<(&Tensor, &Tensor)> {
+        self.pair(layer, target).map(|p| (&p.a, &p.b))
     }
 
-    fn to_config(&self) -> Result<LoraConfig, String> {
-        if self.peft_type != "LORA" {
-            return Err(format!("peft_type {:?} is not LORA", self.peft_type));
-        }
-        if self.bias != "none" || self.fan_in_fan_out || self.use_rslora || self.use_dora {
-            return Err("bias, fan_in_fan_out, rslora and DoRA are not supported".into());
-        }
-        if self
-            .layers_to_transform
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-            || self.modules_to_save.as_ref().is_some_and(|v| !v.is_null())
-        {
-            return Err("layers_to_transform and modules_to_save are not supported".into());
-        }
-        let names: Vec<String> = match &self.target_modules {
-            serde_json::Value::Array(a) => a
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or("target_modules must be strings")
-                })
-                .collect::<Result<_, _>>()?,
-            serde_json::Value::String(s) => vec![s.clone()],
-            _ => return Err("target_modules must be a list of module names".into()),
-        };
-        let mut targets = names
-            .iter()
-            .map(|n| Target::parse(n).ok_or_else(|| format!("unsupported target module {n:?}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        targets.sort();
-        targets.dedup();
-        let config = LoraConfig {
-            rank: self.r,
-            alpha: self.lora_alpha,
-            targets,
-            freeze_a: false,
-            seed: 0,
-        };
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
+    fn scale(&self) -> f64 {
+        self.config.scale()
     }
 }
