@@ -370,6 +370,11 @@ impl Pmf {
         if size > MAX_GRID_POINTS as f64 {
             return Err(too_large(size));
         }
+        // The window's start must be an exact integer, and the losses on i64.
+        let offset = (self.offset as f64).mul_add(times as f64, lo);
+        if lo > 2f64.powi(52) || offset.abs() > 2f64.powi(52) {
+            return Err(too_large(lo));
+        }
         let (lo, window) = (lo as u64, window as usize);
         let size = fast_len(size as usize);
         let mut spectrum = fft.forward(&self.probs, size);
@@ -383,13 +388,8 @@ impl Pmf {
         let probs = (0..window)
             .map(|j| out[(start + j) % size].max(0.0))
             .collect();
-        let offset = self
-            .offset
-            .checked_mul(times as i64)
-            .and_then(|o| o.checked_add(lo as i64))
-            .ok_or_else(|| too_large(f64::INFINITY))?;
         Ok(Pmf {
-            offset,
+            offset: self.offset * times as i64 + lo as i64,
             probs,
             infinity: (infinity + TAIL_MASS_TRUNCATION).min(1.0),
         }
@@ -739,8 +739,10 @@ pub fn noise_multiplier_for(
     const MAX_Z: f64 = 1e4;
     let fits =
         |z: f64| -> Result<bool, AccountantError> { Ok(epsilon(z, q, rounds, delta)? <= target) };
-    let mut hi =
-        super::rdp::noise_multiplier_for(target, q, rounds, delta)?.max(MIN_NOISE_MULTIPLIER);
+    let mut hi = match super::rdp::noise_multiplier_for(target, q, rounds, delta) {
+        Err(AccountantError::Unreachable(_)) => MAX_Z,
+        z => z?.max(MIN_NOISE_MULTIPLIER),
+    };
     while !fits(hi)? {
         hi *= 2.0;
         if hi > MAX_Z {
@@ -932,6 +934,11 @@ mod tests {
         assert!(epsilon(z, q, t, d).unwrap() <= 1.0);
         assert!(epsilon(z - 2e-4, q, t, d).unwrap() > 1.0);
         assert!(noise_multiplier_for(0.0, q, t, d).is_err());
+        // No noise reaches a target that even 10^4 misses (RDP gives up first).
+        assert!(matches!(
+            noise_multiplier_for(1e-9, 0.5, 1000, d),
+            Err(AccountantError::Unreachable(_))
+        ));
         // Zero rounds cost nothing: the smallest noise this accountant evaluates.
         assert_eq!(
             noise_multiplier_for(1.0, q, 0, d).unwrap(),
