@@ -111,6 +111,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
                 serde_json::json!({"mode": config.privacy.mode.name()}),
                 |p| serde_json::json!({
                     "mode": config.privacy.mode.name(),
+                    "accountant": p.accountant.name(),
                     "epsilon_spent": p.epsilon,
                     "epsilon_budget": p.budget,
                     "epsilon_remaining": fedpersona_privacy::mode::epsilon_remaining(p.budget, p.epsilon),
@@ -147,8 +148,9 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<String> {
     ));
     match privacy {
         Some(p) => out.push_str(&format!(
-            "\nprivacy ({}): epsilon {:.4} spent of {} at delta {} ({:.4} remaining) over {} rounds charged",
+            "\nprivacy ({}, {} accountant): epsilon {:.4} spent of {} at delta {} ({:.4} remaining) over {} rounds charged",
             config.privacy.mode.name(),
+            p.accountant,
             p.epsilon,
             p.budget,
             p.delta,
@@ -168,7 +170,7 @@ fn privacy_status(
     let Some(budget) = config.privacy.budget else {
         return Ok(None);
     };
-    let accountant = crate::round::ledger_accountant(store)?;
+    let accountant = crate::round::ledger_accountant(store, config.privacy.accountant)?;
     Ok(Some(crate::round::PrivacySpent::of(&accountant, budget)?))
 }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use aggregator::config::PrivacyMode;
+use fedpersona_privacy::accountant::Method;
 
 /// Flags of `fedpersona-sim simulate`. Unset values come from the preset (default or
 /// `--quick`); `report.json` records the resolved settings.
@@ -90,6 +91,10 @@ pub struct SimulateArgs {
     /// δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = 1e-5)]
     pub delta: f64,
+    /// The accountant that solves z for `--epsilon` and charges the aggregators' rounds:
+    /// "rdp" (the default) or "pld" (tighter: less noise for the same ε).
+    #[arg(long, default_value_t = Method::Rdp)]
+    pub accountant: Method,
     /// Secure aggregation (SecAgg+) of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,

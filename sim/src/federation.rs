@@ -414,6 +414,7 @@ fn aggregator_config(
             population: users as u64,
             epsilon_budget: p.epsilon_budget,
             delta: spec.privacy.delta,
+            accountant: spec.privacy.accountant,
         };
     }
     if spec.privacy.secure_aggregation {

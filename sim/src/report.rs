@@ -75,6 +75,8 @@ pub struct PrivacyReport {
     /// deployment runs one.
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
+    /// The accountant that bounds ε (`rdp` or `pld`), for private runs.
+    pub accountant: Option<String>,
     pub noise_multiplier: Option<f64>,
     /// The accountant's sampling rate: devices assigned per round over the population.
     pub sampling_rate: Option<f64>,
@@ -102,6 +104,7 @@ impl PrivacyReport {
             mode: plan.mode.name().into(),
             epsilon,
             delta: private.then_some(plan.delta),
+            accountant: private.then(|| plan.accountant.name().to_string()),
             noise_multiplier: resolved.map(|r| r.noise_multiplier),
             sampling_rate: resolved.map(|r| r.sampling_rate),
             secure_aggregation: plan.secure_aggregation,

@@ -10,6 +10,7 @@ use crate::args::SimulateArgs;
 use crate::corpus::{self, SplitConfig};
 use anyhow::{bail, ensure, Context};
 use fedpersona_model::{checkpoint, LoraConfig};
+use fedpersona_privacy::accountant::Method;
 use fedpersona_privacy::mode;
 use serde::Serialize;
 
@@ -128,6 +129,7 @@ impl Settings {
                 noise_multiplier: a.noise_multiplier,
                 delta: a.delta,
                 secure_aggregation: a.secure_aggregation,
+                accountant: a.accountant,
             },
         };
         ensure!(s.rounds >= 1, "--rounds must be at least 1");
@@ -362,6 +364,8 @@ pub struct PrivacyPlan {
     pub noise_multiplier: Option<f64>,
     pub delta: f64,
     pub secure_aggregation: bool,
+    /// What solves z and charges the rounds (`[privacy] accountant`).
+    pub accountant: Method,
 }
 
 /// What the aggregator is configured with, resolved for the population.
@@ -394,7 +398,6 @@ impl PrivacyPlan {
         spec: &FederationSpec,
         users: usize,
     ) -> anyhow::Result<Option<ResolvedPrivacy>> {
-        use fedpersona_privacy::accountant;
         if self.mode == PrivacyMode::None {
             return Ok(None);
         }
@@ -403,10 +406,13 @@ impl PrivacyPlan {
         let q = mode::sampling_rate(assigned, users as u64);
         let z = match (self.noise_multiplier, self.epsilon) {
             (Some(z), _) => z,
-            (None, Some(e)) => accountant::noise_multiplier_for(e, q, spec.rounds, self.delta)?,
+            (None, Some(e)) => {
+                self.accountant
+                    .noise_multiplier_for(e, q, spec.rounds, self.delta)?
+            }
             (None, None) => bail!("a private simulation needs --epsilon or --noise-multiplier"),
         };
-        let planned = accountant::epsilon(z, q, spec.rounds, self.delta)?;
+        let planned = self.accountant.epsilon(z, q, spec.rounds, self.delta)?;
         Ok(Some(ResolvedPrivacy {
             noise_multiplier: z,
             sampling_rate: q,
@@ -504,11 +510,32 @@ mod tests {
         let r = spec.privacy.resolve(&spec, 194).unwrap().unwrap();
         // Ten devices of 194 per round, no over-selection without dropouts.
         assert!((r.sampling_rate - 10.0 / 194.0).abs() < 1e-12);
-        let spent =
-            fedpersona_privacy::accountant::epsilon(r.noise_multiplier, r.sampling_rate, 30, 1e-5)
-                .unwrap();
+        let spent = Method::Rdp
+            .epsilon(r.noise_multiplier, r.sampling_rate, 30, 1e-5)
+            .unwrap();
         assert!((spent - 8.0).abs() < 0.05, "z solved for ε = 8: {spent}");
         let none = s.federation(FederationKind::FedavgNonprivate);
         assert_eq!(none.privacy.resolve(&none, 194).unwrap(), None);
+
+        // The PLD accountant: dp_accounting's PLD noise for this plan is 0.59069, RDP's 0.63675.
+        let flags = [
+            "--privacy",
+            "central",
+            "--epsilon",
+            "8",
+            "--accountant",
+            "pld",
+        ];
+        let s = resolve(&flags).unwrap();
+        let spec = s.federation(FederationKind::Fedavg);
+        assert_eq!(spec.privacy.accountant, Method::Pld);
+        let p = spec.privacy.resolve(&spec, 194).unwrap().unwrap();
+        assert!(
+            (p.noise_multiplier - 0.59069).abs() < 2e-4,
+            "{}",
+            p.noise_multiplier
+        );
+        assert!(p.noise_multiplier < r.noise_multiplier);
+        assert!(p.epsilon_budget <= 8.0 * (1.0 + 1e-9));
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use fedpersona_model::lora::LoraConfig;
+use fedpersona_privacy::accountant::Method;
 use serde::{Deserialize, Serialize};
 
 /// The whole file: `[server]`, `[tls]`, `[enrollment]`, `[model]` and `[rounds]` are required,
@@ -298,7 +299,7 @@ impl Default for MetaFile {
     }
 }
 
-/// `[privacy]`: differential privacy mode, noise, population and budget.
+/// `[privacy]`: differential privacy mode, noise, population, budget and accountant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyFile {
@@ -308,6 +309,8 @@ pub struct PrivacyFile {
     pub population: u64,
     pub epsilon_budget: f64,
     pub delta: f64,
+    /// What bounds ε: `"rdp"` (the default) or `"pld"` (tighter).
+    pub accountant: Method,
 }
 
 impl Default for PrivacyFile {
@@ -318,6 +321,7 @@ impl Default for PrivacyFile {
             population: 0,
             epsilon_budget: 0.0,
             delta: 0.0,
+            accountant: Method::default(),
         }
     }
 }

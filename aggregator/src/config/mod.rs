@@ -304,6 +304,7 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 mod tests {
     use super::file::{ConfigFile, EnrollmentFile, ModelFile, RoundsFile, ServerFile, TlsFile};
     use super::*;
+    use fedpersona_privacy::accountant::Method;
 
     const TOKEN: &str = "test-enrollment-token-0123456789";
 
@@ -329,6 +330,7 @@ mod tests {
         f.privacy.population = 1000;
         f.privacy.epsilon_budget = 10.0;
         f.privacy.delta = 1e-5;
+        f.privacy.accountant = Method::Pld;
         f
     }
 
@@ -370,6 +372,7 @@ noise_multiplier = 1.0
 population = 1000
 epsilon_budget = 10.0
 delta = 1e-5
+accountant = "pld"
 "#,
             model_dir().display().to_string()
         );
@@ -384,6 +387,7 @@ delta = 1e-5
         assert_eq!(loaded.rounds.max_rounds, Some(3));
         assert_eq!(loaded.privacy.mode, PrivacyMode::Central);
         assert_eq!(loaded.privacy.sampling_rate, 6.0 / 1000.0);
+        assert_eq!(loaded.privacy.accountant, Method::Pld);
         assert_eq!(
             loaded.privacy.budget,
             Some(Budget {

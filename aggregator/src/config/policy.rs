@@ -4,6 +4,7 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use fedpersona_privacy::accountant::Method;
 use fedpersona_privacy::codec::Encoding;
 
 /// Where differential-privacy noise is added (see `shared::privacy`).
@@ -50,6 +51,8 @@ pub struct PrivacyPolicy {
     pub sampling_rate: f64,
     /// None only when `mode` is none.
     pub budget: Option<Budget>,
+    /// The accountant that charges rounds against the budget (RDP unless the file says PLD).
+    pub accountant: Method,
 }
 
 /// Secure aggregation (SecAgg+) of a round's updates.

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, ensure};
+use anyhow::{bail, ensure, Context};
+use fedpersona_privacy::accountant::{pld, Method};
 use fedpersona_privacy::mode;
 
 use super::file::ConfigFile;
@@ -31,17 +32,30 @@ pub(super) fn privacy_policy(
             p.noise_multiplier == 0.0 && p.epsilon_budget == 0.0,
             "privacy.noise_multiplier and privacy.epsilon_budget need a privacy.mode other than none"
         );
+        ensure!(
+            p.accountant == Method::default(),
+            "privacy.accountant = {:?} needs a privacy.mode other than none",
+            p.accountant.name()
+        );
         PrivacyPolicy {
             mode,
             noise_multiplier: 0.0,
             sampling_rate: 0.0,
             budget: None,
+            accountant: p.accountant,
         }
     } else {
         ensure!(
             p.noise_multiplier.is_finite() && p.noise_multiplier > 0.0 && p.noise_multiplier <= 1e3,
             "privacy.noise_multiplier must be in (0, 1000] with privacy.mode {:?}",
             p.mode
+        );
+        ensure!(
+            p.accountant != Method::Pld || p.noise_multiplier >= pld::MIN_NOISE_MULTIPLIER,
+            "privacy.noise_multiplier ({}) must be at least {} with privacy.accountant \"pld\" \
+             (below it use \"rdp\")",
+            p.noise_multiplier,
+            pld::MIN_NOISE_MULTIPLIER
         );
         ensure!(
             p.population >= u64::from(assigned),
@@ -71,16 +85,25 @@ pub(super) fn privacy_policy(
                 epsilon: p.epsilon_budget,
                 delta: p.delta,
             }),
+            accountant: p.accountant,
         };
-        let one = fedpersona_privacy::accountant::epsilon(
-            policy.noise_multiplier,
-            policy.sampling_rate,
-            1,
-            p.delta,
-        )?;
+        let one = policy
+            .accountant
+            .epsilon(policy.noise_multiplier, policy.sampling_rate, 1, p.delta)
+            .with_context(|| {
+                format!(
+                    "privacy.accountant {:?} cannot account one round of privacy.noise_multiplier \
+                     {} at sampling rate {}",
+                    policy.accountant.name(),
+                    policy.noise_multiplier,
+                    policy.sampling_rate
+                )
+            })?;
         ensure!(
             one <= p.epsilon_budget,
-            "privacy: a single round already costs epsilon {one:.3}, above privacy.epsilon_budget {}",
+            "privacy: a single round already costs epsilon {one:.3} ({} accountant), above \
+             privacy.epsilon_budget {}: the budget cannot pay for any round",
+            policy.accountant.name(),
             p.epsilon_budget
         );
         policy

@@ -1,7 +1,7 @@
 //! The privacy budget: the journal's ledger composed into the accountant, and a round opened
 //! only if the budget can pay for it, charged in the same journal transaction.
 
-use fedpersona_privacy::accountant::Accountant;
+use fedpersona_privacy::accountant::{Accountant, AccountantError, Method};
 
 use super::Coordinator;
 use crate::auth::now_ms;
@@ -15,25 +15,30 @@ pub struct PrivacySpent {
     pub delta: f64,
     pub budget: f64,
     pub rounds_charged: u64,
+    /// The accountant that bounds `epsilon`.
+    pub accountant: Method,
 }
 
 impl PrivacySpent {
     pub fn of(
         accountant: &Accountant,
         budget: crate::config::Budget,
-    ) -> Result<Self, fedpersona_privacy::accountant::AccountantError> {
+    ) -> Result<Self, AccountantError> {
         Ok(PrivacySpent {
-            epsilon: accountant.epsilon(budget.delta)?.0,
+            epsilon: accountant.epsilon(budget.delta)?,
             delta: budget.delta,
             budget: budget.epsilon,
             rounds_charged: accountant.rounds(),
+            accountant: accountant.method(),
         })
     }
 }
 
-/// The journal's privacy ledger, composed.
-pub fn ledger_accountant(store: &Store) -> anyhow::Result<Accountant> {
-    let mut accountant = Accountant::default();
+/// The journal's privacy ledger, composed under `method`. The ledger keeps each round's
+/// (q, z), not an ε: a restart with another accountant re-reads the whole history with that
+/// one, and either is an upper bound on the same mechanism's ε.
+pub fn ledger_accountant(store: &Store, method: Method) -> anyhow::Result<Accountant> {
+    let mut accountant = Accountant::new(method);
     for c in store.ledger()? {
         accountant.compose(c.sampling_rate, c.noise_multiplier, 1)?;
     }
@@ -64,12 +69,14 @@ pub(super) fn open_round(
     };
     let mut next = accountant.clone();
     next.compose(p.sampling_rate, p.noise_multiplier, 1)?;
-    let (after, _) = next.epsilon(budget.delta)?;
+    let after = next.epsilon(budget.delta)?;
     if after > budget.epsilon {
-        let (spent, _) = accountant.epsilon(budget.delta)?;
+        let spent = accountant.epsilon(budget.delta)?;
         return Ok(Err(format!(
-            "privacy budget exhausted: epsilon {spent:.4} spent of {} at delta {}; round {id} would bring it to {after:.4}",
-            budget.epsilon, budget.delta
+            "privacy budget exhausted: epsilon {spent:.4} spent of {} at delta {} ({} accountant); round {id} would bring it to {after:.4}",
+            budget.epsilon,
+            budget.delta,
+            accountant.method()
         )));
     }
     let charge = Charge {
@@ -83,7 +90,7 @@ pub(super) fn open_round(
 
 #[cfg(test)]
 mod tests {
-    use fedpersona_privacy::accountant;
+    use fedpersona_privacy::accountant::Method;
 
     use crate::round::testing::{device, report, start};
     use crate::round::{CheckIn, RoundPhase};
@@ -99,10 +106,16 @@ mod tests {
 
     #[test]
     fn a_round_the_budget_cannot_pay_for_does_not_open() {
+        for method in Method::ALL {
+            the_budget_pays_for_one_round(method);
+        }
+    }
+
+    fn the_budget_pays_for_one_round(method: Method) {
         // 2 devices assigned of 4: q = 0.5. The budget pays for one round, not two.
         let (z, q, delta) = (1.0, 0.5, 1e-5);
-        let one = accountant::epsilon(z, q, 1, delta).unwrap();
-        let two = accountant::epsilon(z, q, 2, delta).unwrap();
+        let one = method.epsilon(z, q, 1, delta).unwrap();
+        let two = method.epsilon(z, q, 2, delta).unwrap();
         let f = start(2, 1, |f| {
             f.rounds.over_selection = 0.0;
             f.privacy.mode = "central".into();
@@ -110,9 +123,11 @@ mod tests {
             f.privacy.population = 4;
             f.privacy.epsilon_budget = (one + two) / 2.0;
             f.privacy.delta = delta;
+            f.privacy.accountant = method;
         });
         let c = &f.coordinator;
         let spent = c.privacy_spent().unwrap();
+        assert_eq!(spent.accountant, method);
         assert_eq!(spent.rounds_charged, 1);
         assert!(
             (spent.epsilon - one).abs() < 1e-9,

@@ -254,7 +254,7 @@ impl Coordinator {
         self.metrics.set_round(id + 1, st.published.version);
         if let Some(b) = self.config.privacy.budget {
             self.metrics
-                .set_epsilon_spent(st.accountant.epsilon(b.delta)?.0);
+                .set_epsilon_spent(st.accountant.epsilon(b.delta)?);
         }
         drop(st);
         if let Outcome::Committed { .. } = outcome {

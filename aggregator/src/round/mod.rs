@@ -226,7 +226,7 @@ impl Coordinator {
             .rounds
             .max_rounds
             .is_some_and(|m| rec.rounds_committed >= m);
-        let mut accountant = ledger_accountant(&store)?;
+        let mut accountant = ledger_accountant(&store, config.privacy.accountant)?;
         let (round, exhausted) = if finished {
             (None, None)
         } else {
@@ -252,7 +252,7 @@ impl Coordinator {
         );
         metrics.set_round(rec.next_round, published.version);
         if let Some(b) = config.privacy.budget {
-            metrics.set_epsilon_spent(accountant.epsilon(b.delta)?.0);
+            metrics.set_epsilon_spent(accountant.epsilon(b.delta)?);
         }
         let state = State {
             meta,

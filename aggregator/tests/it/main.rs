@@ -64,3 +64,86 @@ fn privacy_commands() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sampling rate"));
 }
+
+/// `--accountant pld`: `dp_accounting`'s PLD value for the same rounds (the reference table of
+/// `shared/privacy/tests`), below RDP's; the solved noise inverts it; RDP stays the default.
+#[test]
+fn privacy_commands_with_the_pld_accountant() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+            .args(["privacy"])
+            .args(args)
+            .args([
+                "--sampling-rate",
+                "0.01",
+                "--rounds",
+                "1000",
+                "--delta",
+                "1e-5",
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code(),
+            stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, Some(0), "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let v = json(&[
+        "epsilon",
+        "--noise-multiplier",
+        "1.0",
+        "--accountant",
+        "pld",
+        "--json",
+    ]);
+    assert_eq!(v["accountant"], "pld");
+    assert_eq!(v["discretization"], 1e-4);
+    // dp_accounting 0.6.0, PLDAccountant(): 1.8282436455855091.
+    let eps = v["epsilon"].as_f64().unwrap();
+    assert!((eps / 1.8282436455855091 - 1.0).abs() < 1e-6, "{eps}");
+    let rdp = json(&["epsilon", "--noise-multiplier", "1.0", "--json"]);
+    assert_eq!(rdp["accountant"], "rdp");
+    assert!(rdp["epsilon"].as_f64().unwrap() > eps);
+
+    let v = json(&[
+        "noise",
+        "--target-epsilon",
+        "1.8282",
+        "--accountant",
+        "pld",
+        "--json",
+    ]);
+    assert_eq!(v["accountant"], "pld");
+    let z = v["noise_multiplier"].as_f64().unwrap();
+    assert!((z - 1.0).abs() < 2e-4, "{z}");
+    assert!(v["epsilon"].as_f64().unwrap() <= 1.8282);
+
+    let (code, stdout, _) = run(&[
+        "epsilon",
+        "--noise-multiplier",
+        "1.0",
+        "--accountant",
+        "pld",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.starts_with("epsilon 1.8282 (delta 0.00001, PLD accountant"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&[
+        "epsilon",
+        "--noise-multiplier",
+        "1.0",
+        "--accountant",
+        "moments",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("\"rdp\" or \"pld\""), "{stderr}");
+}

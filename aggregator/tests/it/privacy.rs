@@ -2,7 +2,7 @@
 //! hard budget that stops rounds before they start, and a ledger that survives restarts.
 
 use aggregator::round::RoundPhase;
-use fedpersona_privacy::accountant;
+use fedpersona_privacy::accountant::Method;
 use fedpersona_privacy::codec::Encoding;
 use fedpersona_proto::refusal;
 use fedpersona_proto::v1 as pb;
@@ -55,8 +55,8 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     // Two devices per round out of 200: q = 0.01. The budget pays for two rounds, not three.
     let (z, q, delta_) = (1.0, 0.01, 1e-5);
-    let e2 = accountant::epsilon(z, q, 2, delta_).unwrap();
-    let e3 = accountant::epsilon(z, q, 3, delta_).unwrap();
+    let e2 = Method::Rdp.epsilon(z, q, 2, delta_).unwrap();
+    let e3 = Method::Rdp.epsilon(z, q, 3, delta_).unwrap();
     let budget = (e2 + e3) / 2.0;
     let cfg = write_config(
         dir.path(),
@@ -149,24 +149,86 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert!((status["privacy"]["epsilon_spent"].as_f64().unwrap() - e2).abs() < 1e-9);
     assert_eq!(status["privacy"]["rounds_charged"], 2);
+    assert_eq!(status["privacy"]["accountant"], "rdp");
     assert!(status["privacy"]["epsilon_remaining"].as_f64().unwrap() > 0.0);
+    srv.rt.shutdown_background();
+
+    // The ledger keeps (q, z) per round: restarted under the PLD accountant, the same two
+    // rounds cost PLD's (smaller) ε, which leaves room for a third round under this budget.
+    let pld2 = Method::Pld.epsilon(z, q, 2, delta_).unwrap();
+    let pld3 = Method::Pld.epsilon(z, q, 3, delta_).unwrap();
+    assert!(
+        pld3 < budget && pld2 < e2,
+        "PLD {pld2}, {pld3}; RDP {e2}, budget {budget}"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("delta = 0.00001", "delta = 0.00001\naccountant = \"pld\""),
+    )
+    .unwrap();
+    let srv = Server::start(&cfg);
+    let spent = srv.handle.coordinator.privacy_spent().unwrap();
+    assert_eq!(spent.accountant, Method::Pld);
+    assert_eq!(
+        spent.rounds_charged, 3,
+        "round 3 fits and is charged as it opens"
+    );
+    assert!((spent.epsilon - pld3).abs() < 1e-9 * pld3);
+    assert_eq!(srv.handle.coordinator.view().phase, RoundPhase::Open);
 }
 
 #[test]
 fn invalid_privacy_settings_are_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let rounds = "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 60\nmin_task_time_s = 1";
-    for (extra, want) in [
-        ("[privacy]\nmode = \"distributed\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5", "secure_aggregation"),
-        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 1\nepsilon_budget = 8\ndelta = 1e-5", "population"),
-        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.1\npopulation = 3\nepsilon_budget = 1\ndelta = 1e-5", "single round"),
-        ("[privacy]\nmode = \"local\"\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5", "noise_multiplier"),
-        ("[privacy]\nmode = \"none\"\nnoise_multiplier = 1", "privacy.mode other than none"),
-        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\n[update]\nweighting = \"examples\"", "uniform"),
-    ] {
-        let cfg = write_config(dir.path(), rounds, extra);
+    let central = |rest: &str| {
+        format!("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\n{rest}")
+    };
+    let cases = [
+        ("[privacy]\nmode = \"distributed\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5".to_string(), "secure_aggregation"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 1\nepsilon_budget = 8\ndelta = 1e-5".into(), "privacy.population"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\nepsilon_budget = 8\ndelta = 1e-5".into(), "privacy.population"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.1\npopulation = 3\nepsilon_budget = 1\ndelta = 1e-5".into(), "single round"),
+        ("[privacy]\nmode = \"local\"\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5".into(), "privacy.noise_multiplier"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 2000\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5".into(), "privacy.noise_multiplier must be in (0, 1000]"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\ndelta = 1e-5".into(), "privacy.epsilon_budget"),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 0.5".into(), "privacy.delta"),
+        ("[privacy]\nmode = \"none\"\nnoise_multiplier = 1".into(), "privacy.mode other than none"),
+        ("[privacy]\nmode = \"none\"\naccountant = \"pld\"".into(), "privacy.accountant = \"pld\" needs a privacy.mode"),
+        (central("accountant = \"moments\""), "accountant = \"moments\""),
+        (central("[update]\nweighting = \"examples\""), "uniform"),
+        // The PLD accountant's range, and a budget it cannot pay one round of.
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\naccountant = \"pld\"".into(), "privacy.noise_multiplier (0.1) must be at least 0.2 with privacy.accountant \"pld\""),
+        ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.5\npopulation = 3\nepsilon_budget = 1\ndelta = 1e-5\naccountant = \"pld\"".into(), "(pld accountant), above privacy.epsilon_budget 1: the budget cannot pay for any round"),
+    ];
+    for (extra, want) in cases {
+        let cfg = write_config(dir.path(), rounds, &extra);
         let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
         assert!(err.contains(want), "{extra}: {err}");
+    }
+    // The rounds the accountant composes: cohorts out of range name their field.
+    for (rounds, want) in [
+        (
+            "cohort_size = 0\nmin_reports = 1\nround_timeout_s = 60",
+            "rounds.cohort_size",
+        ),
+        (
+            "cohort_size = 2\nmin_reports = 3\nround_timeout_s = 60",
+            "rounds.min_reports",
+        ),
+        (
+            "cohort_size = 2\nover_selection = 11\nmin_reports = 2\nround_timeout_s = 60",
+            "rounds.over_selection",
+        ),
+        (
+            "cohort_size = 200\nmin_reports = 2\nround_timeout_s = 60",
+            "privacy.population (100) must be at least the devices assigned per round (260)",
+        ),
+    ] {
+        let cfg = write_config(dir.path(), rounds, &central(""));
+        let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
+        assert!(err.contains(want), "{rounds}: {err}");
     }
 }
 

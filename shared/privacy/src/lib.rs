@@ -7,7 +7,8 @@
 //!   device ([`protect::Privatized`], [`protect::Quantized`]).
 //! * [`mode`]: every formula of the privacy modes: q, σ, the distributed noise share, the
 //!   float-noise grid, the SecAgg grid, the release's denominator, the budget.
-//! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP accounting and its inverse.
+//! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP and PLD accounting and their
+//!   inverses.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;

@@ -363,7 +363,9 @@ phase_timeout_s = 30
     assert!(moved > 0.0, "the unmasked, noised mean moved θ");
     let spent = handle.coordinator.privacy_spent().unwrap();
     assert_eq!(spent.rounds_charged, 1);
-    let want = fedpersona_privacy::accountant::epsilon(0.8, 4.0 / 400.0, 1, 1e-5).unwrap();
+    let want = fedpersona_privacy::accountant::Method::Rdp
+        .epsilon(0.8, 4.0 / 400.0, 1, 1e-5)
+        .unwrap();
     assert!((spent.epsilon - want).abs() < 1e-9);
 }
 
@@ -375,8 +377,12 @@ fn agents_stop_when_the_privacy_budget_is_spent() {
     let dir = tempfile::tempdir().unwrap();
     // Two devices per round out of 200 (q = 0.01): the budget pays for one round, not two.
     let (z, q, delta) = (1.0, 0.01, 1e-5);
-    let e1 = fedpersona_privacy::accountant::epsilon(z, q, 1, delta).unwrap();
-    let e2 = fedpersona_privacy::accountant::epsilon(z, q, 2, delta).unwrap();
+    let e1 = fedpersona_privacy::accountant::Method::Rdp
+        .epsilon(z, q, 1, delta)
+        .unwrap();
+    let e2 = fedpersona_privacy::accountant::Method::Rdp
+        .epsilon(z, q, 2, delta)
+        .unwrap();
     let budget = (e1 + e2) / 2.0;
     let Loopback { rt, handle, port } = Loopback::start(
         dir.path(),

@@ -266,7 +266,9 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
     // 3 of 6 devices a round: q = 0.5; z was solved so that two rounds spend at most 8.
     assert_eq!(p["sampling_rate"], 0.5);
     let z = p["noise_multiplier"].as_f64().unwrap();
-    let want = fedpersona_privacy::accountant::epsilon(z, 0.5, 2, 1e-5).unwrap();
+    let want = fedpersona_privacy::accountant::Method::Rdp
+        .epsilon(z, 0.5, 2, 1e-5)
+        .unwrap();
     assert!((eps - want).abs() < 1e-9, "{eps} vs {want}");
     // What privacy costs: the same FedAvg without DP, trained and scored in the same run.
     let g = r["global_accuracy"].as_f64().unwrap();

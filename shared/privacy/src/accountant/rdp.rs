@@ -1,11 +1,12 @@
-//! User-level privacy accounting: Rényi DP of the Poisson-subsampled Gaussian mechanism
-//! (Mironov, Talwar, Zhang 2019), composed over rounds and converted to (ε, δ) with the bound
-//! Google's `dp_accounting` and Opacus use (Balle et al. 2020, Prop. 12). Pure arithmetic:
-//! the aggregator's budget enforcement and the `aggregator privacy` command build on it.
+//! Rényi DP of the Poisson-subsampled Gaussian mechanism (Mironov, Talwar, Zhang 2019),
+//! composed over rounds and converted to (ε, δ) with the bound Google's `dp_accounting` and
+//! Opacus use (Balle et al. 2020, Prop. 12).
 //!
 //! Every approximation errs towards more privacy loss: orders whose series fail to converge
 //! are dropped (ε is a minimum over orders, so dropping one can only raise it), and
 //! fractional-order series sum the terms' magnitudes.
+
+use super::{check, AccountantError};
 
 /// The orders `dp_accounting` uses by default.
 pub fn default_orders() -> Vec<f64> {
@@ -13,21 +14,6 @@ pub fn default_orders() -> Vec<f64> {
     v.extend((11..64).map(f64::from));
     v.extend([128.0, 256.0, 512.0, 1024.0]);
     v
-}
-
-/// Errors from invalid accounting parameters.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum AccountantError {
-    #[error("sampling rate must be in [0, 1], got {0}")]
-    SamplingRate(f64),
-    #[error("noise multiplier must be finite and non-negative, got {0}")]
-    NoiseMultiplier(f64),
-    #[error("delta must be in (0, 1), got {0}")]
-    Delta(f64),
-    #[error("target epsilon must be positive and finite, got {0}")]
-    TargetEpsilon(f64),
-    #[error("no noise multiplier up to {0} reaches the target epsilon")]
-    Unreachable(f64),
 }
 
 fn log_add(a: f64, b: f64) -> f64 {
@@ -44,7 +30,7 @@ fn log_comb(n: f64, k: f64) -> f64 {
 }
 
 /// `ln erfc(x)`, accurate in the far tail where `erfc` underflows.
-fn log_erfc(x: f64) -> f64 {
+pub(super) fn log_erfc(x: f64) -> f64 {
     let r = libm::erfc(x);
     if r > 0.0 {
         return r.ln();
@@ -143,17 +129,17 @@ pub fn epsilon_from_rdp(orders: &[f64], rdp: &[f64], delta: f64) -> (f64, f64) {
 
 /// Privacy spent so far: RDP at every order, composed over rounds.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Accountant {
+pub struct RdpAccountant {
     orders: Vec<f64>,
     rdp: Vec<f64>,
     rounds: u64,
 }
 
-impl Default for Accountant {
+impl Default for RdpAccountant {
     fn default() -> Self {
         let orders = default_orders();
         let rdp = vec![0.0; orders.len()];
-        Accountant {
+        RdpAccountant {
             orders,
             rdp,
             rounds: 0,
@@ -161,7 +147,7 @@ impl Default for Accountant {
     }
 }
 
-impl Accountant {
+impl RdpAccountant {
     /// Adds `rounds` rounds of the subsampled Gaussian mechanism.
     pub fn compose(&mut self, q: f64, z: f64, rounds: u64) -> Result<(), AccountantError> {
         check(q, z)?;
@@ -186,19 +172,9 @@ impl Accountant {
     }
 }
 
-fn check(q: f64, z: f64) -> Result<(), AccountantError> {
-    if !(0.0..=1.0).contains(&q) {
-        return Err(AccountantError::SamplingRate(q));
-    }
-    if !(z.is_finite() && z >= 0.0) {
-        return Err(AccountantError::NoiseMultiplier(z));
-    }
-    Ok(())
-}
-
 /// ε after `rounds` rounds with noise multiplier `z` and Poisson sampling rate `q`.
 pub fn epsilon(z: f64, q: f64, rounds: u64, delta: f64) -> Result<f64, AccountantError> {
-    let mut acc = Accountant::default();
+    let mut acc = RdpAccountant::default();
     acc.compose(q, z, rounds)?;
     Ok(acc.epsilon(delta)?.0)
 }
