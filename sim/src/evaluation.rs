@@ -14,7 +14,7 @@ use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig,
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 use fedpersona_privacy::AdapterTensors;
 
-use device_agent::adapt::to_windows;
+use device_agent::adapt::{to_windows, Gate, Served};
 
 /// The starting adapters of the federated methods: each federation's final adapter.
 pub type Starts = BTreeMap<FederationKind, AdapterTensors>;
@@ -48,6 +48,8 @@ pub struct UserScores {
 pub struct AdaptiveRun {
     pub steps: usize,
     pub stopped_early: bool,
+    /// What the never-harm check served (the arm's score is that model's).
+    pub served: Served,
     pub lr: f64,
     pub accepted: usize,
     pub edited: usize,
@@ -103,13 +105,15 @@ fn replay(
 const REPLAY_NOW_MS: i64 = 1_750_000_000_000;
 
 /// Profile-driven adaptation from `start` on the replayed support lines, scored on the query:
-/// the agent's own adaptation ([`device_agent::adapt::adapt_on_interactions`]) with the settings the
-/// local API runs on a device, so the arm measures what users get.
+/// the agent's own adaptation ([`device_agent::adapt::adapt_on_interactions`]) with the
+/// settings the local API runs on a device, and its never-harm check against the base model
+/// and `start` (the global adapter), so the arm measures what users get: the served model.
 fn adaptive(
     base: &BaseModel,
     start: &AdapterTensors,
     support: &[fedpersona_model::train::Example],
     query: &[Window],
+    base_report: &EvalReport,
     fs: &FewShot,
 ) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
     use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
@@ -117,8 +121,18 @@ fn adaptive(
     let now_ms = REPLAY_NOW_MS;
     let fresh =
         || LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), start, &Device::Cpu);
+    let global = fresh()?;
     let mut adapter = fresh()?;
     let items = replay(base, &adapter.frozen(), support, now_ms)?;
+    let served_report = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
+        let served = gate.map_or(Served::Base, |g| g.served);
+        let report = match served {
+            Served::Base => *base_report,
+            Served::Global => evaluate(&base.model, Some(&global), &base.tokenizer, query, 16)?,
+            Served::Personal => evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?,
+        };
+        Ok((served, report))
+    };
     let device = Settings::device(
         base,
         device_agent::local::Schedule::default().max_batch_tokens,
@@ -130,16 +144,34 @@ fn adaptive(
         deadline: None,
         cancel: None,
     };
-    let run = adapt_on_interactions(base, &mut adapter, &items, now_ms, &device, fs.seed, budget)?;
-    let report = evaluate(&base.model, Some(&adapter), &base.tokenizer, query, 16)?;
+    let run = adapt_on_interactions(
+        base,
+        &mut adapter,
+        Some(&global),
+        &items,
+        now_ms,
+        &device,
+        fs.seed,
+        budget,
+    )?;
+    let (served, report) = served_report(run.gate, &adapter)?;
     // The same run with the rejected suggestions pushed down (unlikelihood, weight 0.5).
     let mut with_ul = fresh()?;
     let ul = Settings {
         unlikelihood: 0.5,
         ..device
     };
-    adapt_on_interactions(base, &mut with_ul, &items, now_ms, &ul, fs.seed, budget)?;
-    let report_ul = evaluate(&base.model, Some(&with_ul), &base.tokenizer, query, 16)?;
+    let run_ul = adapt_on_interactions(
+        base,
+        &mut with_ul,
+        Some(&global),
+        &items,
+        now_ms,
+        &ul,
+        fs.seed,
+        budget,
+    )?;
+    let (_, report_ul) = served_report(run_ul.gate, &with_ul)?;
     let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
     Ok((
         report,
@@ -147,6 +179,7 @@ fn adaptive(
         AdaptiveRun {
             steps: run.outcome.steps,
             stopped_early: run.outcome.stopped_early,
+            served,
             lr: run.plan.lr,
             accepted: count(Feedback::Accepted),
             edited: count(Feedback::Edited),
@@ -187,7 +220,8 @@ pub fn personalize(
     }
     let adaptive = match starts.get(&FederationKind::Fedavg) {
         Some(theta) if fs.adaptive => {
-            let (report, report_ul, run) = adaptive(base, theta, &support, &query_w, fs)?;
+            let (report, report_ul, run) =
+                adaptive(base, theta, &support, &query_w, &base_report, fs)?;
             curves.insert(Curve::Adaptive, vec![(fs.steps, report)]);
             curves.insert(Curve::AdaptiveUnlikelihood, vec![(fs.steps, report_ul)]);
             Some(run)
@@ -386,11 +420,14 @@ mod tests {
             seed: 3,
             adaptive: true,
         };
-        let (report, _, run) = adaptive(&base, &start, &support, &query, &fs).unwrap();
+        let base_report = evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap();
+        let (report, _, run) =
+            adaptive(&base, &start, &support, &query, &base_report, &fs).unwrap();
 
         // What the local API would run on the same interactions, with the same seed.
         let mut a =
-            LoraAdapter::from_tensors(base.model.config(), lora, &start, &Device::Cpu).unwrap();
+            LoraAdapter::from_tensors(base.model.config(), lora.clone(), &start, &Device::Cpu)
+                .unwrap();
         let items = replay(&base, &a.frozen(), &support, REPLAY_NOW_MS).unwrap();
         let device = Settings::device(
             &base,
@@ -401,15 +438,32 @@ mod tests {
             deadline: None,
             cancel: None,
         };
-        let want =
-            adapt_on_interactions(&base, &mut a, &items, REPLAY_NOW_MS, &device, fs.seed, none)
-                .unwrap();
+        let global =
+            LoraAdapter::from_tensors(base.model.config(), lora, &start, &Device::Cpu).unwrap();
+        let want = adapt_on_interactions(
+            &base,
+            &mut a,
+            Some(&global),
+            &items,
+            REPLAY_NOW_MS,
+            &device,
+            fs.seed,
+            none,
+        )
+        .unwrap();
         assert_eq!(run.lr, want.plan.lr, "the device's learning rate");
         assert_eq!(run.steps, want.outcome.steps);
+        let gate = want.gate.expect("a finished run is checked");
+        assert_eq!(run.served, gate.served, "what the device would serve");
+        let served = match gate.served {
+            Served::Base => None,
+            Served::Global => Some(&global),
+            Served::Personal => Some(&a),
+        };
         assert_eq!(
             report,
-            evaluate(&base.model, Some(&a), &base.tokenizer, &query, 16).unwrap(),
-            "the same adapter"
+            evaluate(&base.model, served, &base.tokenizer, &query, 16).unwrap(),
+            "the served model"
         );
     }
 

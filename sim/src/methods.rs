@@ -127,6 +127,11 @@ pub struct MethodResult {
     pub bits_per_byte: f64,
     pub bits_per_byte_ci95: f64,
     pub users: usize,
+    /// Shares of users above and below the base model (accuracy on their own query lines).
+    /// The adaptive methods' are after the device's never-harm check; the other methods
+    /// serve their adapter unchecked.
+    pub helped_share: f64,
+    pub hurt_share: f64,
     /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve).
     pub accuracy_by_steps: BTreeMap<usize, f64>,
 }
@@ -187,13 +192,22 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
 pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, MethodResult> {
     let mut out = BTreeMap::new();
     for method in Method::ALL {
-        let picked: Vec<_> = scores
+        let paired: Vec<_> = scores
             .iter()
-            .filter_map(|s| method.report(s, budget))
+            .filter_map(|s| Some((method.report(s, budget)?, &s.base)))
             .collect();
-        if picked.is_empty() {
+        if paired.is_empty() {
             continue;
         }
+        let share = |f: fn(f64, f64) -> bool| {
+            let n = paired
+                .iter()
+                .filter(|(r, b)| f(r.accuracy, b.accuracy))
+                .count();
+            n as f64 / paired.len() as f64
+        };
+        let (helped_share, hurt_share) = (share(|r, b| r > b), share(|r, b| r < b));
+        let picked: Vec<_> = paired.iter().map(|(r, _)| *r).collect();
         let a = interval(&picked.iter().map(|r| r.accuracy).collect::<Vec<_>>());
         let b = interval(&picked.iter().map(|r| r.bits_per_byte).collect::<Vec<_>>());
         let accuracy_by_steps = match method.steps_curve() {
@@ -218,6 +232,8 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
                 bits_per_byte: b.mean,
                 bits_per_byte_ci95: b.ci95,
                 users: a.n,
+                helped_share,
+                hurt_share,
                 accuracy_by_steps,
             },
         );
@@ -294,6 +310,21 @@ mod tests {
         );
         // Paired: both users gain exactly 0.10, so the interval is empty.
         assert!((c[0].mean_difference - 0.10).abs() < 1e-12 && c[0].ci95.abs() < 1e-12);
+    }
+
+    #[test]
+    fn helped_and_hurt_shares_count_users_against_base() {
+        // Three users: local-only helps the first two and hurts the third (0.35 < 0.40);
+        // base itself is neither.
+        let mut hurt = user(0.0);
+        hurt.curves
+            .insert(Curve::LocalOnly, vec![(0, report(0.40)), (2, report(0.35))]);
+        let r = results(&[user(0.0), user(0.1), hurt], 2);
+        let local = &r["local_only"];
+        assert!((local.helped_share - 2.0 / 3.0).abs() < 1e-12);
+        assert!((local.hurt_share - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!((r["base"].helped_share, r["base"].hurt_share), (0.0, 0.0));
+        assert_eq!(r["fedavg_finetune"].hurt_share, 0.0);
     }
 
     #[test]

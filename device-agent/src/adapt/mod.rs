@@ -20,8 +20,10 @@
 //!
 //! Modules, bottom to top: [`weights`] reads the interactions (and the profile,
 //! [`crate::user::profile`]), [`plan`] sizes a run, [`run`] is the run itself with its
-//! checkpoint (`progress`), and [`personal`] puts them together as the device runs them.
+//! checkpoint (`progress`), [`gate`] is the never-harm check, and [`personal`] puts them
+//! together as the device runs them.
 
+pub mod gate;
 pub mod personal;
 pub mod plan;
 mod progress;
@@ -32,6 +34,7 @@ use anyhow::bail;
 use fedpersona_model::train::{tokenize, windows, Example, Window};
 use fedpersona_model::{BaseModel, Target};
 
+pub use gate::{Gate, Served};
 pub use personal::{adapt_on_interactions, Personalized, Settings};
 pub use plan::Plan;
 pub use run::{adapt, Cancel, Data, Outcome, RunLimits};

@@ -5,7 +5,7 @@ use fedpersona_model::train::{evaluate, Example};
 use fedpersona_model::{BaseModel, LoraAdapter};
 use serde::Serialize;
 
-use crate::adapt::{adapt, Data, Outcome, Plan, RunLimits, Weights};
+use crate::adapt::{adapt, Data, Gate, Outcome, Plan, RunLimits, Weights};
 use crate::user::profile::Profile;
 use crate::user::store::Stored;
 
@@ -39,20 +39,27 @@ impl Settings {
     }
 }
 
-/// What [`adapt_on_interactions`] planned and what the run did.
+/// What [`adapt_on_interactions`] planned, what the run did, and what the device should
+/// serve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Personalized {
     pub plan: Plan,
     pub outcome: Outcome,
+    /// The never-harm check of a finished run (None when the run did not finish).
+    pub gate: Option<Gate>,
 }
 
 /// The device's adaptation, the one code path the local API runs and the simulation scores:
 /// the interactions (oldest first) weighted by [`Weights::default`], the profile at `now_ms`
 /// with drift scored by `adapter` as it starts, the plan from the profile and `settings`, and
-/// the early-stopped run of [`adapt`] within `budget`. `adapter` ends as [`adapt`] leaves it.
+/// the early-stopped run of [`adapt`] within `budget`, and, when it finished, the never-harm
+/// check ([`Gate::check`]) of base, `global` and the result on the held-out slice. `adapter`
+/// ends as [`adapt`] leaves it, whatever the check serves.
+#[allow(clippy::too_many_arguments)]
 pub fn adapt_on_interactions(
     base: &BaseModel,
     adapter: &mut LoraAdapter,
+    global: Option<&LoraAdapter>,
     items: &[Stored],
     now_ms: i64,
     settings: &Settings,
@@ -91,5 +98,16 @@ pub fn adapt_on_interactions(
         id: items.last().map_or(0, |s| s.id),
     };
     let outcome = adapt(base, adapter, data, &plan, seed, budget)?;
-    Ok(Personalized { plan, outcome })
+    let gate = if outcome.finished {
+        let held = plan.held_out(examples.len());
+        let held_out = super::to_windows(base, &examples[examples.len() - held..], plan.seq_len)?;
+        Some(Gate::check(base, &held_out, global, adapter)?)
+    } else {
+        None
+    };
+    Ok(Personalized {
+        plan,
+        outcome,
+        gate,
+    })
 }

@@ -67,3 +67,15 @@ impl Plan {
         }
     }
 }
+
+impl Plan {
+    /// How many of `examples` (the newest) are held out: for early stopping and for the
+    /// never-harm check. None below 10 examples.
+    pub fn held_out(&self, examples: usize) -> usize {
+        if self.holdout > 0.0 && examples >= 10 {
+            ((examples as f64 * self.holdout).ceil() as usize).max(2)
+        } else {
+            0
+        }
+    }
+}

@@ -78,11 +78,7 @@ pub fn adapt(
     } = data;
     let checkpoint = budget.checkpoint;
     anyhow::ensure!(!examples.is_empty(), "no examples to adapt on");
-    let held = if plan.holdout > 0.0 && examples.len() >= 10 {
-        ((examples.len() as f64 * plan.holdout).ceil() as usize).max(2)
-    } else {
-        0
-    };
+    let held = plan.held_out(examples.len());
     let (train, val) = examples.split_at(examples.len() - held);
     let train_w = super::to_windows(base, train, plan.seq_len)?;
     let val_w = super::to_windows(base, val, plan.seq_len)?;

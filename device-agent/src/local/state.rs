@@ -8,7 +8,9 @@ use anyhow::Context;
 use candle_core::Device;
 use fedpersona_model::{BaseModel, LoraAdapter};
 
-use crate::adapt::{adapt_on_interactions, Cancel, Outcome, Personalized, RunLimits, Settings};
+use crate::adapt::{
+    adapt_on_interactions, Cancel, Gate, Outcome, Personalized, RunLimits, Served, Settings,
+};
 use crate::fs::StateDir;
 use crate::local::{now_ms, LocalError};
 use crate::user::consent::Consent;
@@ -116,12 +118,17 @@ impl Schedule {
     }
 }
 
-/// What the last finished adaptation covered (`personal/state.json`).
+/// What the last finished adaptation covered and what the never-harm check chose
+/// (`personal/state.json`). `personal/` holds the adapter served: the trained one, a copy of
+/// the global one, or none (the base model).
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AdaptedState {
     pub interactions: u64,
     pub adapted_ms: i64,
     pub steps: usize,
+    /// None in files written before the check existed.
+    #[serde(default)]
+    pub gate: Option<Gate>,
 }
 
 impl LocalState {
@@ -270,15 +277,29 @@ impl LocalState {
     }
 
     /// One adaptation of the personal adapter on every stored interaction (profile-weighted,
-    /// profile-planned, early-stopped), within the schedule's budgets. The new adapter
-    /// replaces the old one only when the run finishes and no `forget` began meanwhile. The
-    /// caller holds `adapting`.
+    /// profile-planned, early-stopped), within the schedule's budgets, then the never-harm
+    /// check: `personal/` is replaced by what it serves (the new adapter, the global one, or
+    /// none) only when the run finishes and no `forget` began meanwhile. The caller holds
+    /// `adapting`.
     fn adapt_now(&self, schedule: &Schedule) -> anyhow::Result<Outcome> {
         let items = self.store().all()?;
         let now = now_ms();
+        let global = self.global_adapter();
         let mut adapter = match self.personal_adapter()? {
             Some(a) => a,
-            None => self.start_adapter()?,
+            None => match &global {
+                Some(g) => LoraAdapter::from_tensors(
+                    self.base.model.config(),
+                    g.config().clone(),
+                    &g.to_tensors()?,
+                    &Device::Cpu,
+                )?,
+                None => LoraAdapter::new(
+                    self.base.model.config(),
+                    fedpersona_model::LoraConfig::default(),
+                    &Device::Cpu,
+                )?,
+            },
         };
         let progress = self.dir.adaptation_progress();
         std::fs::create_dir_all(&progress)?;
@@ -295,9 +316,10 @@ impl LocalState {
             cancel: Some(Cancel(&cancel)),
         };
         let settings = Settings::device(&self.base, schedule.max_batch_tokens);
-        let Personalized { outcome, .. } = adapt_on_interactions(
+        let Personalized { outcome, gate, .. } = adapt_on_interactions(
             &self.base,
             &mut adapter,
+            global.as_ref(),
             &items,
             now,
             &settings,
@@ -313,15 +335,22 @@ impl LocalState {
                 ..outcome
             });
         }
-        if outcome.finished {
+        if let (true, Some(gate)) = (outcome.finished, gate) {
             // Written beside, then swapped in: `Generate` never sees half an adapter.
             let fresh = self.dir.personal_fresh();
             let _ = std::fs::remove_dir_all(&fresh);
-            adapter.save(&fresh)?;
+            std::fs::create_dir_all(&fresh)?;
+            match (gate.served, &global) {
+                (Served::Personal, _) => adapter.save(&fresh)?,
+                (Served::Global, Some(global)) => global.save(&fresh)?,
+                (Served::Global, None) => unreachable!("global is served only when there is one"),
+                (Served::Base, _) => {}
+            }
             let state = AdaptedState {
                 interactions: items.len() as u64,
                 adapted_ms: now,
                 steps: outcome.steps,
+                gate: Some(gate),
             };
             crate::fs::write_private(
                 &StateDir::adapted_state_in(&fresh),
@@ -329,7 +358,7 @@ impl LocalState {
             )?;
             crate::fs::replace_dir(&fresh, &self.dir.personal())?;
             let _ = std::fs::remove_dir_all(&progress);
-            tracing::info!(steps = outcome.steps, "personal adapter updated");
+            tracing::info!(steps = outcome.steps, served = ?gate.served, "adaptation checked and served");
         }
         Ok(outcome)
     }
@@ -349,24 +378,21 @@ impl LocalState {
             .with_context(|| format!("loading the personal adapter {}", dir.display()))
     }
 
-    /// Where a first adaptation starts: the federation's global adapter when `run` has
-    /// downloaded one (unreadable or unfitting ones are logged and skipped), else a fresh
-    /// adapter.
-    fn start_adapter(&self) -> anyhow::Result<LoraAdapter> {
+    /// The federation's global adapter when `run` has downloaded one: where a first
+    /// adaptation starts, and a candidate of the never-harm check. An unreadable or
+    /// unfitting one is logged and left out.
+    fn global_adapter(&self) -> Option<LoraAdapter> {
         let global = self.dir.global();
-        if global.join("adapter_config.json").exists() {
-            match LoraAdapter::load(&global, self.base.model.config(), &Device::Cpu) {
-                Ok(a) => return Ok(a),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the saved global adapter is unusable: starting fresh")
-                }
+        if !global.join("adapter_config.json").exists() {
+            return None;
+        }
+        match LoraAdapter::load(&global, self.base.model.config(), &Device::Cpu) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved global adapter is unusable: left out");
+                None
             }
         }
-        Ok(LoraAdapter::new(
-            self.base.model.config(),
-            fedpersona_model::LoraConfig::default(),
-            &Device::Cpu,
-        )?)
     }
 
     pub(super) fn profile(&self) -> Result<Profile, LocalError> {

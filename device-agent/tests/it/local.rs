@@ -540,3 +540,61 @@ fn the_first_adaptation_starts_from_the_global_adapter() {
     assert_eq!(personal.config().rank, 2);
     assert_eq!(personal.config().targets, global.targets);
 }
+
+/// The never-harm check: an adaptation that starts from a global adapter that wrecks the
+/// model serves neither it nor what it trained from it, but the base model, and says so in
+/// `personal/state.json`; the next adaptation starts again from the global adapter.
+#[test]
+fn a_harmful_global_adapter_is_not_served() {
+    use fedpersona_model::{LoraAdapter, LoraConfig, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = StateDir::new(dir.path());
+    let rt = runtime();
+    // The shipped, trained model: the test fixture's random weights are no better than a
+    // random adapter, so only a trained base model can be harmed.
+    let shipped =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shakespeare-base");
+    let base = Arc::new(BaseModel::load(&shipped, &Device::Cpu).unwrap());
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec![Target::Q, Target::V],
+        ..LoraConfig::default()
+    };
+    let fresh = LoraAdapter::new(base.model.config(), lora.clone(), &Device::Cpu).unwrap();
+    let mut wrecked = fresh.to_tensors().unwrap();
+    // B starts at zero (the base model's function); large values push every logit around.
+    wrecked.map_values(|v| if v == 0.0 { 4.0 } else { 20.0 * v });
+    LoraAdapter::from_tensors(base.model.config(), lora, &wrecked, &Device::Cpu)
+        .unwrap()
+        .save(&state_dir.global())
+        .unwrap();
+    let state = Arc::new(LocalState::open(state_dir.clone(), base).unwrap());
+    let schedule = local::Schedule {
+        min_new: 12,
+        idle_s: 0.0,
+        check_s: 1e6,
+        time_budget_s: 60.0,
+        max_batch_tokens: 128,
+    };
+    log_notes(&state, 0..12);
+    let out = rt.block_on(state.adapt_if_due(&schedule)).unwrap().unwrap();
+    assert!(out.finished);
+    let personal = state_dir.personal();
+    let adapted: local::AdaptedState =
+        serde_json::from_slice(&std::fs::read(personal.join("state.json")).unwrap()).unwrap();
+    let gate = adapted.gate.expect("a finished adaptation is checked");
+    assert_eq!(gate.served, device_agent::adapt::Served::Base, "{gate:?}");
+    assert!(
+        gate.global_loss.unwrap() > gate.base_loss.unwrap(),
+        "{gate:?}"
+    );
+    assert!(
+        !personal.join("adapter_config.json").exists(),
+        "nothing to load: base"
+    );
+    assert_eq!(
+        adapted.interactions, 12,
+        "the schedule counts the run as done"
+    );
+}
