@@ -293,12 +293,12 @@ encoding = "{enc}"
     }
     let seconds = start.elapsed().as_secs_f64();
     // The full round commits (server step and a new version) once every report is in.
-    let wait = Instant::now();
-    while handle.coordinator.view().rounds_committed < 1 {
-        if wait.elapsed().as_secs() > 60 {
-            bail!("the round did not commit");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let committed = handle.coordinator.wait_for(|v| v.rounds_committed >= 1);
+    if tokio::time::timeout(std::time::Duration::from_secs(60), committed)
+        .await
+        .is_err()
+    {
+        bail!("the round did not commit");
     }
     let bytes = update.len();
     Ok(IngestReport {
