@@ -58,6 +58,24 @@ pub(crate) fn check(q: f64, z: f64) -> Result<(), AccountantError> {
     Ok(())
 }
 
+/// Bisects `[lo, hi]` (where `fits(hi)` holds) down to 1e-4 and returns the upper end: the
+/// smallest noise multiplier found that fits, rounded up, as both accountants solve for z.
+fn bisect(
+    mut lo: f64,
+    mut hi: f64,
+    mut fits: impl FnMut(f64) -> Result<bool, AccountantError>,
+) -> Result<f64, AccountantError> {
+    while hi - lo > 1e-4 {
+        let mid = (lo + hi) / 2.0;
+        if fits(mid)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
 fn check_delta(delta: f64) -> Result<(), AccountantError> {
     if !(delta > 0.0 && delta < 1.0) {
         return Err(AccountantError::Delta(delta));

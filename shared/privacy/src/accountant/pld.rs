@@ -761,15 +761,7 @@ pub fn noise_multiplier_for(
             break;
         }
     }
-    while hi - lo > 1e-4 {
-        let mid = (lo + hi) / 2.0;
-        if fits(mid)? {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(hi)
+    super::bisect(lo, hi, fits)
 }
 
 #[cfg(test)]

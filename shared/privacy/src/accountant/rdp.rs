@@ -199,16 +199,7 @@ pub fn noise_multiplier_for(
             return Err(AccountantError::Unreachable(MAX_Z));
         }
     }
-    let mut lo = 0.0;
-    while hi - lo > 1e-4 {
-        let mid = (lo + hi) / 2.0;
-        if epsilon(mid, q, rounds, delta)? > target {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(hi)
+    super::bisect(0.0, hi, |z| Ok(epsilon(z, q, rounds, delta)? <= target))
 }
 
 #[cfg(test)]
