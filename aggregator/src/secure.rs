@@ -163,6 +163,11 @@ impl SecureRound {
         Ok(self.peers.len())
     }
 
+    /// Key adverts received so far.
+    pub fn adverts(&self) -> usize {
+        self.peers.len()
+    }
+
     fn index(&self, device: &DeviceId) -> Result<u32, FedError> {
         self.assignments
             .get(device)

@@ -97,9 +97,10 @@ impl Federation for FederationService {
         let pb::CheckInRequest {
             auth: _,
             last_round: _,
+            sampled_round,
         } = req;
         let c = self.coordinator.config();
-        let outcome = match self.coordinator.check_in(&device) {
+        let outcome = match self.coordinator.check_in(&device, sampled_round) {
             CheckIn::Task(a) => {
                 self.coordinator.metrics().checkin("task");
                 pb::check_in_response::Outcome::Task(pb::Task {
@@ -167,6 +168,18 @@ impl Federation for FederationService {
                 pb::check_in_response::Outcome::Later(pb::ComeBackLater {
                     retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32,
                     reason: reason.to_string(),
+                })
+            }
+            CheckIn::Sample {
+                round,
+                rate,
+                retry_after,
+            } => {
+                self.coordinator.metrics().checkin("sample");
+                pb::check_in_response::Outcome::Sampling(pb::Sampling {
+                    round,
+                    rate,
+                    retry_after_ms: retry_after.as_millis().min(u32::MAX as u128) as u32,
                 })
             }
         };

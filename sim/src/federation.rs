@@ -13,21 +13,24 @@ use std::time::{Duration, Instant};
 use crate::corpus::UserSplit;
 use aggregator::config::file::{
     AdapterFile, ConfigFile, EnrollmentFile, MetaFile, ModelFile, PrivacyFile, RoundsFile,
-    SecAggFile, ServerFile, TlsFile, TrainingFile, UpdateFile,
+    SamplingFile, SecAggFile, ServerFile, TlsFile, TrainingFile, UpdateFile,
 };
 use aggregator::round::Coordinator;
 use anyhow::{bail, Context};
 use fedpersona_model::BaseModel;
-use fedpersona_privacy::{mode, AdapterTensors};
+use fedpersona_privacy::{sampling, AdapterTensors};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 
 use crate::report::RoundRecord;
-use crate::settings::{FederationSpec, PrivacyMode, ResolvedPrivacy};
+use crate::settings::{FederationSpec, ResolvedPrivacy};
 use device_agent::federation::client::{Connection, Retry};
-use device_agent::federation::{Agent, AgentConfig, Report, Step};
+use device_agent::federation::{Agent, AgentConfig, Joined, Report, Step};
+
+/// The share of rounds a federation may lose for too few reports: sets `min_reports`.
+const MISSED_ROUNDS: f64 = 0.05;
 
 /// The runtime of the in-process aggregator and agents. Local training runs on blocking
 /// threads: as many as train at once (plus one for the aggregator's round close), so each
@@ -205,46 +208,56 @@ impl Federation {
         let round = view.round;
         let committed_before = view.rounds_committed;
         let rejects_before = self.coordinator.metrics().rejects_total();
-        let cfg = self.coordinator.config();
-        let cohort = cfg.rounds.target_reports.get() as usize;
-        let max_drops = cfg.rounds.max_assigned.get() as usize - cohort;
-
-        // Device availability: a seeded random order; a device drops with the set chance
-        // (while the over-selection has room for it), the rest train until the cohort is full.
+        // Device availability: every device checks in, in a seeded order, and draws on
+        // the device whether it takes part (Poisson sampling); a device drawn in drops with
+        // the set chance (takes the task and vanishes).
         let mut order: Vec<usize> = (0..self.agents.len()).collect();
         order.shuffle(&mut self.rng);
-        let (mut live, mut dropping) = (Vec::new(), Vec::new());
-        for i in order {
-            if live.len() == cohort {
-                break;
-            }
-            if dropping.len() < max_drops && self.rng.random::<f64>() < self.spec.dropout {
-                dropping.push(i);
-            } else {
-                live.push(i);
-            }
-        }
-
+        let dropout = self.spec.dropout;
         let outcome = rt.block_on(async {
-            let mut drops = 0u32;
-            for &i in &dropping {
+            let (mut live, mut drops) = (Vec::new(), 0u32);
+            for i in order {
                 let agent = self.agents[i].as_mut().expect("agents are returned");
-                if agent.check_in_and_drop().await? {
-                    drops += 1;
+                if let Joined::Task(task) = agent.join().await? {
+                    if self.rng.random::<f64>() < dropout {
+                        drops += 1;
+                    } else {
+                        live.push((i, task));
+                    }
                 }
             }
+            // Every device has drawn: no one else joins this round.
+            self.coordinator.close_joins();
+            let joined = live.len() + drops as usize;
             // Secure aggregation needs every live device in its phases at once (each waits
             // for the others); otherwise as many train at a time as there are workers.
             let secure = self.spec.privacy.secure_aggregation;
+            if secure && drops > 0 {
+                // The devices that vanished never advertise keys: once the live ones have,
+                // advertising closes without them.
+                let (coordinator, adverts) = (self.coordinator.clone(), live.len() as u32);
+                tokio::spawn(async move {
+                    let v = coordinator
+                        .wait_for(|v| v.round != round || v.adverts >= adverts)
+                        .await;
+                    if v.round == round {
+                        coordinator.close_advertising(round);
+                    }
+                });
+            }
             let permits = if secure { live.len() } else { self.env.workers };
             let limit = Arc::new(Semaphore::new(permits.max(1)));
             let mut tasks = Vec::new();
-            for &i in &live {
+            for (i, task) in live {
                 let mut agent = self.agents[i].take().expect("agents are returned");
                 let (limit, coordinator) = (limit.clone(), self.coordinator.clone());
                 tasks.push(tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await;
-                    let r = participate(&mut agent).await;
+                    let r = match agent.take_part(task).await {
+                        Ok(Step::Reported(rep)) => Ok(Some(rep)),
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(e),
+                    };
                     if secure && !matches!(r, Ok(Some(_))) {
                         // The others wait in a phase for this device: close it now.
                         coordinator.close_early();
@@ -286,7 +299,7 @@ impl Federation {
             }
             // Every live device has answered: close the round now if it has not closed
             // itself (some devices failed), instead of waiting for the deadline.
-            if failures > 0 || reports.len() < cohort {
+            if failures > 0 || reports.len() < joined {
                 self.coordinator.close_early();
             }
             let closed = self.coordinator.wait_for(|v| {
@@ -330,18 +343,6 @@ impl Federation {
     }
 }
 
-/// A live device's participation: check in until given the task, then train and report.
-async fn participate(agent: &mut Agent) -> anyhow::Result<Option<Report>> {
-    for _ in 0..100 {
-        match agent.step().await? {
-            Step::Reported(r) => return Ok(Some(r)),
-            Step::Wait(d) => tokio::time::sleep(d.min(Duration::from_millis(50))).await,
-            Step::Retired(_) => return Ok(None),
-        }
-    }
-    Ok(None)
-}
-
 /// The aggregator's config for a federation, as an operator would write it.
 fn aggregator_config(
     spec: &FederationSpec,
@@ -350,15 +351,12 @@ fn aggregator_config(
     users: usize,
     privacy: Option<ResolvedPrivacy>,
 ) -> anyhow::Result<ConfigFile> {
-    let (cohort, over) = spec.cohort(users);
-    // Distributed noise is sized for the least number of reports a round accepts: with no
-    // dropouts, every assigned device.
-    let min_reports = if spec.privacy.mode == PrivacyMode::Distributed {
-        (mode::expected_reports(cohort as u64, spec.dropout) as usize)
-            .clamp(cohort.div_ceil(2), cohort)
-    } else {
-        cohort.div_ceil(2)
-    };
+    let cohort = spec.cohort(users);
+    // Reports are binomial (Poisson sampling, then dropouts): a round needs as many as all
+    // but one round in twenty reach. Distributed noise is sized for that many.
+    let reporting = spec.sampling_rate(users) * (1.0 - spec.dropout);
+    let min_reports = (sampling::lower_quantile(users as u64, reporting, MISSED_ROUNDS) as usize)
+        .clamp(1, cohort);
     // Absolute: the aggregator resolves relative paths against its config file's folder.
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let mut file = ConfigFile::new(
@@ -382,7 +380,7 @@ fn aggregator_config(
         ..file.adapter
     };
     file.rounds = RoundsFile {
-        over_selection: over,
+        sampling: SamplingFile::Poisson,
         min_task_time_s: 1.0,
         retry_after_s: 0.05,
         max_rounds: spec.rounds,
@@ -407,6 +405,7 @@ fn aggregator_config(
         momentum: spec.server.momentum,
         ..file.meta
     };
+    file.privacy.population = users as u64;
     if let Some(p) = privacy {
         file.privacy = PrivacyFile {
             mode: spec.privacy.mode.name().into(),

@@ -11,7 +11,7 @@ use crate::corpus::{self, SplitConfig};
 use anyhow::{bail, ensure, Context};
 use fedpersona_model::{checkpoint, LoraConfig};
 use fedpersona_privacy::accountant::Method;
-use fedpersona_privacy::mode;
+use fedpersona_privacy::{mode, sampling};
 use serde::Serialize;
 
 pub use aggregator::config::PrivacyMode;
@@ -377,22 +377,21 @@ pub struct ResolvedPrivacy {
 }
 
 impl FederationSpec {
-    /// Cohort size and over-selection for a federation of `users`.
-    pub fn cohort(&self, users: usize) -> (usize, f64) {
-        let cohort = self.clients_per_round.clamp(1, users);
-        // Over-selection leaves room for the expected dropouts (and then some).
-        let over = if self.dropout > 0.0 {
-            (3.0 * self.dropout / (1.0 - self.dropout)).clamp(0.1, 10.0)
-        } else {
-            0.0
-        };
-        (cohort, over)
+    /// The expected cohort for a federation of `users`: each device draws itself into a
+    /// round with probability cohort / users.
+    pub fn cohort(&self, users: usize) -> usize {
+        self.clients_per_round.clamp(1, users)
+    }
+
+    /// The federation's Poisson sampling rate.
+    pub fn sampling_rate(&self, users: usize) -> f64 {
+        sampling::poisson_rate(self.cohort(users) as u64, users as u64)
     }
 }
 
 impl PrivacyPlan {
-    /// The noise multiplier and budget for `users` devices (None without DP). The sampling
-    /// rate is the aggregator's: devices assigned per round over the population.
+    /// The noise multiplier and budget for `users` devices (None without DP), at the
+    /// federation's Poisson sampling rate.
     pub fn resolve(
         &self,
         spec: &FederationSpec,
@@ -401,9 +400,7 @@ impl PrivacyPlan {
         if self.mode == PrivacyMode::None {
             return Ok(None);
         }
-        let (cohort, over) = spec.cohort(users);
-        let assigned = mode::assigned_per_round(cohort as u64, over).min(users as u64);
-        let q = mode::sampling_rate(assigned, users as u64);
+        let q = spec.sampling_rate(users);
         let z = match (self.noise_multiplier, self.epsilon) {
             (Some(z), _) => z,
             (None, Some(e)) => {

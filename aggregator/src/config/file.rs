@@ -177,13 +177,20 @@ impl Default for AdapterFile {
     }
 }
 
-/// `[rounds]`: cohort size, over-selection, minimum reports and timing.
+/// `[rounds]`: how devices are sampled, cohort size, over-selection, minimum reports and
+/// timing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoundsFile {
+    /// How a round's devices are chosen (required with differential privacy: `"poisson"`).
+    #[serde(default)]
+    pub sampling: SamplingFile,
+    /// With `"poisson"`, the expected cohort: q = cohort_size / privacy.population.
     pub cohort_size: u32,
-    #[serde(default = "default_over_selection")]
-    pub over_selection: f64,
+    /// First-come cohorts only: devices assigned beyond the cohort, for stragglers
+    /// (default 0.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_selection: Option<f64>,
     pub min_reports: u32,
     pub round_timeout_s: f64,
     #[serde(default = "default_min_task_time_s")]
@@ -200,8 +207,9 @@ impl RoundsFile {
     /// limit on rounds.
     pub fn new(cohort_size: u32, min_reports: u32, round_timeout_s: f64) -> Self {
         RoundsFile {
+            sampling: SamplingFile::default(),
             cohort_size,
-            over_selection: default_over_selection(),
+            over_selection: None,
             min_reports,
             round_timeout_s,
             min_task_time_s: default_min_task_time_s(),
@@ -211,8 +219,17 @@ impl RoundsFile {
     }
 }
 
-fn default_over_selection() -> f64 {
-    0.3
+/// `rounds.sampling`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingFile {
+    /// The first devices to check in, up to the cohort and its over-selection: no sampling
+    /// the accountant can stand behind, so only without differential privacy.
+    #[default]
+    FirstCome,
+    /// Each device draws its own participation with probability q, and the aggregator takes
+    /// every device that drew itself in.
+    Poisson,
 }
 fn default_min_task_time_s() -> f64 {
     10.0

@@ -7,6 +7,7 @@
 pub mod file;
 mod policy;
 mod privacy;
+mod sampling;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -17,12 +18,11 @@ use anyhow::{bail, ensure, Context};
 use fedpersona_model::config::LlamaConfig;
 use fedpersona_model::lora::{LoraConfig, Target};
 use fedpersona_privacy::codec::Encoding;
-use fedpersona_privacy::mode;
 
 use file::ConfigFile;
 pub use policy::{
-    Budget, LocalTraining, PrivacyMode, PrivacyPolicy, RoundPolicy, SecAggPolicy, ServerOptimizer,
-    Transport, UpdatePolicy, Weighting,
+    Budget, LocalTraining, PrivacyMode, PrivacyPolicy, RoundPolicy, Sampling, SecAggPolicy,
+    ServerOptimizer, Transport, UpdatePolicy, Weighting,
 };
 
 /// A validated `serve` configuration.
@@ -133,14 +133,7 @@ impl Config {
             min_reports <= target_reports,
             "rounds.min_reports ({min_reports}) exceeds rounds.cohort_size ({target_reports})"
         );
-        ensure!(
-            r.over_selection.is_finite() && (0.0..=10.0).contains(&r.over_selection),
-            "rounds.over_selection must be in [0, 10]"
-        );
-        let max_assigned =
-            mode::assigned_per_round(u64::from(target_reports.get()), r.over_selection);
-        let max_assigned = NonZeroU32::new(max_assigned.min(u64::from(u32::MAX)) as u32)
-            .context("rounds: cohort too large")?;
+        let (sampling, max_assigned) = sampling::sampling_policy(&f, target_reports)?;
         let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
             ensure!(
                 v.is_finite() && v > 0.0 && v < 1e7,
@@ -155,6 +148,7 @@ impl Config {
             "rounds.min_task_time_s must be below rounds.round_timeout_s"
         );
         let rounds = RoundPolicy {
+            sampling,
             target_reports,
             max_assigned,
             min_reports,
@@ -302,9 +296,12 @@ pub fn token_digest(token: &str) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
-    use super::file::{ConfigFile, EnrollmentFile, ModelFile, RoundsFile, ServerFile, TlsFile};
+    use super::file::{
+        ConfigFile, EnrollmentFile, ModelFile, RoundsFile, SamplingFile, ServerFile, TlsFile,
+    };
     use super::*;
     use fedpersona_privacy::accountant::Method;
+    use fedpersona_privacy::sampling;
 
     const TOKEN: &str = "test-enrollment-token-0123456789";
 
@@ -324,6 +321,7 @@ mod tests {
         f.adapter.rank = 4;
         f.adapter.targets = vec!["q_proj".into(), "v_proj".into()];
         f.rounds.max_rounds = 3;
+        f.rounds.sampling = SamplingFile::Poisson;
         f.training.seq_len = 32;
         f.privacy.mode = "central".into();
         f.privacy.noise_multiplier = 1.0;
@@ -360,6 +358,7 @@ dir = {:?}
 rank = 4
 targets = ["q_proj", "v_proj"]
 [rounds]
+sampling = "poisson"
 cohort_size = 4
 min_reports = 2
 round_timeout_s = 600
@@ -383,10 +382,17 @@ accountant = "pld"
         assert!(matches!(loaded.transport, Transport::Plaintext));
         assert_eq!(loaded.enrollment_token_digests, vec![token_digest(TOKEN)]);
         assert_eq!(loaded.rounds.target_reports.get(), 4);
-        assert_eq!(loaded.rounds.max_assigned.get(), 6);
+        // Each device joins with q = 4/1000; the largest cohort a round takes leaves a chance
+        // of more below 1 % of δ over the 3 rounds.
+        let q = 4.0 / 1000.0;
+        assert_eq!(loaded.rounds.sampling, Sampling::Poisson { rate: q });
+        let tail = sampling::oversubscription_tail(1e-5, 10.0, 3);
+        let cap = u64::from(loaded.rounds.max_assigned.get());
+        assert!(sampling::upper_tail(1000, q, cap) <= tail);
+        assert!(sampling::upper_tail(1000, q, cap - 1) > tail);
         assert_eq!(loaded.rounds.max_rounds, Some(3));
         assert_eq!(loaded.privacy.mode, PrivacyMode::Central);
-        assert_eq!(loaded.privacy.sampling_rate, 6.0 / 1000.0);
+        assert_eq!(loaded.privacy.sampling_rate, q);
         assert_eq!(loaded.privacy.accountant, Method::Pld);
         assert_eq!(
             loaded.privacy.budget,
@@ -396,6 +402,48 @@ accountant = "pld"
             })
         );
         assert!(loaded.secure_aggregation.is_none());
+    }
+
+    #[test]
+    fn sampling_the_accountant_cannot_stand_behind_is_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |edit: &dyn Fn(&mut ConfigFile), field: &str| {
+            let mut f = sample();
+            edit(&mut f);
+            let e = Config::parse(&toml::to_string(&f).unwrap(), dir.path())
+                .map(drop)
+                .expect_err(field);
+            assert!(format!("{e:#}").contains(field), "{field}: {e:#}");
+        };
+        refused(
+            &|f| f.rounds.sampling = SamplingFile::FirstCome,
+            "rounds.sampling must be \"poisson\"",
+        );
+        refused(&|f| f.rounds.over_selection = Some(0.3), "rounds.over_selection");
+        refused(&|f| f.privacy.population = 3, "privacy.population");
+        refused(
+            &|f| f.privacy.population = 2_000_000_000,
+            "privacy.population",
+        );
+        refused(
+            &|f| {
+                f.privacy = Default::default();
+                f.rounds.sampling = SamplingFile::FirstCome;
+                f.rounds.over_selection = Some(11.0);
+            },
+            "rounds.over_selection",
+        );
+        // Poisson sampling needs a population even without DP.
+        refused(
+            &|f| f.privacy = Default::default(),
+            "privacy.population",
+        );
+        let mut f = sample();
+        f.privacy = Default::default();
+        f.rounds.sampling = SamplingFile::FirstCome;
+        let c = Config::parse(&toml::to_string(&f).unwrap(), dir.path()).unwrap();
+        assert_eq!(c.rounds.sampling, Sampling::FirstCome);
+        assert_eq!(c.rounds.max_assigned.get(), 6);
     }
 
     #[test]

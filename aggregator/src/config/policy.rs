@@ -46,8 +46,8 @@ pub struct PrivacyPolicy {
     pub mode: PrivacyMode,
     /// z: noise standard deviation over the clip norm, for the whole sum.
     pub noise_multiplier: f64,
-    /// q: the chance that a given user's update is in a round (assigned devices over the
-    /// population), as the accountant's Poisson sampling rate.
+    /// q: the chance that a given user's update is in a round, each device's own Poisson
+    /// draw (`rounds.sampling = "poisson"`).
     pub sampling_rate: f64,
     /// None only when `mode` is none.
     pub budget: Option<Budget>,
@@ -77,12 +77,35 @@ pub enum Transport {
     Plaintext,
 }
 
+/// How a round's devices are chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The first devices to check in, up to `max_assigned`.
+    FirstCome,
+    /// Each device joins with probability `rate`, drawn on the device; the aggregator takes
+    /// every device that drew itself in (see `fedpersona_privacy::sampling`).
+    Poisson { rate: f64 },
+}
+
+impl Sampling {
+    /// The Poisson rate, if devices draw their participation.
+    pub fn rate(self) -> Option<f64> {
+        match self {
+            Sampling::FirstCome => None,
+            Sampling::Poisson { rate } => Some(rate),
+        }
+    }
+}
+
 /// Round scheduling.
 #[derive(Debug, Clone)]
 pub struct RoundPolicy {
-    /// Reports that close a round early.
+    pub sampling: Sampling,
+    /// First come: reports that close a round early. Poisson: the expected cohort.
     pub target_reports: NonZeroU32,
-    /// Devices assigned per round: the target plus over-selection for stragglers.
+    /// First come: devices assigned per round, the target plus over-selection for
+    /// stragglers. Poisson: the largest cohort the aggregator is built for (the SecAgg
+    /// grid); a round that more devices join is abandoned.
     pub max_assigned: NonZeroU32,
     /// Fewer reports than this at the deadline abandon the round.
     pub min_reports: NonZeroU32,

@@ -57,12 +57,10 @@ pub(super) fn privacy_policy(
             p.noise_multiplier,
             pld::MIN_NOISE_MULTIPLIER
         );
-        ensure!(
-            p.population >= u64::from(assigned),
-            "privacy.population ({}) must be at least the devices assigned per round ({assigned}): \
-             it is the number of eligible devices, and assigned / population is the sampling rate",
-            p.population
-        );
+        let sampling_rate = rounds
+            .sampling
+            .rate()
+            .context("differential privacy needs rounds.sampling = \"poisson\"")?;
         ensure!(
             p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0,
             "privacy.epsilon_budget must be positive with privacy.mode {:?}",
@@ -80,7 +78,7 @@ pub(super) fn privacy_policy(
         let policy = PrivacyPolicy {
             mode,
             noise_multiplier: p.noise_multiplier,
-            sampling_rate: mode::sampling_rate(u64::from(assigned), p.population),
+            sampling_rate,
             budget: Some(Budget {
                 epsilon: p.epsilon_budget,
                 delta: p.delta,

@@ -92,6 +92,7 @@ pub(super) fn open_round(
 mod tests {
     use fedpersona_privacy::accountant::Method;
 
+    use crate::config::file::SamplingFile;
     use crate::round::testing::{device, report, start};
     use crate::round::{CheckIn, RoundPhase};
 
@@ -112,12 +113,12 @@ mod tests {
     }
 
     fn the_budget_pays_for_one_round(method: Method) {
-        // 2 devices assigned of 4: q = 0.5. The budget pays for one round, not two.
+        // 2 devices expected of 4: q = 0.5. The budget pays for one round, not two.
         let (z, q, delta) = (1.0, 0.5, 1e-5);
         let one = method.epsilon(z, q, 1, delta).unwrap();
         let two = method.epsilon(z, q, 2, delta).unwrap();
         let f = start(2, 1, |f| {
-            f.rounds.over_selection = 0.0;
+            f.rounds.sampling = SamplingFile::Poisson;
             f.privacy.mode = "central".into();
             f.privacy.noise_multiplier = z;
             f.privacy.population = 4;
@@ -136,7 +137,7 @@ mod tests {
         );
         assert_eq!(c.store().ledger().unwrap().len(), 1);
 
-        c.check_in(&device(1));
+        c.check_in(&device(1), 1);
         report(c, &device(1), 1, 1).unwrap();
         c.close_round().unwrap();
         let v = c.view();
@@ -144,7 +145,7 @@ mod tests {
             (v.round, v.phase, v.rounds_committed),
             (0, RoundPhase::BudgetExhausted, 1)
         );
-        match c.check_in(&device(2)) {
+        match c.check_in(&device(2), 0) {
             CheckIn::BudgetSpent(why) => {
                 assert!(why.starts_with("privacy budget exhausted"), "{why}")
             }

@@ -176,7 +176,7 @@ impl Coordinator {
     /// Closes the round (already marked closing): commit with enough reports, else abandon;
     /// then opens the next round unless the configured number is reached.
     pub fn close_round(&self) -> anyhow::Result<Outcome> {
-        let (id, sum, opened, meta, base_version) = {
+        let (id, sum, opened, meta, base_version, oversubscribed) = {
             let st = self.lock();
             let r = st
                 .round
@@ -188,12 +188,23 @@ impl Coordinator {
                 r.opened,
                 st.meta.clone(),
                 st.published.version,
+                r.oversubscribed,
             )
         };
         let reports = sum.count();
         let min = u64::from(self.config.rounds.min_reports.get());
         let mut committed = None;
-        let outcome = if reports >= min {
+        let outcome = if oversubscribed {
+            self.store.abandon_round(
+                id,
+                &format!(
+                    "more devices drew themselves in than the {} the round is built for",
+                    self.config.rounds.max_assigned
+                ),
+                now_ms(),
+            )?;
+            Outcome::Abandoned { round: id, reports }
+        } else if reports >= min {
             let mean = self.release(&sum)?;
             let mut next = meta;
             next.apply(self.config.meta, &mean)?;
@@ -310,7 +321,7 @@ mod tests {
     fn a_round_with_enough_reports_commits_once_and_the_next_opens() {
         let f = start(3, 1, |_| {});
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         report(c, &device(1), 1, 1).unwrap();
         let theta = c.theta();
         assert!(c.close_early());
@@ -356,7 +367,7 @@ mod tests {
     fn too_few_reports_abandon_the_round() {
         let f = start(3, 2, |_| {});
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         report(c, &device(1), 1, 1).unwrap();
         let theta = c.theta();
         assert_eq!(
@@ -374,7 +385,7 @@ mod tests {
     fn the_last_round_finishes_training() {
         let f = start(1, 1, |f| f.rounds.max_rounds = 1);
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         report(c, &device(1), 1, 1).unwrap();
         assert_eq!(c.view().phase, RoundPhase::Closing);
         assert!(matches!(
@@ -397,7 +408,7 @@ mod tests {
         let driver = tokio::spawn(c.clone().drive(async {
             let _ = stopped.await;
         }));
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         report(&c, &device(1), 1, 1).unwrap();
         let v = tokio::time::timeout(
             Duration::from_secs(30),

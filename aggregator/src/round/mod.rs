@@ -29,7 +29,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::aggregate::{RunningSum, UpdateSpec};
 use crate::auth::{now_ms, DeviceId};
-use crate::config::Config;
+use crate::config::{Config, RoundPolicy, Sampling};
 use crate::meta::MetaState;
 use crate::metrics::Metrics;
 use crate::secure::SecureRound;
@@ -76,6 +76,10 @@ pub struct RoundView {
     pub version: u64,
     pub reports: u32,
     pub target_reports: u32,
+    /// Devices assigned to the round.
+    pub joined: u32,
+    /// Key adverts of a secure round (0 otherwise).
+    pub adverts: u32,
     pub deadline: Option<SystemTime>,
     pub rounds_committed: u64,
 }
@@ -90,6 +94,11 @@ struct OpenRound {
     cohort: HashMap<DeviceId, bool>,
     sum: RunningSum,
     closing: bool,
+    /// Poisson sampling: no device joins any more ([`Coordinator::close_joins`]).
+    joins_closed: bool,
+    /// Poisson sampling: more devices drew themselves in than the round is built for; it is
+    /// abandoned.
+    oversubscribed: bool,
     /// Secure aggregation of this round's updates, when the config enables it.
     secure: Option<SecureRound>,
 }
@@ -170,6 +179,8 @@ fn view_of(st: &State, target: u32) -> RoundView {
             version: st.published.version,
             reports: r.sum.count() as u32,
             target_reports: target,
+            joined: r.cohort.len() as u32,
+            adverts: r.secure.as_ref().map_or(0, |s| s.adverts() as u32),
             deadline: r.deadline.map(|d| d.1),
             rounds_committed: st.rounds_committed,
         },
@@ -185,6 +196,8 @@ fn view_of(st: &State, target: u32) -> RoundView {
             version: st.published.version,
             reports: 0,
             target_reports: target,
+            joined: 0,
+            adverts: 0,
             deadline: None,
             rounds_committed: st.rounds_committed,
         },
@@ -376,7 +389,23 @@ impl OpenRound {
             cohort: HashMap::new(),
             sum: RunningSum::new(spec),
             closing: false,
+            joins_closed: false,
+            oversubscribed: false,
             secure,
+        }
+    }
+
+    /// Whether the round has everything it waits for: first come, its target of reports
+    /// (of key adverts under secure aggregation); Poisson, once joins are closed, those of
+    /// every device that joined.
+    fn full(&self, policy: &RoundPolicy) -> bool {
+        let have = match &self.secure {
+            Some(s) => s.adverts(),
+            None => self.sum.count() as usize,
+        };
+        match policy.sampling {
+            Sampling::FirstCome => have >= policy.target_reports.get() as usize,
+            Sampling::Poisson { .. } => self.joins_closed && have >= self.cohort.len(),
         }
     }
 }
@@ -404,13 +433,13 @@ mod tests {
             (0, 0, 2)
         );
         assert_eq!(before.deadline, None);
-        let CheckIn::Task(task) = c.check_in(&device(1)) else {
+        let CheckIn::Task(task) = c.check_in(&device(1), 0) else {
             panic!("no task");
         };
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().deadline, Some(task.deadline));
         // The same device again changes nothing, so nothing is sent.
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         assert!(!rx.has_changed().unwrap());
     }
 }

@@ -46,11 +46,10 @@ impl Coordinator {
         if matches!(step, SecureStep::Advertise { .. }) {
             self.check_round(&st, device, round).map_err(wrong)?;
         }
-        let target = self.config.rounds.target_reports.get() as usize;
         let r = st.round.as_mut();
         let secure = OpenRound::secure_of(r, round)?;
         let phase = secure.phase();
-        let mut full = false;
+        let mut advertised = false;
         let mut masked_bytes = None;
         match step {
             SecureStep::Advertise {
@@ -64,7 +63,8 @@ impl Coordinator {
                     signature,
                     device_key: device_key.expect("looked up above"),
                 };
-                full = secure.advertise(device, round, peer)? >= target;
+                secure.advertise(device, round, peer)?;
+                advertised = true;
             }
             SecureStep::Shares(shares) => secure.submit_shares(device, shares)?,
             SecureStep::Masked(values) => {
@@ -98,7 +98,7 @@ impl Coordinator {
             round.cohort.insert(device.clone(), true);
             self.metrics.report(bytes);
         }
-        if full {
+        if advertised && round.full(&self.config.rounds) {
             round.closing = true;
         }
         drop(st);
@@ -157,7 +157,7 @@ mod tests {
     fn secure_steps_need_an_open_secure_round() {
         let f = start(2, 1, |_| {});
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         let shares = |round| c.secure_submit(&device(1), round, SecureStep::Shares(Vec::new()));
         assert_eq!(refusal(shares(1)), (Kind::WrongRound, "no_secagg"));
         assert_eq!(refusal(shares(7)), (Kind::WrongRound, "wrong_round"));

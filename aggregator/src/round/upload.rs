@@ -168,7 +168,7 @@ impl Coordinator {
             .map_err(|e| internal("adding a checked update", e))?;
         *round.cohort.get_mut(&t.device).expect("checked above") = true;
         let reports = round.sum.count() as u32;
-        if reports >= self.config.rounds.target_reports.get() {
+        if round.full(&self.config.rounds) {
             round.closing = true;
             self.round_full.notify_one();
         }
@@ -214,7 +214,7 @@ mod tests {
     fn headers_that_do_not_fit_are_refused_before_any_data() {
         let f = start(2, 1, |f| f.update.max_upload_bytes = 65536);
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         let bytes = update(c, 1e-3);
         let begin = |d: u32, edit: &dyn Fn(&mut UploadHeader)| {
             let mut h = header(1, 1, &bytes);
@@ -242,7 +242,7 @@ mod tests {
         let f = start(2, 1, |_| {});
         let c = &f.coordinator;
         let d = device(1);
-        c.check_in(&d);
+        c.check_in(&d, 0);
         let theta = c.theta();
         let finish = |bytes: &[u8], h: UploadHeader| {
             let ticket = c.begin_upload(d.clone(), h).unwrap();
@@ -287,7 +287,7 @@ mod tests {
         let f = start(3, 1, |_| {});
         let c = &f.coordinator;
         for n in 1..=3 {
-            c.check_in(&device(n));
+            c.check_in(&device(n), 0);
         }
         assert_eq!(report(c, &device(1), 1, 1).unwrap(), 1);
         assert_eq!(
@@ -314,7 +314,7 @@ mod tests {
     fn weighting_by_examples_needs_a_positive_count() {
         let f = start(2, 1, |f| f.update.weighting = "examples".into());
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         let bytes = update(c, 1e-3);
         let mut h = header(1, 1, &bytes);
         h.num_examples = 0;
@@ -330,7 +330,7 @@ mod tests {
     fn with_secure_aggregation_plain_uploads_are_refused() {
         let f = start(3, 3, |f| f.secure_aggregation.enabled = true);
         let c = &f.coordinator;
-        c.check_in(&device(1));
+        c.check_in(&device(1), 0);
         let bytes = update(c, 1e-3);
         assert_eq!(
             refusal(c.begin_upload(device(1), header(1, 1, &bytes))),

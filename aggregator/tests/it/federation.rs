@@ -149,9 +149,15 @@ impl Server {
     }
 
     pub fn check_in(&self, s: &Signer) -> pb::check_in_response::Outcome {
+        self.check_in_sampled(s, 0)
+    }
+
+    /// A check-in saying the device drew itself into `sampled_round`.
+    pub fn check_in_sampled(&self, s: &Signer, sampled_round: u64) -> pb::check_in_response::Outcome {
         let mut req = pb::CheckInRequest {
             auth: None,
             last_round: 0,
+            sampled_round,
         };
         req.auth = Some(s.auth("CheckIn", &req));
         self.rt
@@ -162,9 +168,16 @@ impl Server {
             .unwrap()
     }
 
+    /// The device's task; where the round samples its devices, as a device that drew
+    /// itself in.
     pub fn task(&self, s: &Signer) -> pb::Task {
-        match self.check_in(s) {
-            pb::check_in_response::Outcome::Task(t) => t,
+        use pb::check_in_response::Outcome;
+        let outcome = match self.check_in(s) {
+            Outcome::Sampling(d) => self.check_in_sampled(s, d.round),
+            other => other,
+        };
+        match outcome {
+            Outcome::Task(t) => t,
             other => panic!("expected a task, got {other:?}"),
         }
     }

@@ -43,6 +43,7 @@ fn check_in_code(srv: &Server, s: &fedpersona_proto::auth::Signer) -> Result<(),
     let mut req = pb::CheckInRequest {
         auth: None,
         last_round: 0,
+        sampled_round: 0,
     };
     req.auth = Some(s.auth("CheckIn", &req));
     srv.rt
@@ -60,7 +61,7 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
     let budget = (e2 + e3) / 2.0;
     let cfg = write_config(
         dir.path(),
-        "cohort_size = 2\nover_selection = 0\nmin_reports = 2\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "sampling = \"poisson\"\ncohort_size = 2\nmin_reports = 2\nround_timeout_s = 600\nmin_task_time_s = 1",
         &format!(
             "[update]\nclip_norm = 0.01\nencoding = \"f32\"\n\
              [privacy]\nmode = \"central\"\nnoise_multiplier = {z}\npopulation = 200\n\
@@ -82,6 +83,8 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
                 srv.upload(Upload::new(s, t.round, delta(h, 1e-5, Encoding::F32)))
                     .unwrap();
             }
+            // Both devices that drew themselves in have reported; no one else joins.
+            h.coordinator.close_joins();
             wait_for_version(&srv, version);
             let after = h.coordinator.theta();
             let moves: Vec<f64> = after
@@ -181,7 +184,7 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
 #[test]
 fn invalid_privacy_settings_are_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let rounds = "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 60\nmin_task_time_s = 1";
+    let rounds = "sampling = \"poisson\"\ncohort_size = 2\nmin_reports = 2\nround_timeout_s = 60\nmin_task_time_s = 1";
     let central = |rest: &str| {
         format!("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\n{rest}")
     };
@@ -194,8 +197,8 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
         ("[privacy]\nmode = \"central\"\nnoise_multiplier = 2000\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5".into(), "privacy.noise_multiplier must be in (0, 1000]"),
         ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\ndelta = 1e-5".into(), "privacy.epsilon_budget"),
         ("[privacy]\nmode = \"central\"\nnoise_multiplier = 1\npopulation = 100\nepsilon_budget = 8\ndelta = 0.5".into(), "privacy.delta"),
-        ("[privacy]\nmode = \"none\"\nnoise_multiplier = 1".into(), "privacy.mode other than none"),
-        ("[privacy]\nmode = \"none\"\naccountant = \"pld\"".into(), "privacy.accountant = \"pld\" needs a privacy.mode"),
+        ("[privacy]\nmode = \"none\"\npopulation = 100\nnoise_multiplier = 1".into(), "privacy.mode other than none"),
+        ("[privacy]\nmode = \"none\"\npopulation = 100\naccountant = \"pld\"".into(), "privacy.accountant = \"pld\" needs a privacy.mode"),
         (central("accountant = \"moments\""), "accountant = \"moments\""),
         (central("[update]\nweighting = \"examples\""), "uniform"),
         // The PLD accountant's range, and a budget it cannot pay one round of.
@@ -210,20 +213,29 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
     // The rounds the accountant composes: cohorts out of range name their field.
     for (rounds, want) in [
         (
-            "cohort_size = 0\nmin_reports = 1\nround_timeout_s = 60",
+            "sampling = \"poisson\"\ncohort_size = 0\nmin_reports = 1\nround_timeout_s = 60",
             "rounds.cohort_size",
         ),
         (
-            "cohort_size = 2\nmin_reports = 3\nround_timeout_s = 60",
+            "sampling = \"poisson\"\ncohort_size = 2\nmin_reports = 3\nround_timeout_s = 60",
             "rounds.min_reports",
         ),
         (
-            "cohort_size = 2\nover_selection = 11\nmin_reports = 2\nround_timeout_s = 60",
-            "rounds.over_selection",
+            "sampling = \"poisson\"\ncohort_size = 2\nover_selection = 0.5\nmin_reports = 2\nround_timeout_s = 60",
+            "rounds.over_selection is for first-come cohorts",
         ),
         (
-            "cohort_size = 200\nmin_reports = 2\nround_timeout_s = 60",
-            "privacy.population (100) must be at least the devices assigned per round (260)",
+            "sampling = \"poisson\"\ncohort_size = 200\nmin_reports = 2\nround_timeout_s = 60",
+            "privacy.population (100) must be between rounds.cohort_size (200)",
+        ),
+        // The accountant's q is a Poisson rate: first-come cohorts cannot carry DP.
+        (
+            "cohort_size = 2\nmin_reports = 2\nround_timeout_s = 60",
+            "rounds.sampling must be \"poisson\" with privacy.mode \"central\"",
+        ),
+        (
+            "sampling = \"first_come\"\ncohort_size = 2\nmin_reports = 2\nround_timeout_s = 60",
+            "rounds.sampling must be \"poisson\"",
         ),
     ] {
         let cfg = write_config(dir.path(), rounds, &central(""));
@@ -239,20 +251,25 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
 fn the_secagg_grid_leaves_room_for_local_noise() {
     use fedpersona_privacy::mode;
     let dir = tempfile::tempdir().unwrap();
-    let rounds = "cohort_size = 3\nover_selection = 0\nmin_reports = 3\nround_timeout_s = 600";
+    let rounds = "sampling = \"poisson\"\ncohort_size = 3\nmin_reports = 3\nround_timeout_s = 600";
     let secure = "[secure_aggregation]\nenabled = true\nmax_neighbours = 2\nphase_timeout_s = 5";
+    // The grid is sized for the largest cohort a round takes, n.
     let grid = |privacy: &str| {
         let cfg = write_config(dir.path(), rounds, &format!("{secure}\n{privacy}"));
         let cfg = aggregator::config::Config::load(&cfg).unwrap();
-        cfg.secure_aggregation.unwrap().granularity
+        (
+            cfg.secure_aggregation.unwrap().granularity,
+            u64::from(cfg.rounds.max_assigned.get()),
+        )
     };
-    let none = grid("");
-    let local = grid("[privacy]\nmode = \"local\"\nnoise_multiplier = 2\npopulation = 100\nepsilon_budget = 100\ndelta = 1e-5");
-    assert_eq!(none, mode::secagg_grid(1.0, 3, 0.0, 1).granularity);
-    assert_eq!(local, mode::secagg_grid(1.0, 3, 2.0, 1).granularity);
-    // 3 inputs of B plus 12σ of the summed noise (σ = 2B√3) fit within 2^30.
-    let units = 1.0 / local;
-    assert!(3.0 * units + 12.0 * 2.0 * units * 3f64.sqrt() <= mode::SECAGG_SUM_BOUND);
+    let (none, n) = grid("[privacy]\npopulation = 100");
+    let (local, n_local) =
+        grid("[privacy]\nmode = \"local\"\nnoise_multiplier = 2\npopulation = 100\nepsilon_budget = 100\ndelta = 1e-5");
+    assert_eq!(none, mode::secagg_grid(1.0, n, 0.0, 1).granularity);
+    assert_eq!(local, mode::secagg_grid(1.0, n_local, 2.0, 1).granularity);
+    // n inputs of B plus 12σ of the summed noise (σ = 2B√n) fit within 2^30.
+    let (units, n) = (1.0 / local, n_local as f64);
+    assert!(n * units + 12.0 * 2.0 * units * n.sqrt() <= mode::SECAGG_SUM_BOUND);
     assert!(local > none);
 }
 

@@ -91,6 +91,13 @@ pub enum CheckIn {
         retry_after: Duration,
         reason: String,
     },
+    /// The round samples its devices: draw with probability `rate` (see
+    /// `fedpersona_privacy::sampling`).
+    Sample {
+        round: u64,
+        rate: f64,
+        retry_after: Duration,
+    },
     /// The aggregator will never give this device work again.
     Retired {
         why: Retired,
@@ -183,11 +190,17 @@ impl Session {
         &self.signer
     }
 
-    pub async fn check_in(&self, last_round: u64) -> Result<CheckIn, tonic::Status> {
+    /// Checks in; `sampled_round` is the round this device drew itself into (0: none).
+    pub async fn check_in(
+        &self,
+        last_round: u64,
+        sampled_round: u64,
+    ) -> Result<CheckIn, tonic::Status> {
         let r = with_retry(self.retry, || {
             let mut req = pb::CheckInRequest {
                 auth: None,
                 last_round,
+                sampled_round,
             };
             req.auth = Some(self.signer.auth("CheckIn", &req));
             let mut client = self.client.clone();
@@ -211,6 +224,11 @@ impl Session {
             Some(pb::check_in_response::Outcome::Later(l)) => Ok(CheckIn::Later {
                 retry_after: Duration::from_millis(u64::from(l.retry_after_ms)),
                 reason: l.reason,
+            }),
+            Some(pb::check_in_response::Outcome::Sampling(s)) => Ok(CheckIn::Sample {
+                round: s.round,
+                rate: s.rate,
+                retry_after: Duration::from_millis(u64::from(s.retry_after_ms)),
             }),
             None => Err(tonic::Status::internal(
                 "check-in answer without an outcome",

@@ -12,6 +12,17 @@ pub(crate) struct AgentState {
     pub device_id: Option<String>,
     pub last_round: u64,
     pub rounds_reported: u64,
+    /// The last round this device drew for under Poisson sampling, and what it drew: kept
+    /// before the device acts on it, so a restart never draws a round twice.
+    #[serde(default)]
+    pub draw: Option<Draw>,
+}
+
+/// One round's participation draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Draw {
+    pub round: u64,
+    pub joined: bool,
 }
 
 /// The device's key: created once, mode 0600.

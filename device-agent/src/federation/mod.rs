@@ -10,4 +10,4 @@ pub mod participant;
 pub mod task;
 
 pub use config::AgentConfig;
-pub use participant::{run_from_config, Agent, Report, RunSummary, Step};
+pub use participant::{run_from_config, Agent, Joined, Report, RunSummary, Step};

@@ -12,7 +12,8 @@ use candle_core::Device;
 use fedpersona_model::train::Example;
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 use fedpersona_privacy::protect::{Protected, Quantized};
-use fedpersona_privacy::secagg;
+use fedpersona_privacy::{sampling, secagg};
+use rand::SeedableRng;
 use fedpersona_privacy::tensors::AdapterTensors;
 use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
@@ -20,7 +21,7 @@ use serde::Serialize;
 
 use crate::federation::client::{self, CheckIn, Retired, Session};
 use crate::federation::config::AgentConfig;
-use crate::federation::credentials::{load_or_create_key, load_state, save_state, AgentState};
+use crate::federation::credentials::{load_or_create_key, load_state, save_state, AgentState, Draw};
 use crate::federation::task::{
     assignment_from, deadline, local_update, lora_config, protection_for, Training,
 };
@@ -145,33 +146,90 @@ impl Agent {
     /// One check-in and, if given a task, the whole participation. Without the user's
     /// consent ([`Consent`]) the aggregator is not contacted at all.
     pub async fn step(&mut self) -> anyhow::Result<Step> {
+        match self.join().await? {
+            Joined::Task(task) => self.take_part(task).await,
+            Joined::Wait(d) => Ok(Step::Wait(d)),
+            Joined::Retired(why) => Ok(Step::Retired(why)),
+        }
+    }
+
+    /// Checks in and, where the round samples its devices, draws whether to take part
+    /// (once per round: the draw is on disk before the device acts on it), joining at once
+    /// if drawn in. Without consent the aggregator is not contacted.
+    pub async fn join(&mut self) -> anyhow::Result<Joined> {
         if !Consent::allows_federation(&self.config.state_dir) {
             tracing::debug!("no consent to federated participation: not checking in");
-            return Ok(Step::Wait(self.config.checkin_interval));
+            return Ok(Joined::Wait(self.config.checkin_interval));
         }
-        let answer = self
-            .session
-            .check_in(self.state.last_round)
-            .await
-            .map_err(|s| anyhow::anyhow!("check-in failed: {} ({:?})", s.message(), s.code()))?;
-        let task = match answer {
-            CheckIn::Later {
-                retry_after,
-                reason,
-            } => {
-                tracing::debug!(reason, "no task");
-                return Ok(Step::Wait(retry_after.min(self.config.checkin_interval)));
-            }
-            CheckIn::Retired { why, message } => {
-                tracing::warn!(
-                    ?why,
-                    message,
-                    "the aggregator will give no more work: stopping"
+        let mut sampled_round = 0;
+        loop {
+            let answer = self
+                .session
+                .check_in(self.state.last_round, sampled_round)
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!("check-in failed: {} ({:?})", s.message(), s.code())
+                })?;
+            return Ok(match answer {
+                CheckIn::Task(t) => Joined::Task(t),
+                CheckIn::Later {
+                    retry_after,
+                    reason,
+                } => {
+                    tracing::debug!(reason, "no task");
+                    Joined::Wait(retry_after.min(self.config.checkin_interval))
+                }
+                CheckIn::Retired { why, message } => {
+                    tracing::warn!(
+                        ?why,
+                        message,
+                        "the aggregator will give no more work: stopping"
+                    );
+                    Joined::Retired(why)
+                }
+                CheckIn::Sample {
+                    round,
+                    rate,
+                    retry_after,
+                } => {
+                    // A second request to draw for the round drawn in: the aggregator no
+                    // longer takes it (e.g. joins just closed); sit it out.
+                    if sampled_round != round && self.drawn_in(round, rate)? {
+                        sampled_round = round;
+                        continue;
+                    }
+                    Joined::Wait(retry_after.min(self.config.checkin_interval))
+                }
+            });
+        }
+    }
+
+    /// This device's draw for `round` at `rate`: the one on disk if it drew for the round
+    /// before, else a fresh one, saved before it is used. From the operating system's
+    /// generator, or with a fixed seed (the simulation) from ChaCha20 keyed by the seed and
+    /// the round.
+    fn drawn_in(&mut self, round: u64, rate: f64) -> anyhow::Result<bool> {
+        if let Some(d) = self.state.draw.filter(|d| d.round == round) {
+            return Ok(d.joined);
+        }
+        let joined = match self.config.seed {
+            Some(s) => {
+                let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(
+                    s ^ round.wrapping_mul(0xd1b5_4a32_d192_ed03),
                 );
-                return Ok(Step::Retired(why));
+                sampling::draw(rate, &mut rng)
             }
-            CheckIn::Task(t) => t,
-        };
+            None => sampling::draw(rate, &mut rand::rng()),
+        }
+        .with_context(|| format!("the aggregator asked for a sampling rate of {rate}"))?;
+        self.state.draw = Some(Draw { round, joined });
+        save_state(&self.config.state_dir, &self.state)?;
+        tracing::debug!(round, joined, "drew participation");
+        Ok(joined)
+    }
+
+    /// The whole participation in an assigned round: download, train, upload.
+    pub async fn take_part(&mut self, task: pb::Task) -> anyhow::Result<Step> {
         let round = task.round;
         let (update, examples, loss) = self.train(&task).await?;
         if SystemTime::now() > deadline(&task) {
@@ -281,17 +339,6 @@ impl Agent {
         Ok(bytes)
     }
 
-    /// Checks in and, if given a task, walks away from it (a device that goes offline
-    /// mid-round: the simulation's dropouts). Returns whether a task was assigned.
-    pub async fn check_in_and_drop(&mut self) -> anyhow::Result<bool> {
-        let answer = self
-            .session
-            .check_in(self.state.last_round)
-            .await
-            .map_err(|s| anyhow::anyhow!("check-in failed: {} ({:?})", s.message(), s.code()))?;
-        Ok(matches!(answer, CheckIn::Task(_)))
-    }
-
     /// Downloads θ, adapts it locally, and returns the privatized delta.
     async fn train(&self, task: &pb::Task) -> anyhow::Result<(Protected, u32, f32)> {
         let lora = lora_config(task)?;
@@ -331,6 +378,14 @@ impl Agent {
         .await
         .context("training task panicked")?
     }
+}
+
+/// What a check-in came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Joined {
+    Task(pb::Task),
+    Wait(Duration),
+    Retired(Retired),
 }
 
 /// What one step did.

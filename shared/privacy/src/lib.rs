@@ -9,6 +9,7 @@
 //!   float-noise grid, the SecAgg grid, the release's denominator, the budget.
 //! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP and PLD accounting and their
 //!   inverses.
+//! * [`sampling`]: device-side Poisson sampling and the binomial cohort it gives.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;
@@ -16,6 +17,7 @@ pub mod codec;
 pub mod mode;
 pub mod noise;
 pub mod protect;
+pub mod sampling;
 pub mod secagg;
 pub mod tensors;
 

@@ -1,5 +1,5 @@
-//! The arithmetic of the privacy modes in one place: the sampling rate the accountant is
-//! charged with, each mode's noise scale (local σ = zC, the distributed share zB/√m in grid
+//! The arithmetic of the privacy modes in one place (the sampling rate is `sampling`'s): the
+//! over-selection, each mode's noise scale (local σ = zC, the distributed share zB/√m in grid
 //! units, central z(C + 2·slack) on the sum), the float-noise grid 2^k, the SecAgg grid γ,
 //! and what the release divides by. Pure functions on plain numbers: callers keep their
 //! validation, messages and types.
@@ -21,11 +21,6 @@ pub const MIN_GRID_UNITS: f64 = 1024.0;
 /// Exact for every cohort ≤ u32::MAX and `over` in [0, 10] (an integer below 2^53).
 pub fn assigned_per_round(cohort: u64, over_selection: f64) -> u64 {
     (cohort as f64 * (1.0 + over_selection)).ceil() as u64
-}
-
-/// q: the Poisson sampling rate of a user, devices assigned per round over the population.
-pub fn sampling_rate(assigned: u64, population: u64) -> f64 {
-    assigned as f64 / population as f64
 }
 
 /// Reports expected when each of `n` devices drops with probability `dropout`:
@@ -139,10 +134,6 @@ mod tests {
     fn sampling() {
         // README run: 10 assigned of 194 users, no over-selection (dropout 0).
         assert_eq!(assigned_per_round(10, 0.0), 10);
-        assert_eq!(sampling_rate(10, 194), 10.0 / 194.0); // 0.05154639175257732
-        assert!((sampling_rate(10, 194) - 0.051_546_391_752_577).abs() < 1e-15);
-        assert_eq!(sampling_rate(3, 6), 0.5); // simulate test: 3 of 6
-        assert_eq!(sampling_rate(4, 400), 0.01);
         // 2·1.3 = 2.6 → 3; 3·1.3 = 3.9000000000000004 → 4; 100·1.3 = 130.0 exactly → 130.
         assert_eq!(assigned_per_round(2, 0.3), 3);
         assert_eq!(assigned_per_round(3, 0.3), 4);
