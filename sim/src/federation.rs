@@ -405,17 +405,18 @@ fn aggregator_config(
         momentum: spec.server.momentum,
         ..file.meta
     };
-    file.privacy.population = users as u64;
     if let Some(p) = privacy {
         file.privacy = PrivacyFile {
             mode: spec.privacy.mode.name().into(),
             noise_multiplier: p.noise_multiplier,
-            population: users as u64,
             epsilon_budget: p.epsilon_budget,
             delta: spec.privacy.delta,
             accountant: spec.privacy.accountant,
+            ..file.privacy
         };
     }
+    // Poisson sampling's q = cohort / population, with or without DP.
+    file.privacy.population = users as u64;
     if spec.privacy.secure_aggregation {
         file.secure_aggregation = SecAggFile {
             enabled: true,

@@ -419,7 +419,10 @@ accountant = "pld"
             &|f| f.rounds.sampling = SamplingFile::FirstCome,
             "rounds.sampling must be \"poisson\"",
         );
-        refused(&|f| f.rounds.over_selection = Some(0.3), "rounds.over_selection");
+        refused(
+            &|f| f.rounds.over_selection = Some(0.3),
+            "rounds.over_selection",
+        );
         refused(&|f| f.privacy.population = 3, "privacy.population");
         refused(
             &|f| f.privacy.population = 2_000_000_000,
@@ -434,10 +437,7 @@ accountant = "pld"
             "rounds.over_selection",
         );
         // Poisson sampling needs a population even without DP.
-        refused(
-            &|f| f.privacy = Default::default(),
-            "privacy.population",
-        );
+        refused(&|f| f.privacy = Default::default(), "privacy.population");
         let mut f = sample();
         f.privacy = Default::default();
         f.rounds.sampling = SamplingFile::FirstCome;

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use fedpersona_privacy::secagg::Phase;
+
 use super::Coordinator;
 use crate::auth::DeviceId;
 use crate::config::Sampling;
@@ -149,7 +151,7 @@ impl Coordinator {
         let advertising = r
             .secure
             .as_ref()
-            .is_none_or(|s| s.phase() == fedpersona_privacy::secagg::Phase::Advertise);
+            .is_none_or(|s| s.phase() == Phase::Advertise);
         if advertising && r.full(&self.config.rounds) {
             r.closing = true;
         }
@@ -169,7 +171,7 @@ impl Coordinator {
         if !r
             .secure
             .as_ref()
-            .is_some_and(|s| s.phase() == fedpersona_privacy::secagg::Phase::Advertise)
+            .is_some_and(|s| s.phase() == Phase::Advertise)
         {
             return false;
         }
@@ -289,7 +291,10 @@ mod tests {
         }
         assert_eq!(c.view().phase, RoundPhase::Open);
         assert!(c.close_joins());
-        assert_eq!(later(c.check_in(&device(6), 1)).1, "joins closed for this round");
+        assert_eq!(
+            later(c.check_in(&device(6), 1)).1,
+            "joins closed for this round"
+        );
         assert_eq!(c.view().phase, RoundPhase::Open);
         for n in 3..=5 {
             report(c, &device(n), 1, n as u8).unwrap();

@@ -153,7 +153,11 @@ impl Server {
     }
 
     /// A check-in saying the device drew itself into `sampled_round`.
-    pub fn check_in_sampled(&self, s: &Signer, sampled_round: u64) -> pb::check_in_response::Outcome {
+    pub fn check_in_sampled(
+        &self,
+        s: &Signer,
+        sampled_round: u64,
+    ) -> pb::check_in_response::Outcome {
         let mut req = pb::CheckInRequest {
             auth: None,
             last_round: 0,

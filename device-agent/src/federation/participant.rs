@@ -12,16 +12,18 @@ use candle_core::Device;
 use fedpersona_model::train::Example;
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 use fedpersona_privacy::protect::{Protected, Quantized};
-use fedpersona_privacy::{sampling, secagg};
-use rand::SeedableRng;
 use fedpersona_privacy::tensors::AdapterTensors;
+use fedpersona_privacy::{sampling, secagg};
 use fedpersona_proto::auth::{self, Signer};
 use fedpersona_proto::v1 as pb;
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::federation::client::{self, CheckIn, Retired, Session};
 use crate::federation::config::AgentConfig;
-use crate::federation::credentials::{load_or_create_key, load_state, save_state, AgentState, Draw};
+use crate::federation::credentials::{
+    load_or_create_key, load_state, save_state, AgentState, Draw,
+};
 use crate::federation::task::{
     assignment_from, deadline, local_update, lora_config, protection_for, Training,
 };

@@ -207,9 +207,7 @@ mod tests {
     fn draws_follow_the_rate_and_refuse_a_rate_outside_0_1() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
         let n = 100_000;
-        let hits = (0..n)
-            .filter(|_| draw(0.05, &mut rng).unwrap())
-            .count() as f64;
+        let hits = (0..n).filter(|_| draw(0.05, &mut rng).unwrap()).count() as f64;
         // 0.05 ± 5 standard deviations of the binomial share.
         let sd = (0.05f64 * 0.95 / n as f64).sqrt();
         assert!((hits / n as f64 - 0.05).abs() < 5.0 * sd, "{hits}");
