@@ -31,6 +31,8 @@ use device_agent::federation::{Agent, AgentConfig, Joined, Report, Step};
 
 /// The share of rounds a federation may lose for too few reports: sets `min_reports`.
 const MISSED_ROUNDS: f64 = 0.05;
+/// A round's deadline: the simulation closes rounds itself, so only a backstop.
+const ROUND_TIMEOUT_S: f64 = 86_400.0;
 
 /// The runtime of the in-process aggregator and agents. Local training runs on blocking
 /// threads: as many as train at once (plus one for the aggregator's round close), so each
@@ -369,7 +371,7 @@ fn aggregator_config(
         ModelFile {
             dir: absolute(&env.base_dir),
         },
-        RoundsFile::new(cohort.try_into()?, min_reports.try_into()?, 86_400.0),
+        RoundsFile::new(cohort.try_into()?, min_reports.try_into()?, ROUND_TIMEOUT_S),
     );
     file.server.keep_versions = 2;
     file.adapter = AdapterFile {
@@ -381,6 +383,8 @@ fn aggregator_config(
     };
     file.rounds = RoundsFile {
         sampling: SamplingFile::Poisson,
+        // The simulation closes joins itself once every device has drawn.
+        join_window_s: Some(ROUND_TIMEOUT_S / 2.0),
         min_task_time_s: 1.0,
         retry_after_s: 0.05,
         max_rounds: spec.rounds,

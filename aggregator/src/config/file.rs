@@ -191,6 +191,10 @@ pub struct RoundsFile {
     /// (default 0.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over_selection: Option<f64>,
+    /// Poisson only: seconds from a round's opening until joins close (default three
+    /// check-in intervals, `3 × retry_after_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_window_s: Option<f64>,
     pub min_reports: u32,
     pub round_timeout_s: f64,
     #[serde(default = "default_min_task_time_s")]
@@ -210,6 +214,7 @@ impl RoundsFile {
             sampling: SamplingFile::default(),
             cohort_size,
             over_selection: None,
+            join_window_s: None,
             min_reports,
             round_timeout_s,
             min_task_time_s: default_min_task_time_s(),

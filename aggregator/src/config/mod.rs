@@ -385,7 +385,14 @@ accountant = "pld"
         // Each device joins with q = 4/1000; the largest cohort a round takes leaves a chance
         // of more below 1 % of δ over the 3 rounds.
         let q = 4.0 / 1000.0;
-        assert_eq!(loaded.rounds.sampling, Sampling::Poisson { rate: q });
+        // Joins close three check-in intervals (30 s by default) after a round opens.
+        assert_eq!(
+            loaded.rounds.sampling,
+            Sampling::Poisson {
+                rate: q,
+                join_window: Duration::from_secs(90)
+            }
+        );
         let tail = sampling::oversubscription_tail(1e-5, 10.0, 3);
         let cap = u64::from(loaded.rounds.max_assigned.get());
         assert!(sampling::upper_tail(1000, q, cap) <= tail);
@@ -435,6 +442,26 @@ accountant = "pld"
                 f.rounds.over_selection = Some(11.0);
             },
             "rounds.over_selection",
+        );
+        refused(
+            &|f| f.rounds.join_window_s = Some(10.0),
+            "must be at least rounds.retry_after_s",
+        );
+        refused(
+            &|f| f.rounds.join_window_s = Some(600.0),
+            "less than rounds.round_timeout_s",
+        );
+        refused(
+            &|f| f.rounds.join_window_s = Some(f64::NAN),
+            "rounds.join_window_s",
+        );
+        refused(
+            &|f| {
+                f.privacy = Default::default();
+                f.rounds.sampling = SamplingFile::FirstCome;
+                f.rounds.join_window_s = Some(60.0);
+            },
+            "rounds.join_window_s is for",
         );
         // Poisson sampling needs a population even without DP.
         refused(&|f| f.privacy = Default::default(), "privacy.population");

@@ -84,7 +84,12 @@ pub enum Sampling {
     FirstCome,
     /// Each device joins with probability `rate`, drawn on the device; the aggregator takes
     /// every device that drew itself in (see `fedpersona_privacy::sampling`).
-    Poisson { rate: f64 },
+    Poisson {
+        rate: f64,
+        /// From a round's opening until joins close: a device that checks in within it
+        /// gets its draw for the round.
+        join_window: Duration,
+    },
 }
 
 impl Sampling {
@@ -92,7 +97,7 @@ impl Sampling {
     pub fn rate(self) -> Option<f64> {
         match self {
             Sampling::FirstCome => None,
-            Sampling::Poisson { rate } => Some(rate),
+            Sampling::Poisson { rate, .. } => Some(rate),
         }
     }
 }

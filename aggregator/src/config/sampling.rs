@@ -3,6 +3,7 @@
 //! for.
 
 use std::num::NonZeroU32;
+use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use fedpersona_privacy::{mode, sampling};
@@ -12,6 +13,8 @@ use super::Sampling;
 
 /// Over-selection of first-come cohorts when the file names none.
 const DEFAULT_OVER_SELECTION: f64 = 0.3;
+/// Check-in intervals in the join window when the file names none.
+const JOIN_WINDOW_CHECK_INS: f64 = 3.0;
 /// Largest population a Poisson config may name.
 const MAX_POPULATION: u64 = 1_000_000_000;
 /// Without DP, the chance per round that a Poisson cohort outgrows its cap.
@@ -35,6 +38,11 @@ pub(super) fn sampling_policy(
                  devices drawing their own participation enforce (a first-come cohort takes \
                  whoever checks in first, however often)",
                 p.mode
+            );
+            ensure!(
+                r.join_window_s.is_none(),
+                "rounds.join_window_s is for rounds.sampling = \"poisson\": a first-come \
+                 cohort fills as devices check in"
             );
             let over = r.over_selection.unwrap_or(DEFAULT_OVER_SELECTION);
             ensure!(
@@ -71,7 +79,19 @@ pub(super) fn sampling_policy(
                 0.0
             };
             let cap = sampling::cohort_cap(n, rate, tail).max(cohort);
-            (Sampling::Poisson { rate }, cap)
+            let window = r
+                .join_window_s
+                .unwrap_or(JOIN_WINDOW_CHECK_INS * r.retry_after_s);
+            ensure!(
+                window.is_finite() && window >= r.retry_after_s && window < r.round_timeout_s,
+                "rounds.join_window_s ({window}) must be at least rounds.retry_after_s ({}), so \
+                 that a waiting device checks in and draws within it, and less than \
+                 rounds.round_timeout_s ({})",
+                r.retry_after_s,
+                r.round_timeout_s
+            );
+            let join_window = Duration::from_secs_f64(window);
+            (Sampling::Poisson { rate, join_window }, cap)
         }
     };
     let most = NonZeroU32::new(most.min(u64::from(u32::MAX)) as u32)

@@ -97,7 +97,7 @@ impl Coordinator {
                             return later("cohort full");
                         }
                     }
-                    Sampling::Poisson { rate } => {
+                    Sampling::Poisson { rate, .. } => {
                         if round.joins_closed {
                             return later("joins closed for this round");
                         }
@@ -147,14 +147,7 @@ impl Coordinator {
         let Some(r) = st.round.as_mut() else {
             return false;
         };
-        r.joins_closed = true;
-        let advertising = r
-            .secure
-            .as_ref()
-            .is_none_or(|s| s.phase() == Phase::Advertise);
-        if advertising && r.full(&self.config.rounds) {
-            r.closing = true;
-        }
+        r.close_joins(&self.config.rounds);
         drop(st);
         self.round_full.notify_one();
         true

@@ -34,6 +34,11 @@ impl Coordinator {
     fn close_if_due(&self) -> anyhow::Result<Option<Outcome>> {
         let due = {
             let mut st = self.lock();
+            if let Some(r) = st.round.as_mut() {
+                if r.joins_due().is_some_and(|at| Instant::now() >= at) {
+                    r.close_joins(&self.config.rounds);
+                }
+            }
             match st.round.as_mut() {
                 Some(r) if r.secure.is_some() => None,
                 Some(r) if r.closing || r.deadline.is_some_and(|d| Instant::now() >= d.0) => {
@@ -138,7 +143,13 @@ impl Coordinator {
                     None => None,
                     Some(r) => match secure.map(|s| (s.phase(), s.phase_due())) {
                         Some((Phase::Advertise, _)) | None if r.closing => Some(Instant::now()),
-                        Some((Phase::Advertise, _)) | None => r.deadline.map(|d| d.0),
+                        Some((Phase::Advertise, _)) | None => {
+                            let deadline = r.deadline.map(|d| d.0);
+                            match (deadline, r.joins_due()) {
+                                (Some(d), Some(j)) => Some(d.min(j)),
+                                (d, j) => d.or(j),
+                            }
+                        }
                         Some((Phase::Aborted, _)) => Some(Instant::now()),
                         Some((_, due)) => due,
                     },
@@ -314,7 +325,7 @@ mod tests {
 
     use super::Outcome;
     use crate::round::testing::{device, report, start};
-    use crate::round::RoundPhase;
+    use crate::round::{CheckIn, RoundPhase};
     use crate::store::RoundState;
 
     #[test]
@@ -417,6 +428,40 @@ mod tests {
         .await
         .expect("the driver commits the full round");
         assert_eq!((v.round, v.version, v.phase), (2, 1, RoundPhase::Open));
+        stop.send(()).unwrap();
+        driver.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_driver_closes_a_poisson_rounds_joins_after_its_window() {
+        let f = start(2, 1, |f| {
+            f.rounds.sampling = crate::config::file::SamplingFile::Poisson;
+            f.rounds.retry_after_s = 0.05;
+            f.rounds.join_window_s = Some(0.1);
+            f.privacy.population = 10;
+        });
+        let c = f.coordinator.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = tokio::spawn(c.clone().drive(async {
+            let _ = stopped.await;
+        }));
+        assert!(matches!(c.check_in(&device(1), 1), CheckIn::Task(_)));
+        report(&c, &device(1), 1, 1).unwrap();
+        // The one device that joined has reported, but others may still join: the round
+        // stays open until the window ends, then commits without anyone closing it.
+        assert_eq!(c.view().phase, RoundPhase::Open);
+        let v = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_for(|v| v.rounds_committed == 1),
+        )
+        .await
+        .expect("the driver closes joins and commits");
+        assert_eq!((v.round, v.version), (2, 1));
+        // The next round's window closes by itself too: nobody joins, it is abandoned.
+        tokio::time::timeout(Duration::from_secs(30), c.wait_for(|v| v.round >= 3))
+            .await
+            .expect("the empty round closes at the end of its window");
+        assert_eq!(c.store().summary().unwrap().rounds_committed, 1);
         stop.send(()).unwrap();
         driver.await.unwrap();
     }

@@ -25,6 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fedpersona_model::lora::LoraAdapter;
 use fedpersona_privacy::accountant::Accountant;
+use fedpersona_privacy::secagg::Phase;
 use tokio::sync::{watch, Notify};
 
 use crate::aggregate::{RunningSum, UpdateSpec};
@@ -96,6 +97,8 @@ struct OpenRound {
     closing: bool,
     /// Poisson sampling: no device joins any more ([`Coordinator::close_joins`]).
     joins_closed: bool,
+    /// Poisson sampling: when joins close by themselves, the join window after opening.
+    joins_close_at: Option<Instant>,
     /// Poisson sampling: more devices drew themselves in than the round is built for; it is
     /// abandoned.
     oversubscribed: bool,
@@ -382,17 +385,40 @@ impl OpenRound {
         let secure = config
             .secure_aggregation
             .map(|p| SecureRound::new(id, spec.num_values(), p));
+        let opened = Instant::now();
+        let joins_close_at = match config.rounds.sampling {
+            Sampling::FirstCome => None,
+            Sampling::Poisson { join_window, .. } => Some(opened + join_window),
+        };
         OpenRound {
             id,
-            opened: Instant::now(),
+            opened,
             deadline: None,
             cohort: HashMap::new(),
             sum: RunningSum::new(spec),
             closing: false,
             joins_closed: false,
+            joins_close_at,
             oversubscribed: false,
             secure,
         }
+    }
+
+    /// Closes joins; the round closes too if that leaves it full while still advertising.
+    fn close_joins(&mut self, policy: &RoundPolicy) {
+        self.joins_closed = true;
+        let advertising = self
+            .secure
+            .as_ref()
+            .is_none_or(|s| s.phase() == Phase::Advertise);
+        if advertising && self.full(policy) {
+            self.closing = true;
+        }
+    }
+
+    /// When joins close by themselves, if they are still open.
+    fn joins_due(&self) -> Option<Instant> {
+        self.joins_close_at.filter(|_| !self.joins_closed)
     }
 
     /// Whether the round has everything it waits for: first come, its target of reports

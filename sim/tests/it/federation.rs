@@ -89,6 +89,13 @@ fn wait_for(
         .unwrap_or_else(|_| panic!("{what}"));
 }
 
+/// Poisson rounds wait out their join window for devices still to draw: once `devices`
+/// have joined the open round, no one else will, so its joins close.
+async fn close_joins_once(coordinator: Arc<aggregator::round::Coordinator>, devices: u32) {
+    coordinator.wait_for(|v| v.joined >= devices).await;
+    coordinator.close_joins();
+}
+
 /// An agent's config for the aggregator on `port`, state in `dir/state_dir`.
 fn agent_config(dir: &Path, port: u16, state_dir: &str, schedule: &str) -> AgentConfig {
     let text = format!(
@@ -289,8 +296,9 @@ rank = 2
 alpha = 4
 targets = ["q_proj", "v_proj"]
 [rounds]
+sampling = "poisson"
+join_window_s = 60
 cohort_size = 4
-over_selection = 0
 min_reports = 3
 round_timeout_s = 120
 min_task_time_s = 1
@@ -305,7 +313,7 @@ clip_norm = 0.5
 [privacy]
 mode = "distributed"
 noise_multiplier = 0.8
-population = 400
+population = 4
 epsilon_budget = 8
 delta = 1e-5
 [secure_aggregation]
@@ -317,6 +325,7 @@ phase_timeout_s = 30
     let theta0 = handle.coordinator.theta();
     let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
     let reports = rt.block_on(async {
+        tokio::spawn(close_joins_once(handle.coordinator.clone(), 4));
         let mut tasks = Vec::new();
         for i in 0..4 {
             let cfg = agent_config(dir.path(), port, &format!("agent-{i}"), "max_rounds = 1");
@@ -364,7 +373,7 @@ phase_timeout_s = 30
     let spent = handle.coordinator.privacy_spent().unwrap();
     assert_eq!(spent.rounds_charged, 1);
     let want = fedpersona_privacy::accountant::Method::Rdp
-        .epsilon(0.8, 4.0 / 400.0, 1, 1e-5)
+        .epsilon(0.8, 1.0, 1, 1e-5)
         .unwrap();
     assert!((spent.epsilon - want).abs() < 1e-9);
 }
@@ -375,8 +384,8 @@ phase_timeout_s = 30
 #[test]
 fn agents_stop_when_the_privacy_budget_is_spent() {
     let dir = tempfile::tempdir().unwrap();
-    // Two devices per round out of 200 (q = 0.01): the budget pays for one round, not two.
-    let (z, q, delta) = (1.0, 0.01, 1e-5);
+    // Both devices join every round (q = 1): the budget pays for one round, not two.
+    let (z, q, delta) = (1.0, 1.0, 1e-5);
     let e1 = fedpersona_privacy::accountant::Method::Rdp
         .epsilon(z, q, 1, delta)
         .unwrap();
@@ -393,8 +402,9 @@ rank = 4
 alpha = 8
 targets = ["q_proj", "v_proj"]
 [rounds]
+sampling = "poisson"
+join_window_s = 60
 cohort_size = 2
-over_selection = 0
 min_reports = 2
 round_timeout_s = 120
 min_task_time_s = 1
@@ -409,7 +419,7 @@ encoding = "f32"
 [privacy]
 mode = "central"
 noise_multiplier = {z}
-population = 200
+population = 2
 epsilon_budget = {budget}
 delta = {delta}
 "#
@@ -417,6 +427,7 @@ delta = {delta}
     );
     let base = Arc::new(BaseModel::load(&model_dir(), &Device::Cpu).unwrap());
     let summaries = rt.block_on(async {
+        tokio::spawn(close_joins_once(handle.coordinator.clone(), 2));
         let mut tasks = Vec::new();
         for i in 0..2 {
             let cfg = agent_config(

@@ -138,13 +138,20 @@ fn a_tiny_simulation_writes_a_complete_report() {
     assert_eq!(rounds.len(), 4, "two rounds per federation");
     for (i, x) in rounds.iter().enumerate() {
         assert_eq!(x["federation"], if i < 2 { "fedavg" } else { "meta" });
-        assert_eq!(x["committed"], true);
-        assert_eq!(x["reports"], 2);
-        assert!(x["drops"].as_u64().is_some() && x["rejects"] == 0);
-        assert!(x["train_loss"].as_f64().unwrap().is_finite());
-        assert!(x["upload_bytes"].as_u64().unwrap() > 0);
+        // Each of the 6 devices draws itself in with q = 2/6, then may drop: a round
+        // commits with any report (min_reports is 1 for this few).
+        let (reports, drops) = (x["reports"].as_u64().unwrap(), x["drops"].as_u64().unwrap());
+        assert!(reports + drops <= 6, "{x}");
+        assert_eq!(x["committed"], reports >= 1, "{x}");
+        assert_eq!(x["rejects"], 0);
+        assert_eq!(x["train_loss"].as_f64().is_some(), reports >= 1, "{x}");
+        assert_eq!(x["upload_bytes"].as_u64().unwrap() > 0, reports >= 1, "{x}");
         assert!(x["epsilon_spent"].is_null());
     }
+    assert!(
+        rounds.iter().any(|x| x["committed"] == true),
+        "with this seed some round commits"
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| meta_finetune |") && md.contains("Global accuracy"));
     for svg in ["accuracy_vs_round.svg", "accuracy_vs_steps.svg"] {
