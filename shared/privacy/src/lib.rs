@@ -9,6 +9,7 @@
 //!   float-noise grid, the SecAgg grid, the release's denominator, the budget.
 //! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP and PLD accounting and their
 //!   inverses.
+//! * [`snr`]: the signal-to-noise ratio of a round's mean, planned and measured.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;
@@ -17,6 +18,7 @@ pub mod mode;
 pub mod noise;
 pub mod protect;
 pub mod secagg;
+pub mod snr;
 pub mod tensors;
 
 pub use tensors::AdapterTensors;
