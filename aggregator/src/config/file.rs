@@ -311,6 +311,9 @@ pub struct PrivacyFile {
     pub delta: f64,
     /// What bounds ε: `"rdp"` (the default) or `"pld"` (tighter).
     pub accountant: Method,
+    /// Run even though the expected signal-to-noise ratio of a round is below
+    /// `config::MIN_EXPECTED_SNR` (refused otherwise).
+    pub allow_low_snr: bool,
 }
 
 impl Default for PrivacyFile {
@@ -322,6 +325,7 @@ impl Default for PrivacyFile {
             epsilon_budget: 0.0,
             delta: 0.0,
             accountant: Method::default(),
+            allow_low_snr: false,
         }
     }
 }
