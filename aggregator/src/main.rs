@@ -22,7 +22,8 @@ enum Command {
     Revoke(aggregator::cli::RevokeArgs),
     /// Write a self-signed CA and a server certificate for a test deployment.
     TlsCert(aggregator::cli::TlsCertArgs),
-    /// Privacy accounting: epsilon of a plan, or the noise a target epsilon needs.
+    /// Privacy accounting: epsilon of a plan, the noise a target epsilon needs, and the
+    /// signal-to-noise ratio it leaves.
     #[command(subcommand)]
     Privacy(aggregator::privacy::PrivacyCommand),
     /// Benchmarks (not tests): upload ingest throughput and memory.

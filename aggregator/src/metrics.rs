@@ -1,5 +1,6 @@
 //! Prometheus metrics of the aggregator (rounds, reports, rejects by reason, bytes, round
-//! durations) and the `/metrics` HTTP endpoint.
+//! durations, the last release's norms and signal-to-noise ratio) and the `/metrics` HTTP
+//! endpoint.
 
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub struct Metrics {
     current_round: IntGauge,
     model_version: IntGauge,
     epsilon_spent: Gauge,
+    update_norm: Gauge,
+    noise_norm_expected: Gauge,
+    snr: Gauge,
 }
 
 impl Default for Metrics {
@@ -73,6 +77,23 @@ impl Metrics {
             "User-level epsilon charged to the privacy ledger (at the budget's delta)",
         )
         .expect("valid metric");
+        let update_norm = Gauge::new(
+            "round_update_norm",
+            "L2 norm of the last committed round's released (noised) mean update",
+        )
+        .expect("valid metric");
+        let noise_norm_expected = Gauge::new(
+            "round_noise_norm_expected",
+            "Expected L2 norm of the DP noise on the last committed round's mean (0 without DP)",
+        )
+        .expect("valid metric");
+        let snr = Gauge::new(
+            "round_snr",
+            "Estimated signal-to-noise ratio of the last committed round's mean: \
+             sqrt(max(0, update_norm^2 - noise_norm_expected^2)) / noise_norm_expected \
+             (+Inf without DP)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(rounds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reports.clone()),
@@ -85,6 +106,9 @@ impl Metrics {
             Box::new(current_round.clone()),
             Box::new(model_version.clone()),
             Box::new(epsilon_spent.clone()),
+            Box::new(update_norm.clone()),
+            Box::new(noise_norm_expected.clone()),
+            Box::new(snr.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -101,7 +125,17 @@ impl Metrics {
             current_round,
             model_version,
             epsilon_spent,
+            update_norm,
+            noise_norm_expected,
+            snr,
         }
+    }
+
+    /// The norms of a committed round's release.
+    pub fn round_released(&self, norms: &fedpersona_privacy::snr::Measured) {
+        self.update_norm.set(norms.update_norm);
+        self.noise_norm_expected.set(norms.noise_norm_expected);
+        self.snr.set(norms.snr);
     }
 
     pub fn set_epsilon_spent(&self, epsilon: f64) {

@@ -195,6 +195,12 @@ impl Federation {
         self.coordinator.privacy_spent().map(|p| p.epsilon)
     }
 
+    /// The expected signal-to-noise ratio of a round, from the aggregator's config (None
+    /// without DP).
+    pub fn expected_snr(&self) -> Option<f64> {
+        self.coordinator.config().expected_snr()
+    }
+
     /// The server's current global adapter θ.
     pub fn theta(&self) -> AdapterTensors {
         self.coordinator.theta().theta
@@ -314,6 +320,12 @@ impl Federation {
         })?;
         let (reports, drops) = outcome;
         let committed = self.coordinator.view().rounds_committed > committed_before;
+        let release = self
+            .coordinator
+            .last_release()
+            .filter(|r| committed && r.round == round)
+            .map(|r| r.norms);
+        let private = self.privacy.is_some();
         let loss = (!reports.is_empty()).then(|| {
             reports.iter().map(|r| f64::from(r.train_loss)).sum::<f64>() / reports.len() as f64
         });
@@ -330,6 +342,9 @@ impl Federation {
             upload_bytes: reports.iter().map(|r| r.upload_bytes).sum(),
             download_bytes: reports.iter().map(|r| r.download_bytes).sum(),
             monitor_accuracy: None,
+            update_norm: release.map(|n| n.update_norm),
+            noise_norm_expected: release.filter(|_| private).map(|n| n.noise_norm_expected),
+            snr: release.filter(|_| private).map(|n| n.snr),
         })
     }
 
@@ -416,6 +431,10 @@ fn aggregator_config(
             epsilon_budget: p.epsilon_budget,
             delta: spec.privacy.delta,
             accountant: spec.privacy.accountant,
+            // The simulation measures what DP costs, also where the noise drowns the signal
+            // (the default private run's rounds have an expected SNR of 0.04): its report
+            // gives the expected and measured SNR.
+            allow_low_snr: true,
             ..file.privacy
         };
     }

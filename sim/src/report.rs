@@ -32,6 +32,52 @@ pub struct RoundRecord {
     pub download_bytes: u64,
     /// Accuracy of the new global adapter on the monitoring slice, when evaluated.
     pub monitor_accuracy: Option<f64>,
+    /// Committed rounds: the L2 norm of the released (noised) mean update.
+    pub update_norm: Option<f64>,
+    /// Committed private rounds: the expected norm of the DP noise on that mean.
+    pub noise_norm_expected: Option<f64>,
+    /// Committed private rounds: the estimated signal-to-noise ratio,
+    /// √max(0, update_norm² − noise_norm_expected²) / noise_norm_expected
+    /// (`fedpersona_privacy::snr::Measured`).
+    pub snr: Option<f64>,
+}
+
+/// A private federation's signal-to-noise ratio per round: the config's expectation (signal
+/// at most C) and the estimates measured on its committed rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnrSummary {
+    pub expected: f64,
+    /// Median and last of the measured estimates (None before any private round committed).
+    pub median: Option<f64>,
+    pub last: Option<f64>,
+    pub rounds: usize,
+}
+
+impl SnrSummary {
+    /// The summary of `kind`'s rounds in `rounds`.
+    pub fn of(expected: f64, rounds: &[RoundRecord], kind: FederationKind) -> Self {
+        let mut measured: Vec<f64> = rounds
+            .iter()
+            .filter(|r| r.federation == kind)
+            .filter_map(|r| r.snr)
+            .collect();
+        let last = measured.last().copied();
+        measured.sort_by(f64::total_cmp);
+        let n = measured.len();
+        let median = (n > 0).then(|| {
+            if n % 2 == 1 {
+                measured[n / 2]
+            } else {
+                (measured[n / 2 - 1] + measured[n / 2]) / 2.0
+            }
+        });
+        SnrSummary {
+            expected,
+            median,
+            last,
+            rounds: n,
+        }
+    }
 }
 
 /// What the profile-driven adaptation of the held-out users did, on average.
@@ -94,6 +140,8 @@ pub struct PrivacyReport {
     /// difference (private − non-private): what privacy costs on the training users.
     pub global_accuracy_nonprivate: Option<f64>,
     pub accuracy_cost: Option<f64>,
+    /// Each private federation's signal-to-noise ratio per round, by federation name.
+    pub snr: BTreeMap<&'static str, SnrSummary>,
 }
 
 impl PrivacyReport {
@@ -121,6 +169,7 @@ impl PrivacyReport {
             accuracy_cost: global_accuracy
                 .zip(global_accuracy_nonprivate)
                 .map(|(p, n)| p - n),
+            snr: BTreeMap::new(),
         }
     }
 }
@@ -211,6 +260,14 @@ pub fn summary(r: &Report) -> String {
             pct(n)
         );
     }
+    for (name, x) in &r.privacy.snr {
+        let _ = writeln!(
+            s,
+            "snr {name}: expected {:.4} per round, measured median {}",
+            x.expected,
+            x.median.map_or("-".into(), |m| format!("{m:.4}"))
+        );
+    }
     for m in Method::ALL {
         if let Some(x) = r.methods.get(m.name()) {
             let _ = writeln!(
@@ -277,6 +334,24 @@ pub fn markdown(r: &Report) -> String {
             if r.privacy.secure_aggregation { ", secure aggregation" } else { "" },
             100.0 * c
         );
+    }
+    if !r.privacy.snr.is_empty() {
+        let _ = writeln!(
+            s,
+            "**Signal-to-noise per round** (the DP noise's expected norm on the round's mean against a signal of at most C, the clip norm; measured: √max(0, ‖released mean‖² − expected noise²) over the expected noise, per committed round in `rounds.jsonl`):\n"
+        );
+        for (name, x) in &r.privacy.snr {
+            let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+            let _ = writeln!(
+                s,
+                "- {name}: expected {:.4}; measured median {}, last {} ({} rounds)",
+                x.expected,
+                fmt(x.median),
+                fmt(x.last),
+                x.rounds
+            );
+        }
+        let _ = writeln!(s);
     }
     if !r.methods.is_empty() {
         let _ = writeln!(

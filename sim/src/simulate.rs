@@ -101,6 +101,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut interrupted = None;
     let mut rounds_completed = u64::MAX;
     let mut spent = Vec::new();
+    let mut snr = BTreeMap::new();
     let private = settings.privacy.mode != PrivacyMode::None;
     let kinds: &[FederationKind] = if private {
         &[
@@ -187,6 +188,9 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         );
         rounds_completed = rounds_completed.min(done);
         spent.push((fed.privacy, fed.epsilon_spent()));
+        if let Some(expected) = fed.expected_snr() {
+            snr.insert(name, report::SnrSummary::of(expected, &rounds, kind));
+        }
         thetas.insert(kind, fed.theta());
         fed.shutdown(&rt)?;
         if interrupted.is_some() {
@@ -249,6 +253,13 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         comparisons = methods::comparisons(&scores, settings.finetune_steps);
     }
 
+    let mut privacy = report::PrivacyReport::new(
+        &settings.privacy,
+        &spent,
+        global_accuracy,
+        global_accuracy_nonprivate,
+    );
+    privacy.snr = snr;
     let rep = Report {
         users: report::UserCounts {
             train: splits.train_users.len(),
@@ -256,12 +267,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
             dropped: splits.dropped_users,
         },
         rounds_completed,
-        privacy: report::PrivacyReport::new(
-            &settings.privacy,
-            &spent,
-            global_accuracy,
-            global_accuracy_nonprivate,
-        ),
+        privacy,
         global_accuracy,
         base_accuracy_train_users,
         methods: results,

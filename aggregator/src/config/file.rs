@@ -192,7 +192,7 @@ pub struct RoundsFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over_selection: Option<f64>,
     /// Poisson only: seconds from a round's opening until joins close (default three
-    /// check-in intervals, `3 × retry_after_s`).
+    /// check-in intervals, `3 × retry_after_s`, at most half of `round_timeout_s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_window_s: Option<f64>,
     pub min_reports: u32,
@@ -333,6 +333,9 @@ pub struct PrivacyFile {
     pub delta: f64,
     /// What bounds ε: `"rdp"` (the default) or `"pld"` (tighter).
     pub accountant: Method,
+    /// Run even though the expected signal-to-noise ratio of a round is below
+    /// `config::MIN_EXPECTED_SNR` (refused otherwise).
+    pub allow_low_snr: bool,
 }
 
 impl Default for PrivacyFile {
@@ -344,6 +347,7 @@ impl Default for PrivacyFile {
             epsilon_budget: 0.0,
             delta: 0.0,
             accountant: Method::default(),
+            allow_low_snr: false,
         }
     }
 }

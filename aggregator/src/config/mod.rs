@@ -8,6 +8,7 @@ pub mod file;
 mod policy;
 mod privacy;
 mod sampling;
+mod snr;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -24,6 +25,7 @@ pub use policy::{
     Budget, LocalTraining, PrivacyMode, PrivacyPolicy, RoundPolicy, Sampling, SecAggPolicy,
     ServerOptimizer, Transport, UpdatePolicy, Weighting,
 };
+pub use snr::MIN_EXPECTED_SNR;
 
 /// A validated `serve` configuration.
 #[derive(Debug, Clone)]
@@ -268,7 +270,7 @@ impl Config {
             "server.keep_versions must be at least 1"
         );
 
-        Ok(Config {
+        let config = Config {
             listen: f.server.listen,
             metrics_listen: f.server.metrics_listen,
             state_dir: resolve(&f.server.state_dir),
@@ -284,7 +286,9 @@ impl Config {
             meta,
             privacy,
             secure_aggregation,
-        })
+        };
+        snr::check(&config, f.privacy.allow_low_snr)?;
+        Ok(config)
     }
 }
 
@@ -329,6 +333,7 @@ mod tests {
         f.privacy.epsilon_budget = 10.0;
         f.privacy.delta = 1e-5;
         f.privacy.accountant = Method::Pld;
+        f.privacy.allow_low_snr = true;
         f
     }
 
@@ -372,6 +377,7 @@ population = 1000
 epsilon_budget = 10.0
 delta = 1e-5
 accountant = "pld"
+allow_low_snr = true
 "#,
             model_dir().display().to_string()
         );
@@ -409,6 +415,41 @@ accountant = "pld"
             })
         );
         assert!(loaded.secure_aggregation.is_none());
+    }
+
+    /// The sample's rounds: central noise z = 1 over 4 reports of d = 1792 values (rank 4 on
+    /// q_proj 64×64 and v_proj 32×64, 2 layers: 2·(512 + 384)). Grid k = −12 (0.02/√1792 =
+    /// 4.72e-4, log2 −11.05), slack 2^−13·√1792 = 0.005167483; σ on the mean
+    /// (1 + 2·0.005167483)/4 = 0.25258374, noise norm ·√1792 = 10.69238 C, SNR 0.0935245.
+    #[test]
+    fn a_hopeless_snr_is_refused_naming_the_field_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let parse = |f: &ConfigFile| Config::parse(&toml::to_string(f).unwrap(), dir.path());
+        let mut f = sample();
+        f.privacy.allow_low_snr = false;
+        let err = format!("{:#}", parse(&f).unwrap_err());
+        assert!(err.contains("privacy.allow_low_snr = true"), "{err}");
+        assert!(err.contains("0.0935, below 0.1"), "{err}");
+        f.privacy.allow_low_snr = true;
+        let c = parse(&f).unwrap();
+        assert_eq!(c.update_values(), 1792);
+        assert!((c.release_noise_norm(4) - 10.692_380).abs() < 1e-5);
+        assert!((c.expected_snr().unwrap() - 0.093_524_5).abs() < 1e-6);
+
+        // Half the noise: SNR 0.187, accepted without insisting.
+        f.privacy.allow_low_snr = false;
+        f.privacy.noise_multiplier = 0.5;
+        let c = parse(&f).unwrap();
+        assert!((c.expected_snr().unwrap() - 0.187_049).abs() < 1e-6);
+        // Local noise: 0.5·1/√4 = 0.25 a value, 0.25·√1792 = 10.583 C: refused again.
+        f.privacy.mode = "local".into();
+        let err = format!("{:#}", parse(&f).unwrap_err());
+        assert!(err.contains("privacy.allow_low_snr"), "{err}");
+        // Without DP there is no noise and nothing to refuse.
+        let mut f = sample();
+        f.privacy = file::PrivacyFile::default();
+        f.rounds.sampling = SamplingFile::FirstCome;
+        assert_eq!(parse(&f).unwrap().expected_snr(), None);
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub(super) fn sampling_policy(
             let cap = sampling::cohort_cap(n, rate, tail).max(cohort);
             let window = r
                 .join_window_s
-                .unwrap_or(JOIN_WINDOW_CHECK_INS * r.retry_after_s);
+                .unwrap_or((JOIN_WINDOW_CHECK_INS * r.retry_after_s).min(r.round_timeout_s / 2.0));
             ensure!(
                 window.is_finite() && window >= r.retry_after_s && window < r.round_timeout_s,
                 "rounds.join_window_s ({window}) must be at least rounds.retry_after_s ({}), so \

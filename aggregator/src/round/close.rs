@@ -1,11 +1,13 @@
 //! Closing: the driver that closes a round when it is full or past its deadline (and moves a
-//! secure round's phases on), the commit or abandonment, the release, and the next opening.
+//! secure round's phases on), the commit or abandonment, the release and its measured
+//! signal-to-noise ratio, and the next opening.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use fedpersona_privacy::mode;
 use fedpersona_privacy::secagg::{self, Phase};
+use fedpersona_privacy::snr;
 
 use super::budget::open_round;
 use super::{Coordinator, OpenRound};
@@ -28,7 +30,21 @@ pub enum Outcome {
     },
 }
 
+/// What a committed round released, as norms (never its values): the norm of the noised
+/// mean, the noise the config puts on it, and the SNR estimated from the two
+/// ([`snr::Measured`]: post-processing of the release, so it costs no privacy).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Release {
+    pub round: u64,
+    pub norms: snr::Measured,
+}
+
 impl Coordinator {
+    /// The last committed round's release (None before the first commit of this process).
+    pub fn last_release(&self) -> Option<Release> {
+        self.lock().last_release
+    }
+
     /// Closes the open round if it is due (full, closing or past its deadline), or moves its
     /// secure aggregation on.
     fn close_if_due(&self) -> anyhow::Result<Option<Outcome>> {
@@ -217,13 +233,22 @@ impl Coordinator {
             Outcome::Abandoned { round: id, reports }
         } else if reports >= min {
             let mean = self.release(&sum)?;
+            let norms = snr::Measured::of(mean.l2_norm(), self.config.release_noise_norm(reports));
+            tracing::info!(
+                round = id,
+                update_norm = norms.update_norm,
+                noise_norm_expected = norms.noise_norm_expected,
+                snr = norms.snr,
+                "round released"
+            );
+            self.metrics.round_released(&norms);
             let mut next = meta;
             next.apply(self.config.meta, &mean)?;
             let version = base_version + 1;
             let published = self.versions.save(version, &next)?;
             self.store
                 .commit_round(id, version, &published.sha256, now_ms())?;
-            committed = Some((next, published));
+            committed = Some((next, published, Release { round: id, norms }));
             Outcome::Committed {
                 round: id,
                 version,
@@ -244,9 +269,10 @@ impl Coordinator {
         // The commit and the next round's opening change the state in one step, so that
         // no one sees the new version with the old round still closing.
         let mut st = self.lock();
-        if let Some((next, published)) = committed {
+        if let Some((next, published, release)) = committed {
             st.meta = next;
             st.published = published;
+            st.last_release = Some(release);
             st.rounds_committed += 1;
         }
         let finished = self

@@ -39,7 +39,7 @@ use crate::versions::{Published, Versions};
 
 pub use assign::{Assignment, CheckIn};
 pub use budget::{ledger_accountant, PrivacySpent};
-pub use close::Outcome;
+pub use close::{Outcome, Release};
 pub use secure::SecureStep;
 pub use upload::{UploadHeader, UploadTicket};
 
@@ -117,6 +117,8 @@ struct State {
     accountant: Accountant,
     /// Set when the next round would exceed the privacy budget.
     exhausted: Option<String>,
+    /// The last committed round's release norms.
+    last_release: Option<close::Release>,
 }
 
 /// The aggregator's round logic over its journal and adapter versions.
@@ -278,6 +280,7 @@ impl Coordinator {
             finished,
             accountant,
             exhausted,
+            last_release: None,
         };
         let (views, _) = watch::channel(view_of(&state, config.rounds.target_reports.get()));
         Ok(Coordinator {

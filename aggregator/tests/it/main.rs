@@ -147,3 +147,65 @@ fn privacy_commands_with_the_pld_accountant() {
     assert_eq!(code, Some(2));
     assert!(stderr.contains("\"rdp\" or \"pld\""), "{stderr}");
 }
+
+/// `privacy plan`: the README's private simulation (N = 194, m = 10, T = 30, ε = 8 at
+/// δ = 1e-5, d = 156160): the noise command's z, and z·√d/m of noise on the mean; flags out
+/// of range are refused by name.
+#[test]
+fn privacy_plan_prices_the_noise_on_a_rounds_mean() {
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+            .args(["privacy", "plan", "--population", "194", "--rounds", "30"])
+            .args(["--target-epsilon", "8", "--delta", "1e-5"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["--cohort", "10", "--dimension", "156160", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["accountant"], "rdp");
+    assert_eq!(v["sampling_rate"], 10.0 / 194.0);
+    let z = v["noise_multiplier"].as_f64().unwrap();
+    assert!((z - 0.637).abs() < 1e-3, "{z}");
+    assert!(v["epsilon"].as_f64().unwrap() <= 8.0);
+    // 0.637·√156160/10 = 25.17 C, SNR 0.0397.
+    let noise = v["noise_norm_over_clip"].as_f64().unwrap();
+    assert!((noise / (z * 156_160f64.sqrt() / 10.0) - 1.0).abs() < 1e-12);
+    assert!((v["snr"].as_f64().unwrap() * noise - 1.0).abs() < 1e-12);
+    assert!((noise - 25.17).abs() < 0.05, "{noise}");
+
+    let (code, stdout, _) = run(&["--cohort", "97", "--dimension", "2000"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("expected SNR"), "{stdout}");
+    assert!(stdout.contains("(d = 2000, m = 97"), "{stdout}");
+
+    for (extra, flag) in [
+        (
+            &["--cohort", "195", "--dimension", "10"][..],
+            "--cohort (195)",
+        ),
+        (&["--cohort", "0", "--dimension", "10"][..], "--cohort (0)"),
+        (
+            &["--cohort", "10", "--min-reports", "11", "--dimension", "10"][..],
+            "--min-reports (11)",
+        ),
+        (&["--cohort", "10", "--dimension", "0"][..], "--dimension"),
+    ] {
+        let (code, _, stderr) = run(extra);
+        assert_eq!(code, Some(2), "{extra:?}");
+        assert!(stderr.contains(flag), "{extra:?}: {stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_aggregator"))
+        .args(["privacy", "plan", "--population", "194", "--rounds", "30"])
+        .args(["--target-epsilon", "0", "--delta", "1e-5"])
+        .args(["--cohort", "10", "--dimension", "10"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target-epsilon"));
+}

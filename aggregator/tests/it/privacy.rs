@@ -65,7 +65,7 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
         &format!(
             "[update]\nclip_norm = 0.01\nencoding = \"f32\"\n\
              [privacy]\nmode = \"central\"\nnoise_multiplier = {z}\npopulation = 200\n\
-             epsilon_budget = {budget}\ndelta = {delta_}"
+             epsilon_budget = {budget}\ndelta = {delta_}\nallow_low_snr = true"
         ),
     );
     {
@@ -108,6 +108,41 @@ fn the_budget_stops_rounds_and_the_ledger_survives_a_restart() {
                 "central noise sd {sd} vs {want} over {} values",
                 moves.len()
             );
+            // The round's release, as norms: the server step (SGD, lr 1) moved θ by the
+            // released mean, the noise is the config's for 2 reports, the estimate follows.
+            let release = h.coordinator.last_release().unwrap();
+            assert_eq!(release.round, t.round);
+            let n = release.norms;
+            let moved = moves.iter().map(|m| m * m).sum::<f64>().sqrt();
+            assert!(
+                (n.update_norm / moved - 1.0).abs() < 1e-4,
+                "{n:?} vs {moved}"
+            );
+            assert_eq!(
+                n.noise_norm_expected,
+                h.coordinator.config().release_noise_norm(2)
+            );
+            // z·C·(1 + 2·slack/C)/2·√d, the slack at most 1% of C.
+            let bare = want * (moves.len() as f64).sqrt();
+            assert!(bare < n.noise_norm_expected && n.noise_norm_expected <= 1.02 * bare);
+            assert_eq!(
+                n,
+                fedpersona_privacy::snr::Measured::of(n.update_norm, n.noise_norm_expected)
+            );
+            let metrics = h.coordinator.metrics().render();
+            for (name, v) in [
+                ("fedpersona_round_update_norm", n.update_norm),
+                (
+                    "fedpersona_round_noise_norm_expected",
+                    n.noise_norm_expected,
+                ),
+                ("fedpersona_round_snr", n.snr),
+            ] {
+                assert!(
+                    metrics.contains(&format!("\n{name} {v}\n")),
+                    "{name} {v}: {metrics}"
+                );
+            }
         }
         let view = h.coordinator.view();
         assert_eq!(view.phase, RoundPhase::BudgetExhausted);
@@ -205,6 +240,16 @@ fn invalid_privacy_settings_are_refused_at_start_up() {
         ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.1\npopulation = 100\nepsilon_budget = 8\ndelta = 1e-5\naccountant = \"pld\"".into(), "privacy.noise_multiplier (0.1) must be at least 0.2 with privacy.accountant \"pld\""),
         ("[privacy]\nmode = \"central\"\nnoise_multiplier = 0.5\npopulation = 3\nepsilon_budget = 1\ndelta = 1e-5\naccountant = \"pld\"".into(), "(pld accountant), above privacy.epsilon_budget 1: the budget cannot pay for any round"),
     ];
+    // Two reports of z = 1 against d = 1792: expected SNR 2/(1.0103·42.33) = 0.047.
+    let cfg = write_config(dir.path(), rounds, &central(""));
+    let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
+    assert!(err.contains("set privacy.allow_low_snr = true"), "{err}");
+    assert!(
+        err.contains("signal-to-noise ratio of a round is 0.0468, below 0.1"),
+        "{err}"
+    );
+    let cfg = write_config(dir.path(), rounds, &central("allow_low_snr = true"));
+    aggregator::config::Config::load(&cfg).unwrap();
     for (extra, want) in cases {
         let cfg = write_config(dir.path(), rounds, &extra);
         let err = format!("{:#}", aggregator::config::Config::load(&cfg).unwrap_err());
@@ -264,7 +309,7 @@ fn the_secagg_grid_leaves_room_for_local_noise() {
     };
     let (none, n) = grid("[privacy]\npopulation = 100");
     let (local, n_local) =
-        grid("[privacy]\nmode = \"local\"\nnoise_multiplier = 2\npopulation = 100\nepsilon_budget = 100\ndelta = 1e-5");
+        grid("[privacy]\nmode = \"local\"\nnoise_multiplier = 2\npopulation = 100\nepsilon_budget = 100\ndelta = 1e-5\nallow_low_snr = true");
     assert_eq!(none, mode::secagg_grid(1.0, n, 0.0, 1).granularity);
     assert_eq!(local, mode::secagg_grid(1.0, n_local, 2.0, 1).granularity);
     // n inputs of B plus 12σ of the summed noise (σ = 2B√n) fit within 2^30.

@@ -10,6 +10,7 @@
 //! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP and PLD accounting and their
 //!   inverses.
 //! * [`sampling`]: device-side Poisson sampling and the binomial cohort it gives.
+//! * [`snr`]: the signal-to-noise ratio of a round's mean, planned and measured.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;
@@ -19,6 +20,7 @@ pub mod noise;
 pub mod protect;
 pub mod sampling;
 pub mod secagg;
+pub mod snr;
 pub mod tensors;
 
 pub use tensors::AdapterTensors;

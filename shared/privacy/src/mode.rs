@@ -1,8 +1,8 @@
 //! The arithmetic of the privacy modes in one place (the sampling rate is `sampling`'s): the
 //! over-selection, each mode's noise scale (local σ = zC, the distributed share zB/√m in grid
-//! units, central z(C + 2·slack) on the sum), the float-noise grid 2^k, the SecAgg grid γ,
-//! and what the release divides by. Pure functions on plain numbers: callers keep their
-//! validation, messages and types.
+//! units, central z(C + 2·slack) on the sum) and what it leaves on the round's sum or mean,
+//! the float-noise grid 2^k, the SecAgg grid γ, and what the release divides by. Pure
+//! functions on plain numbers: callers keep their validation, messages and types.
 //!
 //! Each is written as one expression, in the order of its operations, so that a reviewer can
 //! check the privacy claim here alone; the tests pin hand-computed values. Notation:
@@ -44,6 +44,20 @@ pub fn grid_units(clip_norm: f64, granularity: f64) -> f64 {
 /// the sum of any m shares has σ = zB (the full noise). `min_reports` ≥ 1 (0 gives +∞).
 pub fn distributed_noise_share(z: f64, clip_units: f64, min_reports: u64) -> f64 {
     z * clip_units / (min_reports as f64).sqrt()
+}
+
+/// σ of the distributed noise on the sum of `reports` updates, in delta units: each of them
+/// carries the share z·C/√m ([`distributed_noise_share`] with scale C, m = `min_reports`),
+/// and independent shares add in variance, so the sum has z·C·√(reports/m) (zC when exactly
+/// m report, more when more survive).
+pub fn distributed_sum_stddev(z: f64, clip_norm: f64, reports: u64, min_reports: u64) -> f64 {
+    distributed_noise_share(z, clip_norm, min_reports) * (reports as f64).sqrt()
+}
+
+/// σ of local noise on the mean of `reports` updates, each with its own N(0, (zC)²): the
+/// plain mean divides the sum's zC·√reports by the count, zC/√reports.
+pub fn local_mean_stddev(z: f64, clip_norm: f64, reports: u64) -> f64 {
+    local_sigma(z, clip_norm) / (reports as f64).sqrt()
 }
 
 /// The grid exponent k for noising a `dim`-value vector clipped to `clip_norm`: the largest
@@ -158,6 +172,19 @@ mod tests {
         // m = 4: 2·100/√4 = 100 exactly.
         assert_eq!(distributed_noise_share(2.0, 100.0, 4), 100.0);
         assert!(distributed_noise_share(1.0, 1.0, 0).is_infinite());
+    }
+
+    #[test]
+    fn noise_on_the_release() {
+        // m = 4 reports of shares 2·1/√4 = 1 each: √4 · 1 = 2 = zC exactly.
+        assert_eq!(distributed_sum_stddev(2.0, 1.0, 4, 4), 2.0);
+        // 9 survive where 4 were planned for: 3·(2/2) = 3 = zC·√(9/4).
+        assert_eq!(distributed_sum_stddev(2.0, 1.0, 9, 4), 3.0);
+        // README run: z = 0.637, C = 1, 10 of 10: 0.637/√10·√10 = 0.637 (to rounding).
+        assert!((distributed_sum_stddev(0.637, 1.0, 10, 10) - 0.637).abs() < 1e-15);
+        // Local: 2·0.5/√4 = 0.5; 1·1/√100 = 0.1.
+        assert_eq!(local_mean_stddev(2.0, 0.5, 4), 0.5);
+        assert_eq!(local_mean_stddev(1.0, 1.0, 100), 0.1);
     }
 
     #[test]

@@ -370,6 +370,14 @@ phase_timeout_s = 30
         d.l2_norm()
     };
     assert!(moved > 0.0, "the unmasked, noised mean moved θ");
+    // The release as norms: θ moved by the mean (SGD, lr 1); the noise of 4 shares sized for
+    // 3, over 4: 0.8·0.5·√(4/3)/4 a value, ·√896 (rank 2 on q and v, 2 layers) = 3.4564.
+    let release = handle.coordinator.last_release().unwrap();
+    assert_eq!(release.round, 1);
+    assert!((release.norms.update_norm / moved - 1.0).abs() < 1e-4);
+    assert!((release.norms.noise_norm_expected - 3.456_40).abs() < 1e-4);
+    let metrics = handle.coordinator.metrics().render();
+    assert!(metrics.contains(&format!("fedpersona_round_snr {}", release.norms.snr)));
     let spent = handle.coordinator.privacy_spent().unwrap();
     assert_eq!(spent.rounds_charged, 1);
     let want = fedpersona_privacy::accountant::Method::Rdp
@@ -422,6 +430,7 @@ noise_multiplier = {z}
 population = 2
 epsilon_budget = {budget}
 delta = {delta}
+allow_low_snr = true
 "#
         ),
     );

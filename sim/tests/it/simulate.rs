@@ -292,6 +292,32 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
     let rounds = std::fs::read_to_string(out.join("rounds.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(rounds.lines().last().unwrap()).unwrap();
     assert!((last["epsilon_spent"].as_f64().unwrap() - eps).abs() < 1e-9);
+    // Each committed round's release as norms; the SNR only where there is noise.
+    for line in rounds.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["committed"], true, "{line}");
+        let u = r["update_norm"].as_f64().unwrap();
+        if r["federation"] == "fedavg_nonprivate" {
+            assert!(
+                r["snr"].is_null() && r["noise_norm_expected"].is_null(),
+                "{line}"
+            );
+        } else {
+            let n = r["noise_norm_expected"].as_f64().unwrap();
+            let snr = r["snr"].as_f64().unwrap();
+            let want = (u * u - n * n).max(0.0).sqrt() / n;
+            assert!((snr - want).abs() <= 1e-12 * want.max(1.0), "{line}");
+        }
+    }
+    for name in ["fedavg", "meta"] {
+        let x = &p["snr"][name];
+        assert!(x["expected"].as_f64().unwrap() > 0.0, "{name}: {p}");
+        assert_eq!(x["rounds"], 2, "{name}: {p}");
+        assert!(x["median"].as_f64().is_some() && x["last"].as_f64().is_some());
+    }
+    assert!(p["snr"].get("fedavg_nonprivate").is_none());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("**Signal-to-noise per round**"), "{md}");
 }
 
 #[test]
