@@ -50,8 +50,22 @@ impl UpdateSpec {
         &self.shapes
     }
 
+    /// The L2 bound uploads are held to when a round sets none of its own.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip_norm
+    }
+
     /// Checks names, shapes, finiteness and the norm bound.
     pub fn check(&self, update: &AdapterTensors) -> Result<(), UpdateRejection> {
+        self.check_within(update, self.clip_norm)
+    }
+
+    /// Checks names, shapes, finiteness and the L2 bound `clip_norm`.
+    pub fn check_within(
+        &self,
+        update: &AdapterTensors,
+        clip_norm: f64,
+    ) -> Result<(), UpdateRejection> {
         if let Some(extra) = update.names().find(|n| {
             self.shapes
                 .binary_search_by(|(s, _)| s.as_str().cmp(n))
@@ -76,11 +90,11 @@ impl UpdateSpec {
         }
         let norm = update.l2_norm();
         // The device makes the decoded norm fit exactly; allow only f32 rounding of the bound.
-        let bound = self.clip_norm * (1.0 + 1e-6);
+        let bound = clip_norm * (1.0 + 1e-6);
         if norm > bound {
             return Err(UpdateRejection::NormTooLarge {
                 norm,
-                bound: self.clip_norm,
+                bound: clip_norm,
             });
         }
         Ok(())

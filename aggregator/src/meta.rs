@@ -16,6 +16,8 @@ pub struct MetaState {
     pub v: Option<AdapterTensors>,
     /// Server steps taken.
     pub step: u64,
+    /// Adaptive clipping: the clip norm of the next round.
+    pub clip_norm: Option<f64>,
 }
 
 impl MetaState {
@@ -25,6 +27,7 @@ impl MetaState {
             m: None,
             v: None,
             step: 0,
+            clip_norm: None,
         }
     }
 

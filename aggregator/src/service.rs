@@ -128,7 +128,8 @@ impl Federation for FederationService {
                         weight_decay: c.training.weight_decay as f32,
                         grad_clip: c.training.grad_clip as f32,
                     }),
-                    clip_norm: c.update.clip_norm,
+                    clip_norm: a.clip.map_or(c.update.clip_norm, |k| k.clip_norm as f32),
+                    clip_count_scale: a.clip.map_or(0.0, |k| k.count_scale as f32),
                     privacy: Some(pb::Privacy {
                         mode: match c.privacy.mode {
                             PrivacyMode::None => pb::PrivacyMode::None,

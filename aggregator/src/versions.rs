@@ -44,6 +44,9 @@ struct ServerStateMeta {
     step: u64,
     has_m: bool,
     has_v: bool,
+    /// Adaptive clipping's next clip norm (absent in versions written without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clip_norm: Option<f64>,
 }
 
 /// The `adapters/` folder.
@@ -107,6 +110,7 @@ impl Versions {
             step: state.step,
             has_m: state.m.is_some(),
             has_v: state.v.is_some(),
+            clip_norm: state.clip_norm,
         };
         checkpoint::write_atomic(
             &tmp.join("server_optimizer.json"),
@@ -179,6 +183,7 @@ impl Versions {
             m: part("m.", meta.has_m),
             v: part("v.", meta.has_v),
             step: meta.step,
+            clip_norm: meta.clip_norm.filter(|c| c.is_finite() && *c > 0.0),
         };
         Ok((
             state,

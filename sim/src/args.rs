@@ -65,15 +65,32 @@ pub struct SimulateArgs {
     /// Server learning rate of the meta-learned initialization (Reptile's outer step).
     #[arg(long)]
     pub meta_server_lr: Option<f64>,
+    /// Server step of the FedAvg federations (the private one and its non-private
+    /// reference alike): sgd (plain FedAvg; the default), momentum (FedAvgM, momentum 0.9:
+    /// it also averages DP noise over rounds) or adam (FedAdam).
+    #[arg(long)]
+    pub server_optimizer: Option<String>,
+    /// Server learning rate of the FedAvg federations (default 1).
+    #[arg(long)]
+    pub server_lr: Option<f64>,
     /// LoRA rank (alpha is twice the rank).
     #[arg(long)]
     pub rank: Option<usize>,
+    /// FFA-LoRA: A stays at its seeded initialization on every device and only B trains
+    /// and travels, which halves the shared update (and its DP noise has no A to multiply).
+    #[arg(long)]
+    pub ffa: bool,
     /// Comma-separated projections: any of q,k,v,o,gate,up,down.
     #[arg(long)]
     pub targets: Option<String>,
-    /// L2 norm every update is clipped to.
+    /// L2 norm every update is clipped to (with `--adaptive-clip`, the first round's).
     #[arg(long)]
     pub clip_norm: Option<f64>,
+    /// Adaptive clipping (Andrew et al. 2021): the clip norm follows the median of the
+    /// devices' update norms, from a noised count of unclipped devices that travels with
+    /// the update; it starts at `--clip-norm` and may grow to ten times it.
+    #[arg(long)]
+    pub adaptive_clip: bool,
     /// Chance that a picked device takes the task and never reports.
     #[arg(long)]
     pub dropout: Option<f64>,

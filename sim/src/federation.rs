@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::corpus::UserSplit;
 use aggregator::config::file::{
-    AdapterFile, ConfigFile, EnrollmentFile, MetaFile, ModelFile, PrivacyFile, RoundsFile,
-    SamplingFile, SecAggFile, ServerFile, TlsFile, TrainingFile, UpdateFile,
+    AdapterFile, AdaptiveClippingFile, ConfigFile, EnrollmentFile, MetaFile, ModelFile,
+    PrivacyFile, RoundsFile, SamplingFile, SecAggFile, ServerFile, TlsFile, TrainingFile,
+    UpdateFile,
 };
 use aggregator::round::Coordinator;
 use anyhow::{bail, Context};
@@ -31,6 +32,8 @@ use device_agent::federation::{Agent, AgentConfig, Joined, Report, Step};
 
 /// The share of rounds a federation may lose for too few reports: sets `min_reports`.
 const MISSED_ROUNDS: f64 = 0.05;
+/// How far adaptive clipping may raise the clip norm above its start.
+const ADAPTIVE_CLIP_HEADROOM: f64 = 10.0;
 /// A round's deadline: the simulation closes rounds itself, so only a backstop.
 const ROUND_TIMEOUT_S: f64 = 86_400.0;
 
@@ -329,6 +332,12 @@ impl Federation {
         let loss = (!reports.is_empty()).then(|| {
             reports.iter().map(|r| f64::from(r.train_loss)).sum::<f64>() / reports.len() as f64
         });
+        let mut norms: Vec<f64> = reports.iter().map(|r| r.norm_before_clip).collect();
+        norms.sort_by(f64::total_cmp);
+        let clipped = reports
+            .iter()
+            .filter(|r| r.norm_before_clip > r.clip_norm)
+            .count();
         Ok(RoundRecord {
             federation: self.spec.kind,
             round,
@@ -345,6 +354,9 @@ impl Federation {
             update_norm: release.map(|n| n.update_norm),
             noise_norm_expected: release.filter(|_| private).map(|n| n.noise_norm_expected),
             snr: release.filter(|_| private).map(|n| n.snr),
+            clip_norm: reports.first().map(|r| r.clip_norm),
+            median_norm_before_clip: (!norms.is_empty()).then(|| norms[norms.len() / 2]),
+            clipped_share: (!reports.is_empty()).then(|| clipped as f64 / reports.len() as f64),
         })
     }
 
@@ -393,8 +405,8 @@ fn aggregator_config(
         rank: spec.lora.rank,
         alpha: spec.lora.alpha,
         targets: spec.lora.targets.iter().map(|t| t.name().into()).collect(),
+        freeze_a: spec.lora.freeze_a,
         seed: spec.lora.seed,
-        ..file.adapter
     };
     file.rounds = RoundsFile {
         sampling: SamplingFile::Poisson,
@@ -413,10 +425,23 @@ fn aggregator_config(
         grad_clip: 1.0,
         ..file.training
     };
-    file.update = UpdateFile {
-        clip_norm: spec.clip_norm,
-        encoding: "q8".into(),
-        ..file.update
+    file.update = if spec.adaptive_clip {
+        // The ceiling bounds the extended update (and sizes a SecAgg grid): room to grow.
+        UpdateFile {
+            clip_norm: ADAPTIVE_CLIP_HEADROOM * spec.clip_norm,
+            encoding: "q8".into(),
+            adaptive_clipping: Some(AdaptiveClippingFile {
+                initial_clip_norm: Some(spec.clip_norm),
+                ..AdaptiveClippingFile::default()
+            }),
+            ..file.update
+        }
+    } else {
+        UpdateFile {
+            clip_norm: spec.clip_norm,
+            encoding: "q8".into(),
+            ..file.update
+        }
     };
     file.meta = MetaFile {
         optimizer: spec.server.optimizer.into(),

@@ -33,6 +33,8 @@ pub enum Method {
     GlobalNonprivate,
     /// Private runs only: that adapter fine-tuned on the support lines.
     FedavgFinetuneNonprivate,
+    /// Private runs only: the meta-learned initialization trained without DP, fine-tuned.
+    MetaFinetuneNonprivate,
 }
 
 /// Where a method's score is read: the base model, or a curve at a point.
@@ -46,7 +48,7 @@ enum Source {
 
 impl Method {
     /// Every method, in the order tables list them.
-    pub const ALL: [Method; 9] = [
+    pub const ALL: [Method; 10] = [
         Method::Base,
         Method::LocalOnly,
         Method::Global,
@@ -56,6 +58,7 @@ impl Method {
         Method::AdaptiveUnlikelihoodFinetune,
         Method::GlobalNonprivate,
         Method::FedavgFinetuneNonprivate,
+        Method::MetaFinetuneNonprivate,
     ];
 
     /// The name in the report's tables and `report.json`.
@@ -70,11 +73,12 @@ impl Method {
             Method::AdaptiveUnlikelihoodFinetune => "adaptive_unlikelihood_finetune",
             Method::GlobalNonprivate => "global_nonprivate",
             Method::FedavgFinetuneNonprivate => "fedavg_finetune_nonprivate",
+            Method::MetaFinetuneNonprivate => "meta_finetune_nonprivate",
         }
     }
 
     fn source(self) -> Source {
-        use FederationKind::{Fedavg, FedavgNonprivate, Meta};
+        use FederationKind::{Fedavg, FedavgNonprivate, Meta, MetaNonprivate};
         match self {
             Method::Base => Source::Base,
             Method::LocalOnly => Source::Budget(Curve::LocalOnly),
@@ -85,6 +89,7 @@ impl Method {
             Method::AdaptiveUnlikelihoodFinetune => Source::Budget(Curve::AdaptiveUnlikelihood),
             Method::GlobalNonprivate => Source::Start(Curve::From(FedavgNonprivate)),
             Method::FedavgFinetuneNonprivate => Source::Budget(Curve::From(FedavgNonprivate)),
+            Method::MetaFinetuneNonprivate => Source::Budget(Curve::From(MetaNonprivate)),
         }
     }
 
@@ -164,6 +169,7 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
         // Privacy's cost on held-out users (private runs).
         (Global, GlobalNonprivate),
         (FedavgFinetune, FedavgFinetuneNonprivate),
+        (MetaFinetune, MetaFinetuneNonprivate),
     ]
     .into_iter()
     .filter_map(|(better, worse)| {

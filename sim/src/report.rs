@@ -40,6 +40,12 @@ pub struct RoundRecord {
     /// √max(0, update_norm² − noise_norm_expected²) / noise_norm_expected
     /// (`fedpersona_privacy::snr::Measured`).
     pub snr: Option<f64>,
+    /// The round's clip norm, the median L2 norm of the reporting devices' deltas before
+    /// clipping, and the share of them that clipping cut (read off the simulated devices;
+    /// none of it reaches the aggregator).
+    pub clip_norm: Option<f64>,
+    pub median_norm_before_clip: Option<f64>,
+    pub clipped_share: Option<f64>,
 }
 
 /// A private federation's signal-to-noise ratio per round: the config's expectation (signal
@@ -326,7 +332,7 @@ pub fn markdown(r: &Report) -> String {
     ) {
         let _ = writeln!(
             s,
-            "**What privacy costs**: the same FedAvg federation without DP reaches {}% global accuracy; with {} noise (z = {}, sampling rate {}{}) it reaches {:+.2} points of that. On held-out users, see `global_nonprivate`, `fedavg_finetune_nonprivate` and the paired differences below.\n",
+            "**What privacy costs**: the same FedAvg federation without DP reaches {}% global accuracy; with {} noise (z = {}, sampling rate {}{}) it reaches {:+.2} points of that. On held-out users, see `global_nonprivate`, `fedavg_finetune_nonprivate`, `meta_finetune_nonprivate` and the paired differences below.\n",
             pct(n),
             r.privacy.mode,
             r.privacy.noise_multiplier.map_or("?".into(), |z| format!("{z:.4}")),

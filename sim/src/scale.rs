@@ -100,6 +100,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<ScaleReport> {
         batch_size: 2,
         seq_len: 64,
         clip_norm: settings.clip_norm,
+        adaptive_clip: false,
         lora: settings.lora(),
         server: ServerStep {
             optimizer: "sgd",

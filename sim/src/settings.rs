@@ -26,6 +26,8 @@ pub enum FederationKind {
     Meta,
     /// Private runs only: FedAvg as it would run without DP, the reference for privacy's cost.
     FedavgNonprivate,
+    /// Private runs only: the meta-learned initialization without DP.
+    MetaNonprivate,
 }
 
 impl FederationKind {
@@ -35,6 +37,7 @@ impl FederationKind {
             FederationKind::Fedavg => "fedavg",
             FederationKind::Meta => "meta",
             FederationKind::FedavgNonprivate => "fedavg_nonprivate",
+            FederationKind::MetaNonprivate => "meta_nonprivate",
         }
     }
 }
@@ -61,6 +64,13 @@ pub struct Settings {
     pub dropout: f64,
     pub meta_optimizer: &'static str,
     pub meta_server_lr: f64,
+    /// The FedAvg federations' server step.
+    pub server_optimizer: &'static str,
+    pub server_lr: f64,
+    /// FFA-LoRA: only B trains and travels.
+    pub ffa: bool,
+    /// Adaptive clipping from `clip_norm`.
+    pub adaptive_clip: bool,
     pub support_lines: usize,
     pub finetune_steps: usize,
     pub meta_local_steps: usize,
@@ -80,12 +90,14 @@ impl Settings {
         let targets = device_agent::adapt::parse_targets(
             a.targets.as_deref().unwrap_or("q,k,v,o,gate,up,down"),
         )?;
-        let meta_optimizer = match a.meta_optimizer.as_deref().unwrap_or("sgd") {
-            "sgd" => "sgd",
-            "momentum" => "momentum",
-            "adam" => "adam",
-            other => bail!("--meta-optimizer must be sgd, momentum or adam, not {other:?}"),
+        let optimizer = |flag: &str, given: Option<&str>| match given.unwrap_or("sgd") {
+            "sgd" => Ok("sgd"),
+            "momentum" => Ok("momentum"),
+            "adam" => Ok("adam"),
+            other => bail!("--{flag} must be sgd, momentum or adam, not {other:?}"),
         };
+        let meta_optimizer = optimizer("meta-optimizer", a.meta_optimizer.as_deref())?;
+        let server_optimizer = optimizer("server-optimizer", a.server_optimizer.as_deref())?;
         let s = Settings {
             preset: if quick { "quick" } else { "default" },
             seed: a.seed,
@@ -108,9 +120,13 @@ impl Settings {
             alpha: 2.0 * a.rank.unwrap_or(8) as f64,
             targets: targets.iter().map(|t| t.name()).collect(),
             clip_norm: a.clip_norm.unwrap_or(1.0),
+            adaptive_clip: a.adaptive_clip,
             dropout: a.dropout.unwrap_or(0.0),
             meta_optimizer,
             meta_server_lr: a.meta_server_lr.unwrap_or(1.0),
+            server_optimizer,
+            server_lr: a.server_lr.unwrap_or(1.0),
+            ffa: a.ffa,
             support_lines: a.support_lines.unwrap_or(if quick { 16 } else { 64 }),
             finetune_steps: a.finetune_steps.unwrap_or(if quick { 2 } else { 5 }),
             meta_local_steps: a.meta_local_steps.unwrap_or(if quick { 8 } else { 20 }),
@@ -146,6 +162,10 @@ impl Settings {
         ensure!(
             s.meta_server_lr.is_finite() && s.meta_server_lr > 0.0,
             "--meta-server-lr must be positive"
+        );
+        ensure!(
+            s.server_lr.is_finite() && s.server_lr > 0.0,
+            "--server-lr must be positive"
         );
         ensure!(
             s.clip_norm.is_finite() && s.clip_norm > 0.0,
@@ -196,13 +216,17 @@ impl Settings {
                 .iter()
                 .map(|t| fedpersona_model::Target::parse(t).expect("parsed above"))
                 .collect(),
-            freeze_a: false,
+            freeze_a: self.ffa,
             seed: self.seed,
         }
     }
 
     pub fn federation(&self, kind: FederationKind) -> FederationSpec {
-        let meta = kind == FederationKind::Meta;
+        let meta = matches!(kind, FederationKind::Meta | FederationKind::MetaNonprivate);
+        let nonprivate = matches!(
+            kind,
+            FederationKind::FedavgNonprivate | FederationKind::MetaNonprivate
+        );
         FederationSpec {
             kind,
             rounds: self.rounds,
@@ -219,6 +243,7 @@ impl Settings {
             batch_size: self.batch_size,
             seq_len: self.train_seq_len,
             clip_norm: self.clip_norm,
+            adaptive_clip: self.adaptive_clip,
             lora: self.lora(),
             server: if meta {
                 ServerStep {
@@ -228,15 +253,15 @@ impl Settings {
                 }
             } else {
                 ServerStep {
-                    optimizer: "sgd",
-                    lr: 1.0,
+                    optimizer: self.server_optimizer,
+                    lr: self.server_lr,
                     momentum: 0.9,
                 }
             },
             dropout: self.dropout,
             seed: self.seed,
-            // The reference for privacy's cost: FedAvg as it would run without DP.
-            privacy: if kind == FederationKind::FedavgNonprivate {
+            // The references for privacy's cost: each federation as it would run without DP.
+            privacy: if nonprivate {
                 PrivacyPlan {
                     mode: PrivacyMode::None,
                     epsilon: None,
@@ -309,6 +334,8 @@ pub struct FederationSpec {
     pub batch_size: u32,
     pub seq_len: u32,
     pub clip_norm: f64,
+    /// Adaptive clipping, starting at `clip_norm`.
+    pub adaptive_clip: bool,
     #[serde(skip)]
     pub lora: LoraConfig,
     pub server: ServerStep,

@@ -107,6 +107,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         &[
             FederationKind::FedavgNonprivate,
             FederationKind::Fedavg,
+            FederationKind::MetaNonprivate,
             FederationKind::Meta,
         ]
     } else {

@@ -280,6 +280,40 @@ pub struct UpdateFile {
     /// `"uniform"` or `"examples"` (capped at `max_examples_weight`).
     pub weighting: String,
     pub max_examples_weight: u32,
+    /// Adaptive clipping: absent, the clip norm stays `clip_norm`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<AdaptiveClippingFile>,
+}
+
+/// `[update.adaptive_clipping]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveClippingFile {
+    /// γ, in (0, 1): the share of devices left unclipped (0.5: the median norm).
+    pub target_quantile: f64,
+    /// η of the geometric step, in (0, 10].
+    pub learning_rate: f64,
+    /// σ_b in devices (default 0.05 × cohort_size, as Andrew et al.).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count_stddev: Option<f64>,
+    /// The first round's clip norm (default: the largest `clip_norm` allows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_clip_norm: Option<f64>,
+    /// The smallest clip norm (default: the largest over 1000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_clip_norm: Option<f64>,
+}
+
+impl Default for AdaptiveClippingFile {
+    fn default() -> Self {
+        AdaptiveClippingFile {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_stddev: None,
+            initial_clip_norm: None,
+            min_clip_norm: None,
+        }
+    }
 }
 
 impl Default for UpdateFile {
@@ -291,6 +325,7 @@ impl Default for UpdateFile {
             chunk_bytes: 1 << 20,
             weighting: "uniform".into(),
             max_examples_weight: 10_000,
+            adaptive_clipping: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! [`file`] is the file's schema (public, so another program can build and write one);
 //! `policy` holds the validated types; this module loads and validates.
 
+mod clipping;
 pub mod file;
 mod policy;
 mod privacy;
@@ -22,8 +23,8 @@ use fedpersona_privacy::codec::Encoding;
 
 use file::ConfigFile;
 pub use policy::{
-    Budget, LocalTraining, PrivacyMode, PrivacyPolicy, RoundPolicy, Sampling, SecAggPolicy,
-    ServerOptimizer, Transport, UpdatePolicy, Weighting,
+    AdaptiveClipping, Budget, LocalTraining, PrivacyMode, PrivacyPolicy, RoundPolicy, Sampling,
+    SecAggPolicy, ServerOptimizer, Transport, UpdatePolicy, Weighting,
 };
 pub use snr::MIN_EXPECTED_SNR;
 
@@ -220,8 +221,9 @@ impl Config {
             }
             other => bail!("update.weighting must be \"uniform\" or \"examples\", not {other:?}"),
         };
-        let update = UpdatePolicy {
+        let mut update = UpdatePolicy {
             clip_norm: u.clip_norm as f32,
+            adaptive: None,
             encoding,
             max_upload_bytes: u.max_upload_bytes,
             chunk_bytes: u.chunk_bytes,
@@ -260,6 +262,7 @@ impl Config {
         };
 
         let (privacy, secure_aggregation) = privacy::privacy_policy(&f, &rounds, &update)?;
+        update.adaptive = clipping::adaptive_clipping(&f, &rounds, &privacy)?;
 
         ensure!(
             f.server.max_concurrent_uploads >= 1,
@@ -512,6 +515,65 @@ allow_low_snr = true
         let c = Config::parse(&toml::to_string(&f).unwrap(), dir.path()).unwrap();
         assert_eq!(c.rounds.sampling, Sampling::FirstCome);
         assert_eq!(c.rounds.max_assigned.get(), 6);
+    }
+
+    #[test]
+    fn adaptive_clipping_is_validated_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let parse = |edit: &dyn Fn(&mut file::AdaptiveClippingFile), mode: &str| {
+            let mut f = sample();
+            f.privacy.mode = mode.into();
+            let mut a = file::AdaptiveClippingFile::default();
+            edit(&mut a);
+            f.update.adaptive_clipping = Some(a);
+            Config::parse(&toml::to_string(&f).unwrap(), dir.path())
+        };
+        let refused = |edit: &dyn Fn(&mut file::AdaptiveClippingFile), mode: &str, want: &str| {
+            let e = format!("{:#}", parse(edit, mode).map(drop).expect_err(want));
+            assert!(e.contains(want), "{want}: {e}");
+        };
+        // The sample: central z = 1 over a cohort of 4, so the default σ_b = 0.2 cannot
+        // carry the split (it needs σ_b > z/2).
+        refused(
+            &|_| {},
+            "central",
+            "update.adaptive_clipping.count_stddev (0.2",
+        );
+        refused(
+            &|a| a.count_stddev = Some(1.0),
+            "local",
+            "update.adaptive_clipping needs",
+        );
+        refused(
+            &|a| {
+                a.count_stddev = Some(1.0);
+                a.target_quantile = 1.0;
+            },
+            "central",
+            "target_quantile",
+        );
+        refused(
+            &|a| {
+                a.count_stddev = Some(1.0);
+                a.learning_rate = 0.0;
+            },
+            "central",
+            "learning_rate",
+        );
+        refused(
+            &|a| {
+                a.count_stddev = Some(1.0);
+                a.initial_clip_norm = Some(1.0);
+            },
+            "central",
+            "initial_clip_norm",
+        );
+        // σ_b = 1, z = 1: C/C' = √(1 − 1/4), so C starts at √0.75 of update.clip_norm.
+        let c = parse(&|a| a.count_stddev = Some(1.0), "central").unwrap();
+        let a = c.update.adaptive.unwrap();
+        assert!((a.max - 0.75f64.sqrt()).abs() < 1e-12);
+        assert_eq!((a.initial, a.min), (a.max, a.max * 1e-3));
+        assert_eq!((a.target_quantile, a.learning_rate), (0.5, 0.2));
     }
 
     #[test]

@@ -147,11 +147,33 @@ pub enum Weighting {
 /// Rules every upload is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct UpdatePolicy {
+    /// The L2 bound of every upload (before noise): the fixed clip norm, or with adaptive
+    /// clipping the ceiling of a round's extended bound (update and count coordinate).
     pub clip_norm: f32,
+    /// The clip norm follows a quantile of update norms (`fedpersona_privacy::adaptive_clip`).
+    pub adaptive: Option<AdaptiveClipping>,
     pub encoding: Encoding,
     pub max_upload_bytes: u64,
     pub chunk_bytes: u32,
     pub weighting: Weighting,
+}
+
+/// `[update.adaptive_clipping]`, validated: each round's clip norm C steps by
+/// C·exp(−η(b̄ − γ)) from the noised share b̄ of unclipped devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveClipping {
+    /// γ: the share of devices clipping should leave alone.
+    pub target_quantile: f64,
+    /// η of the geometric step.
+    pub learning_rate: f64,
+    /// σ_b: the noise on the count of unclipped devices, in devices.
+    pub count_stddev: f64,
+    /// The clip norm of the first round (and of any restart without a saved one).
+    pub initial: f64,
+    /// The clip norm stays in [min, max]; max keeps a round's extended bound within
+    /// `update.clip_norm`.
+    pub min: f64,
+    pub max: f64,
 }
 
 /// The server step applied to the mean delta (Reptile / FedAvg / FedAvgM / FedAdam).

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use fedpersona_privacy::adaptive_clip::RoundClip;
 use fedpersona_privacy::secagg::Phase;
 
 use super::Coordinator;
@@ -39,6 +40,8 @@ pub struct Assignment {
     pub adapter_sha256: [u8; 32],
     pub adapter_bytes: u64,
     pub deadline: SystemTime,
+    /// Adaptive clipping: the round's clip norm and count scale (else the config's clip).
+    pub clip: Option<RoundClip>,
 }
 
 impl Coordinator {
@@ -135,6 +138,7 @@ impl Coordinator {
             adapter_sha256: sha,
             adapter_bytes: len,
             deadline: deadline.1,
+            clip: round.clip,
         })
     }
 

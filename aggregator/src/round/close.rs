@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedpersona_privacy::mode;
+use anyhow::Context;
 use fedpersona_privacy::secagg::{self, Phase};
 use fedpersona_privacy::snr;
+use fedpersona_privacy::{adaptive_clip, mode};
 
 use super::budget::open_round;
-use super::{Coordinator, OpenRound};
+use super::{round_clip, Coordinator, OpenRound};
 use crate::aggregate::RunningSum;
 use crate::auth::now_ms;
 use crate::config::PrivacyMode;
@@ -203,7 +204,7 @@ impl Coordinator {
     /// Closes the round (already marked closing): commit with enough reports, else abandon;
     /// then opens the next round unless the configured number is reached.
     pub fn close_round(&self) -> anyhow::Result<Outcome> {
-        let (id, sum, opened, meta, base_version, oversubscribed) = {
+        let (id, sum, opened, meta, base_version, oversubscribed, clip) = {
             let st = self.lock();
             let r = st
                 .round
@@ -216,6 +217,7 @@ impl Coordinator {
                 st.meta.clone(),
                 st.published.version,
                 r.oversubscribed,
+                r.clip,
             )
         };
         let reports = sum.count();
@@ -232,8 +234,40 @@ impl Coordinator {
             )?;
             Outcome::Abandoned { round: id, reports }
         } else if reports >= min {
-            let mean = self.release(&sum)?;
-            let norms = snr::Measured::of(mean.l2_norm(), self.config.release_noise_norm(reports));
+            let bound = clip.map_or(self.spec.clip_norm(), |c| c.extended_norm);
+            let mut mean = self.release(&sum, bound)?;
+            let mut next = meta;
+            if let (Some(c), Some(a)) = (clip, self.config.update.adaptive) {
+                let count = mean
+                    .remove(adaptive_clip::COUNT_TENSOR)
+                    .context("the released mean lacks the unclipped count")?;
+                let unclipped =
+                    adaptive_clip::unclipped_share(f64::from(count.data[0]), c.count_scale);
+                let clip_norm = adaptive_clip::next_clip_norm(
+                    c.clip_norm,
+                    unclipped,
+                    a.target_quantile,
+                    a.learning_rate,
+                    (a.min, a.max),
+                );
+                tracing::info!(
+                    round = id,
+                    clip_norm = c.clip_norm,
+                    unclipped_share = unclipped,
+                    next_clip_norm = clip_norm,
+                    "adaptive clipping stepped"
+                );
+                next.clip_norm = Some(clip_norm);
+            }
+            // The noise scales with the round's bound; the config's figure is at its own.
+            let noise = match clip {
+                Some(c) => {
+                    self.config.release_noise_norm(reports) * c.extended_norm
+                        / f64::from(self.config.update.clip_norm)
+                }
+                None => self.config.release_noise_norm(reports),
+            };
+            let norms = snr::Measured::of(mean.l2_norm(), noise);
             tracing::info!(
                 round = id,
                 update_norm = norms.update_norm,
@@ -242,7 +276,6 @@ impl Coordinator {
                 "round released"
             );
             self.metrics.round_released(&norms);
-            let mut next = meta;
             next.apply(self.config.meta, &mean)?;
             let version = base_version + 1;
             let published = self.versions.save(version, &next)?;
@@ -292,7 +325,15 @@ impl Coordinator {
                 id + 1,
                 version,
             )? {
-                Ok(()) => st.round = Some(OpenRound::new(id + 1, self.spec.clone(), &self.config)),
+                Ok(()) => {
+                    let clip = round_clip(&self.config, &st.meta);
+                    st.round = Some(OpenRound::new(
+                        id + 1,
+                        self.spec.clone(),
+                        &self.config,
+                        clip,
+                    ))
+                }
                 Err(why) => {
                     tracing::warn!(reason = %why, "no further rounds: the privacy budget is spent");
                     st.exhausted = Some(why);
@@ -313,9 +354,13 @@ impl Coordinator {
 
     /// What the round publishes: the mean of its reports, with the central noise where the
     /// aggregator adds it. With DP the divisor is the target cohort size, not the count.
-    fn release(&self, sum: &RunningSum) -> anyhow::Result<fedpersona_privacy::AdapterTensors> {
+    fn release(
+        &self,
+        sum: &RunningSum,
+        bound: f64,
+    ) -> anyhow::Result<fedpersona_privacy::AdapterTensors> {
         let p = &self.config.privacy;
-        let c = f64::from(self.config.update.clip_norm);
+        let c = bound;
         let denominator =
             mode::release_denominator(u64::from(self.config.rounds.target_reports.get()));
         let d = self.spec.num_values();
@@ -490,5 +535,63 @@ mod tests {
         assert_eq!(c.store().summary().unwrap().rounds_committed, 1);
         stop.send(()).unwrap();
         driver.await.unwrap();
+    }
+
+    #[test]
+    fn adaptive_clipping_steps_the_clip_from_the_count_and_saves_it_with_the_version() {
+        use fedpersona_privacy::adaptive_clip::COUNT_TENSOR;
+        use fedpersona_privacy::AdapterTensors;
+
+        use crate::round::testing::{encode, header};
+
+        let f = start(2, 2, |f| {
+            f.update.adaptive_clipping = Some(crate::config::file::AdaptiveClippingFile::default());
+        });
+        let c = &f.coordinator;
+        // Without noise κ = C and C' = C·√1.25: C starts at the largest clip whose extended
+        // bound is update.clip_norm = 1.
+        let task = |n| match c.check_in(&device(n), 0) {
+            CheckIn::Task(t) => t.clip.expect("an adaptive round"),
+            other => panic!("no task: {other:?}"),
+        };
+        let clip = task(1);
+        assert_eq!(task(2), clip);
+        let start = 1.25f64.sqrt().recip();
+        assert!((clip.clip_norm - start).abs() < 1e-12);
+        assert_eq!(clip.count_scale, clip.clip_norm);
+        assert!((clip.extended_norm - 1.0).abs() < 1e-12);
+        let upload = |n: u32, value: f32, count: f32| {
+            let mut t = AdapterTensors::default();
+            for (name, shape) in c.spec().shapes() {
+                let len = shape.iter().product();
+                let v = if name == COUNT_TENSOR { count } else { value };
+                t.insert(name.clone(), shape.clone(), vec![v; len]);
+            }
+            let bytes = encode(&t);
+            let ticket = c.begin_upload(device(n), header(1, n as u8, &bytes))?;
+            c.finish_upload(ticket, &bytes)
+        };
+        let unclipped = (clip.count_scale / 2.0) as f32;
+        // Over the extended bound: refused, and nothing changed.
+        let (_, why) = crate::round::testing::refusal(upload(1, 1.0, unclipped));
+        assert_eq!(why, "norm");
+        // Both devices left alone by clipping: b̄ = 1 > γ = 0.5, so C shrinks by e^(−0.2·0.5).
+        upload(1, 1e-3, unclipped).unwrap();
+        upload(2, 1e-3, unclipped).unwrap();
+        assert!(matches!(
+            c.close_round().unwrap(),
+            Outcome::Committed { .. }
+        ));
+        let next = c.theta().clip_norm.expect("saved with the version");
+        assert!((next - start * (-0.1f64).exp()).abs() < 1e-9, "{next}");
+        assert!(c.theta().theta.get(COUNT_TENSOR).is_none());
+        assert!((task(3).clip_norm - next).abs() < 1e-12);
+        // A restart reads it back from the committed version.
+        let cfg = c.config();
+        let versions =
+            crate::versions::Versions::new(&cfg.state_dir, cfg.model.clone(), cfg.adapter.clone());
+        let published = c.published();
+        let (saved, _) = versions.load(published.version, &published.sha256).unwrap();
+        assert_eq!(saved.clip_norm, Some(next));
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fedpersona_model::lora::LoraAdapter;
 use fedpersona_privacy::accountant::Accountant;
+use fedpersona_privacy::adaptive_clip::{self, RoundClip};
 use fedpersona_privacy::secagg::Phase;
 use tokio::sync::{watch, Notify};
 
@@ -104,6 +105,8 @@ struct OpenRound {
     oversubscribed: bool,
     /// Secure aggregation of this round's updates, when the config enables it.
     secure: Option<SecureRound>,
+    /// Adaptive clipping: this round's clip norm, count scale and extended bound.
+    clip: Option<RoundClip>,
 }
 
 #[derive(Debug)]
@@ -234,7 +237,10 @@ impl Coordinator {
                 (meta, published)
             }
         };
-        let shapes = LoraAdapter::trained_shapes(&config.model, &config.adapter);
+        let mut shapes = LoraAdapter::trained_shapes(&config.model, &config.adapter);
+        if config.update.adaptive.is_some() {
+            shapes.push((adaptive_clip::COUNT_TENSOR.to_string(), vec![1]));
+        }
         let values = shapes
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
@@ -256,7 +262,12 @@ impl Coordinator {
                 published.version,
             )? {
                 Ok(()) => (
-                    Some(OpenRound::new(rec.next_round, spec.clone(), &config)),
+                    Some(OpenRound::new(
+                        rec.next_round,
+                        spec.clone(),
+                        &config,
+                        round_clip(&config, &meta),
+                    )),
                     None,
                 ),
                 Err(why) => (None, Some(why)),
@@ -384,7 +395,7 @@ impl Coordinator {
 }
 
 impl OpenRound {
-    fn new(id: u64, spec: UpdateSpec, config: &Config) -> Self {
+    fn new(id: u64, spec: UpdateSpec, config: &Config, clip: Option<RoundClip>) -> Self {
         let secure = config
             .secure_aggregation
             .map(|p| SecureRound::new(id, spec.num_values(), p));
@@ -404,7 +415,13 @@ impl OpenRound {
             joins_close_at,
             oversubscribed: false,
             secure,
+            clip,
         }
+    }
+
+    /// The L2 bound of this round's uploads (before noise).
+    fn upload_bound(&self, spec: &UpdateSpec) -> f64 {
+        self.clip.map_or(spec.clip_norm(), |c| c.extended_norm)
     }
 
     /// Closes joins; the round closes too if that leaves it full while still advertising.
@@ -440,6 +457,16 @@ impl OpenRound {
 }
 
 /// Milliseconds since the epoch of a wall-clock time.
+/// A round's clip under adaptive clipping: the clip norm saved with the adapter version (or
+/// the initial one), its count scale and the extended bound.
+fn round_clip(config: &Config, meta: &MetaState) -> Option<RoundClip> {
+    let a = config.update.adaptive?;
+    let c = meta.clip_norm.unwrap_or(a.initial).clamp(a.min, a.max);
+    let clip = adaptive_clip::round_clip(c, config.privacy.noise_multiplier, a.count_stddev);
+    debug_assert!(clip.is_some(), "the config checked the split");
+    clip
+}
+
 pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -122,8 +122,15 @@ impl Coordinator {
         };
         let update = codec::decode(bytes, &limits)
             .map_err(|e| FedError::invalid("malformed", format!("update does not decode: {e}")))?;
+        let bound = {
+            let st = self.lock();
+            st.round
+                .as_ref()
+                .filter(|r| r.id == t.round)
+                .map_or(self.spec.clip_norm(), |r| r.upload_bound(&self.spec))
+        };
         self.spec
-            .check(&update)
+            .check_within(&update, bound)
             .map_err(|e| FedError::invalid(rejection_reason(&e), e.to_string()))?;
         let weight = match self.config.update.weighting {
             Weighting::Uniform => 1.0,

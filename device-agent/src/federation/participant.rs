@@ -25,7 +25,8 @@ use crate::federation::credentials::{
     load_or_create_key, load_state, save_state, AgentState, Draw,
 };
 use crate::federation::task::{
-    assignment_from, deadline, local_update, lora_config, protection_for, Training,
+    adaptive_clip_for, assignment_from, deadline, local_update, lora_config, protection_for,
+    LocalUpdate, Training,
 };
 use crate::fs::StateDir;
 use crate::shutdown::shutdown_signal;
@@ -233,7 +234,12 @@ impl Agent {
     /// The whole participation in an assigned round: download, train, upload.
     pub async fn take_part(&mut self, task: pb::Task) -> anyhow::Result<Step> {
         let round = task.round;
-        let (update, examples, loss) = self.train(&task).await?;
+        let LocalUpdate {
+            update,
+            examples,
+            loss,
+            norm_before_clip,
+        } = self.train(&task).await?;
         if SystemTime::now() > deadline(&task) {
             bail!("round {round}: the deadline passed during training; not uploading");
         }
@@ -260,6 +266,8 @@ impl Agent {
         Ok(Step::Reported(Report {
             round,
             train_loss: loss,
+            norm_before_clip,
+            clip_norm: f64::from(task.clip_norm),
             upload_bytes,
             download_bytes: task.adapter_bytes,
         }))
@@ -342,7 +350,7 @@ impl Agent {
     }
 
     /// Downloads θ, adapts it locally, and returns the privatized delta.
-    async fn train(&self, task: &pb::Task) -> anyhow::Result<(Protected, u32, f32)> {
+    async fn train(&self, task: &pb::Task) -> anyhow::Result<LocalUpdate> {
         let lora = lora_config(task)?;
         let training = Training::try_from(task.training.as_ref())?;
         let bytes = self
@@ -358,6 +366,7 @@ impl Agent {
         let base = self.base.clone();
         let examples = Arc::clone(&self.examples);
         let protection = protection_for(task)?;
+        let clip = adaptive_clip_for(task)?;
         let threads = self.config.threads;
         let seed = match self.config.seed {
             Some(s) => s ^ task.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -373,6 +382,7 @@ impl Agent {
                 lora,
                 &training,
                 &protection,
+                clip,
                 threads,
                 seed,
             )
@@ -405,6 +415,10 @@ pub struct Report {
     pub round: u64,
     /// Mean training loss over the local steps.
     pub train_loss: f32,
+    /// L2 norm of the delta before clipping, and the clip norm it was clipped to: stay on
+    /// the device (the simulation reads them to report how much clipping cut).
+    pub norm_before_clip: f64,
+    pub clip_norm: f64,
     pub upload_bytes: u64,
     pub download_bytes: u64,
 }

@@ -9,10 +9,11 @@ use anyhow::{bail, ensure, Context};
 use candle_core::Device;
 use fedpersona_model::train::{fit, Example, FitConfig, TrainConfig};
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig, Target};
+use fedpersona_privacy::adaptive_clip::{self, RoundClip};
 use fedpersona_privacy::codec::Encoding;
 use fedpersona_privacy::mode;
 use fedpersona_privacy::protect::{
-    protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec,
+    clip as clip_to, protect, DeviceNoise, PrivacySpec, Protected, Protection, QuantizationSpec,
 };
 use fedpersona_privacy::secagg;
 use fedpersona_privacy::tensors::AdapterTensors;
@@ -25,7 +26,11 @@ pub(crate) fn deadline(task: &pb::Task) -> SystemTime {
 /// What the task asks of the delta before it leaves: clipping, the privacy mode's noise, and
 /// an encoding or (with secure aggregation) the integer grid.
 pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
-    let clip_norm = f64::from(task.clip_norm);
+    // Under adaptive clipping the noise covers the delta and its count coordinate.
+    let clip_norm = match adaptive_clip_for(task)? {
+        Some(c) => c.extended_norm,
+        None => f64::from(task.clip_norm),
+    };
     ensure!(
         clip_norm.is_finite() && clip_norm > 0.0,
         "task clip norm must be positive"
@@ -88,6 +93,35 @@ pub fn protection_for(task: &pb::Task) -> anyhow::Result<Protection> {
         encoding,
         noise,
     }))
+}
+
+/// The round's adaptive clipping, if the task asks for it: the delta's clip norm, the count
+/// coordinate's scale κ and their bound √(C² + κ²/4).
+pub fn adaptive_clip_for(task: &pb::Task) -> anyhow::Result<Option<RoundClip>> {
+    let kappa = f64::from(task.clip_count_scale);
+    if kappa == 0.0 {
+        return Ok(None);
+    }
+    let clip_norm = f64::from(task.clip_norm);
+    ensure!(
+        kappa.is_finite() && kappa > 0.0 && clip_norm.is_finite() && clip_norm > 0.0,
+        "task asks for adaptive clipping with clip norm {clip_norm} and count scale {kappa}"
+    );
+    Ok(Some(RoundClip {
+        clip_norm,
+        count_scale: kappa,
+        extended_norm: (clip_norm.powi(2) + kappa.powi(2) / 4.0).sqrt(),
+    }))
+}
+
+/// What local training produced: the protected delta, the examples it saw, the mean training
+/// loss, and the delta's norm before clipping (which stays on the device).
+#[derive(Debug)]
+pub struct LocalUpdate {
+    pub update: Protected,
+    pub examples: u32,
+    pub loss: f32,
+    pub norm_before_clip: f64,
 }
 
 /// The aggregator's assignment, with every neighbour's key advert checked against its
@@ -195,7 +229,8 @@ impl TryFrom<Option<&pb::LocalTraining>> for Training {
 }
 
 /// Adapts θ on the user's examples with the task's settings; returns the privatized
-/// Δ = φ − θ over the trained tensors, the number of examples and the mean training loss.
+/// Δ = φ − θ over the trained tensors (with adaptive clipping's count coordinate when the
+/// round has one), the number of examples and the mean training loss.
 #[allow(clippy::too_many_arguments)]
 pub fn local_update(
     base: &BaseModel,
@@ -204,9 +239,10 @@ pub fn local_update(
     lora: LoraConfig,
     training: &Training,
     protection: &Protection,
+    clip: Option<RoundClip>,
     threads: usize,
     seed: u64,
-) -> anyhow::Result<(Protected, u32, f32)> {
+) -> anyhow::Result<LocalUpdate> {
     let model_cfg = base.model.config();
     let seq_len = training.seq_len;
     ensure!(
@@ -230,14 +266,26 @@ pub fn local_update(
     })?;
     let trained = |n: &str| lora.trains(n);
     let phi = adapter.to_tensors()?.filter(trained);
-    let delta = phi.sub(&theta.filter(trained))?;
+    let mut delta = phi.sub(&theta.filter(trained))?;
     let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed);
-    let update = protect(delta, protection, &mut rng)?;
-    Ok((
+    let (update, norm_before_clip) = match clip {
+        Some(c) => {
+            let norm = clip_to(&mut delta, c.clip_norm);
+            let extended = adaptive_clip::with_count(delta, norm, &c);
+            (protect(extended, protection, &mut rng)?, norm)
+        }
+        None => {
+            let update = protect(delta, protection, &mut rng)?;
+            let norm = update.norm_before_clip();
+            (update, norm)
+        }
+    };
+    Ok(LocalUpdate {
         update,
-        examples.len().min(u32::MAX as usize) as u32,
-        (loss_sum / training.steps as f64) as f32,
-    ))
+        examples: examples.len().min(u32::MAX as usize) as u32,
+        loss: (loss_sum / training.steps as f64) as f32,
+        norm_before_clip,
+    })
 }
 
 #[cfg(test)]

@@ -9,11 +9,13 @@
 //!   float-noise grid, the SecAgg grid, the release's denominator, the budget.
 //! * [`noise`]: OpenDP's exact samplers. [`accountant`]: RDP and PLD accounting and their
 //!   inverses.
+//! * [`adaptive_clip`]: the clip norm that follows a quantile of update norms.
 //! * [`sampling`]: device-side Poisson sampling and the binomial cohort it gives.
 //! * [`snr`]: the signal-to-noise ratio of a round's mean, planned and measured.
 //! * [`codec`]: the `FPD1` update format. [`secagg`]: SecAgg+ state machines.
 
 pub mod accountant;
+pub mod adaptive_clip;
 pub mod codec;
 pub mod mode;
 pub mod noise;

@@ -44,6 +44,11 @@ impl AdapterTensors {
         self.tensors.get(name)
     }
 
+    /// Takes the tensor `name` out.
+    pub fn remove(&mut self, name: &str) -> Option<FlatTensor> {
+        self.tensors.remove(name)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }

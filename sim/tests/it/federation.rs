@@ -282,11 +282,12 @@ seq_len = 32
     assert!(metrics().contains("fedpersona_checkins_total{"));
 }
 
-/// The privacy issue's end-to-end round: four real agents train, quantize, add their
-/// distributed-noise shares and take part in SecAgg+ over TLS; the aggregator unmasks only
-/// the sum, commits it, and charges the round to its privacy ledger.
+/// The privacy issue's end-to-end round: four real agents train, clip adaptively, quantize,
+/// add their distributed-noise shares and take part in SecAgg+ over TLS; the aggregator
+/// unmasks only the sum, commits it, steps the clip norm from the noised count of unclipped
+/// devices that travelled inside the masked vectors, and charges the round to its ledger.
 #[test]
-fn a_secure_round_with_distributed_noise_completes_over_grpc() {
+fn a_secure_round_with_distributed_noise_and_adaptive_clipping_completes_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let Loopback { rt, handle, port } = Loopback::start(
         dir.path(),
@@ -310,6 +311,9 @@ batch_size = 2
 seq_len = 32
 [update]
 clip_norm = 0.5
+[update.adaptive_clipping]
+count_stddev = 1.0
+initial_clip_norm = 0.3
 [privacy]
 mode = "distributed"
 noise_multiplier = 0.8
@@ -370,12 +374,24 @@ phase_timeout_s = 30
         d.l2_norm()
     };
     assert!(moved > 0.0, "the unmasked, noised mean moved θ");
+    // The noised count moved the clip norm from 0.3, within its ceiling 0.5·√(1 − 0.16)
+    // (z = 0.8, σ_b = 1).
+    let next = handle
+        .coordinator
+        .theta()
+        .clip_norm
+        .expect("adaptive clipping stepped");
+    assert!(
+        next != 0.3 && next > 0.0 && next <= 0.5 * 0.84f64.sqrt(),
+        "{next}"
+    );
     // The release as norms: θ moved by the mean (SGD, lr 1); the noise of 4 shares sized for
-    // 3, over 4: 0.8·0.5·√(4/3)/4 a value, ·√896 (rank 2 on q and v, 2 layers) = 3.4564.
+    // 3 at the round's extended bound C' = 0.3/√0.84, over 4: 0.8·C'·√(4/3)/4 a value,
+    // ·√896 (rank 2 on q and v, 2 layers) = 2.26274.
     let release = handle.coordinator.last_release().unwrap();
     assert_eq!(release.round, 1);
     assert!((release.norms.update_norm / moved - 1.0).abs() < 1e-4);
-    assert!((release.norms.noise_norm_expected - 3.456_40).abs() < 1e-4);
+    assert!((release.norms.noise_norm_expected - 2.262_74).abs() < 1e-4);
     let metrics = handle.coordinator.metrics().render();
     assert!(metrics.contains(&format!("fedpersona_round_snr {}", release.norms.snr)));
     let spent = handle.coordinator.privacy_spent().unwrap();

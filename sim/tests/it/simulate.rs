@@ -281,14 +281,20 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
     let g = r["global_accuracy"].as_f64().unwrap();
     let n = p["global_accuracy_nonprivate"].as_f64().unwrap();
     assert!((p["accuracy_cost"].as_f64().unwrap() - (g - n)).abs() < 1e-12);
-    for m in ["global_nonprivate", "fedavg_finetune_nonprivate"] {
+    for m in [
+        "global_nonprivate",
+        "fedavg_finetune_nonprivate",
+        "meta_finetune_nonprivate",
+    ] {
         assert!(r["methods"][m]["accuracy"].as_f64().is_some(), "{m}");
     }
-    assert!(r["comparisons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["worse"] == "global_nonprivate"));
+    for worse in ["global_nonprivate", "meta_finetune_nonprivate"] {
+        assert!(r["comparisons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["worse"] == worse));
+    }
     let rounds = std::fs::read_to_string(out.join("rounds.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(rounds.lines().last().unwrap()).unwrap();
     assert!((last["epsilon_spent"].as_f64().unwrap() - eps).abs() < 1e-9);
@@ -297,7 +303,7 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(r["committed"], true, "{line}");
         let u = r["update_norm"].as_f64().unwrap();
-        if r["federation"] == "fedavg_nonprivate" {
+        if r["federation"] == "fedavg_nonprivate" || r["federation"] == "meta_nonprivate" {
             assert!(
                 r["snr"].is_null() && r["noise_norm_expected"].is_null(),
                 "{line}"
@@ -316,6 +322,7 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
         assert!(x["median"].as_f64().is_some() && x["last"].as_f64().is_some());
     }
     assert!(p["snr"].get("fedavg_nonprivate").is_none());
+    assert!(p["snr"].get("meta_nonprivate").is_none());
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("**Signal-to-noise per round**"), "{md}");
 }
