@@ -88,7 +88,8 @@ pub struct SimulateArgs {
     pub clip_norm: Option<f64>,
     /// Adaptive clipping (Andrew et al. 2021): the clip norm follows the median of the
     /// devices' update norms, from a noised count of unclipped devices that travels with
-    /// the update; it starts at `--clip-norm` and may grow to ten times it.
+    /// the update (its noise σ_b = max(clients per round / 20, z)); it starts at `--clip-norm`
+    /// and may grow to ten times it.
     #[arg(long)]
     pub adaptive_clip: bool,
     /// Chance that a picked device takes the task and never reports.

@@ -32,6 +32,8 @@ use device_agent::federation::{Agent, AgentConfig, Joined, Report, Step};
 
 /// The share of rounds a federation may lose for too few reports: sets `min_reports`.
 const MISSED_ROUNDS: f64 = 0.05;
+/// Adaptive clipping's count noise per expected device (Andrew et al.'s m/20).
+const COUNT_STDDEV_PER_DEVICE: f64 = 0.05;
 /// How far adaptive clipping may raise the clip norm above its start.
 const ADAPTIVE_CLIP_HEADROOM: f64 = 10.0;
 /// A round's deadline: the simulation closes rounds itself, so only a backstop.
@@ -432,6 +434,13 @@ fn aggregator_config(
             encoding: "q8".into(),
             adaptive_clipping: Some(AdaptiveClippingFile {
                 initial_clip_norm: Some(spec.clip_norm),
+                // Andrew et al.'s m/20, but at least z: a small cohort's count noise could
+                // not carry the split, and at σ_b ≥ z the update's own noise rises by at
+                // most 1/√(1 − 1/4), 15%.
+                count_stddev: Some(
+                    (COUNT_STDDEV_PER_DEVICE * cohort as f64)
+                        .max(privacy.map_or(0.0, |p| p.noise_multiplier)),
+                ),
                 ..AdaptiveClippingFile::default()
             }),
             ..file.update

@@ -255,6 +255,7 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
             "--secure-aggregation",
             "--epsilon",
             "8",
+            "--adaptive-clip",
         ]
         .iter()
         .map(|s| s.to_string()),
@@ -298,6 +299,19 @@ fn a_private_simulation_spends_no_more_than_its_epsilon() {
     let rounds = std::fs::read_to_string(out.join("rounds.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(rounds.lines().last().unwrap()).unwrap();
     assert!((last["epsilon_spent"].as_f64().unwrap() - eps).abs() < 1e-9);
+    // Adaptive clipping in every federation: round 1 at --clip-norm, round 2 stepped by the
+    // (noised, in the private ones) count of unclipped devices inside the masked updates.
+    for fed in ["fedavg", "meta", "fedavg_nonprivate", "meta_nonprivate"] {
+        let clips: Vec<f64> = rounds
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["federation"] == fed)
+            .map(|r| r["clip_norm"].as_f64().unwrap())
+            .collect();
+        assert_eq!(clips.len(), 2, "{fed}");
+        assert!((clips[0] - 1.0).abs() < 1e-6, "{fed}: {clips:?}");
+        assert!(clips[1] != clips[0] && clips[1] > 0.0, "{fed}: {clips:?}");
+    }
     // Each committed round's release as norms; the SNR only where there is noise.
     for line in rounds.lines() {
         let r: serde_json::Value = serde_json::from_str(line).unwrap();
