@@ -107,11 +107,7 @@ pub fn adaptive_clip_for(task: &pb::Task) -> anyhow::Result<Option<RoundClip>> {
         kappa.is_finite() && kappa > 0.0 && clip_norm.is_finite() && clip_norm > 0.0,
         "task asks for adaptive clipping with clip norm {clip_norm} and count scale {kappa}"
     );
-    Ok(Some(RoundClip {
-        clip_norm,
-        count_scale: kappa,
-        extended_norm: (clip_norm.powi(2) + kappa.powi(2) / 4.0).sqrt(),
-    }))
+    Ok(Some(RoundClip::of(clip_norm, kappa)))
 }
 
 /// What local training produced: the protected delta, the examples it saw, the mean training

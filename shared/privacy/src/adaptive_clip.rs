@@ -31,6 +31,18 @@ pub struct RoundClip {
     pub extended_norm: f64,
 }
 
+impl RoundClip {
+    /// The round's clip as a device reads it from its task: clip norm C and count scale κ,
+    /// with their bound C' = √(C² + κ²/4).
+    pub fn of(clip_norm: f64, count_scale: f64) -> RoundClip {
+        RoundClip {
+            clip_norm,
+            count_scale,
+            extended_norm: (clip_norm.powi(2) + count_scale.powi(2) / 4.0).sqrt(),
+        }
+    }
+}
+
 /// √(1 − (z/(2σ_b))²): the update's clip over the extended bound, C/C' (None when the count
 /// noise σ_b cannot carry the split, 2σ_b ≤ z). `1/√1.25` without noise (κ = C).
 pub fn clip_ratio(z: f64, count_stddev: f64) -> Option<f64> {
@@ -120,7 +132,7 @@ mod tests {
         // The same number two ways: zC'/C.
         assert!((c.extended_norm / 0.1 - effective_noise_multiplier(1.0, 2.5)).abs() < 1e-12);
         // The extended vector's bound holds with equality at |κ(b − ½)| = κ/2.
-        let bound = (0.1f64.powi(2) + (c.count_scale / 2.0).powi(2)).sqrt();
+        let bound = RoundClip::of(0.1, c.count_scale).extended_norm;
         assert!((bound - c.extended_norm).abs() < 1e-15);
         // The count's noise, zC'/κ, is the asked σ_b.
         assert!((c.extended_norm / c.count_scale - 2.5).abs() < 1e-12);
