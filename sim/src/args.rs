@@ -116,6 +116,13 @@ pub struct SimulateArgs {
     /// Secure aggregation (SecAgg+) of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,
+    /// Skip the meta-learned initialization's federation (and `meta_finetune`).
+    #[arg(long)]
+    pub no_meta: bool,
+    /// Private runs: skip the non-private reference federations (and the privacy-cost
+    /// comparisons they give).
+    #[arg(long)]
+    pub no_nonprivate_reference: bool,
     /// Skip the ablation of profile-driven adaptation (`adaptive_finetune`) on held-out users.
     #[arg(long)]
     pub no_adaptive: bool,

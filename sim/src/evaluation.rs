@@ -14,7 +14,8 @@ use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig,
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 use fedpersona_privacy::AdapterTensors;
 
-use device_agent::adapt::{to_windows, Gate, Served};
+use device_agent::adapt::gate::window_losses;
+use device_agent::adapt::{held_out_len, to_windows, Gate, Served, HOLDOUT_SHARE};
 
 /// The starting adapters of the federated methods: each federation's final adapter.
 pub type Starts = BTreeMap<FederationKind, AdapterTensors>;
@@ -33,12 +34,32 @@ pub enum Curve {
     AdaptiveUnlikelihood,
 }
 
-/// One held-out user's scores: `base`, and per adaptation its curve over checkpoints.
+/// A point a method is scored at: a curve's start (its adapter untouched) or the curve after
+/// the scored number of fine-tuning steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Point {
+    Start(Curve),
+    Budget(Curve),
+}
+
+/// What the device's never-harm check served at a point, and that model's score; and what
+/// the plain lowest-loss rule would have served, and its score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Checked {
+    pub served: Served,
+    pub report: EvalReport,
+    pub lowest_loss: Served,
+    pub lowest_loss_report: EvalReport,
+}
+
+/// One held-out user's scores: `base`, per adaptation its curve over checkpoints (the adapter
+/// as trained, unchecked), and at each scored point what the never-harm check served.
 #[derive(Debug, Clone)]
 pub struct UserScores {
     pub base: EvalReport,
     /// (steps, report) in step order.
     pub curves: BTreeMap<Curve, Vec<(usize, EvalReport)>>,
+    pub checked: BTreeMap<Point, Checked>,
     /// The adaptive run (with a FedAvg start).
     pub adaptive: Option<AdaptiveRun>,
 }
@@ -115,7 +136,7 @@ fn adaptive(
     query: &[Window],
     base_report: &EvalReport,
     fs: &FewShot,
-) -> anyhow::Result<(EvalReport, EvalReport, AdaptiveRun)> {
+) -> anyhow::Result<(AdaptiveScores, AdaptiveRun)> {
     use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
     use device_agent::user::store::Feedback;
     let now_ms = REPLAY_NOW_MS;
@@ -124,14 +145,34 @@ fn adaptive(
     let global = fresh()?;
     let mut adapter = fresh()?;
     let items = replay(base, &adapter.frozen(), support, now_ms)?;
-    let served_report = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
-        let served = gate.map_or(Served::Base, |g| g.served);
-        let report = match served {
-            Served::Base => *base_report,
-            Served::Global => evaluate(&base.model, Some(&global), &base.tokenizer, query, 16)?,
-            Served::Personal => evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?,
+    // The trained adapter as it is, and what the check served in its place.
+    let scores = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
+        let gate = gate.unwrap_or_else(Gate::unchecked);
+        let trained = evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?;
+        let mut global_report = None;
+        let mut report = |served: Served| -> anyhow::Result<EvalReport> {
+            Ok(match served {
+                Served::Base => *base_report,
+                Served::Global => match global_report {
+                    Some(r) => r,
+                    None => *global_report.insert(evaluate(
+                        &base.model,
+                        Some(&global),
+                        &base.tokenizer,
+                        query,
+                        16,
+                    )?),
+                },
+                Served::Personal => trained,
+            })
         };
-        Ok((served, report))
+        let checked = Checked {
+            served: gate.served,
+            report: report(gate.served)?,
+            lowest_loss: gate.lowest_loss,
+            lowest_loss_report: report(gate.lowest_loss)?,
+        };
+        Ok((trained, checked))
     };
     let device = Settings::device(
         base,
@@ -154,7 +195,7 @@ fn adaptive(
         fs.seed,
         budget,
     )?;
-    let (served, report) = served_report(run.gate, &adapter)?;
+    let plain = scores(run.gate, &adapter)?;
     // The same run with the rejected suggestions pushed down (unlikelihood, weight 0.5).
     let mut with_ul = fresh()?;
     let ul = Settings {
@@ -171,15 +212,17 @@ fn adaptive(
         fs.seed,
         budget,
     )?;
-    let (_, report_ul) = served_report(run_ul.gate, &with_ul)?;
+    let unlikelihood = scores(run_ul.gate, &with_ul)?;
     let count = |f: Feedback| items.iter().filter(|s| s.interaction.feedback == f).count();
     Ok((
-        report,
-        report_ul,
+        AdaptiveScores {
+            plain,
+            unlikelihood,
+        },
         AdaptiveRun {
             steps: run.outcome.steps,
             stopped_early: run.outcome.stopped_early,
-            served,
+            served: plain.1.served,
             lr: run.plan.lr,
             accepted: count(Feedback::Accepted),
             edited: count(Feedback::Edited),
@@ -188,7 +231,17 @@ fn adaptive(
     ))
 }
 
-/// Adapts one held-out user with each method and scores it on its query lines.
+/// The adaptive arms' scores: each trained adapter as it is, and what the check served.
+struct AdaptiveScores {
+    plain: (EvalReport, Checked),
+    unlikelihood: (EvalReport, Checked),
+}
+
+/// Adapts one held-out user with each method and scores it on its query lines. Every method
+/// ends as a device does, with the never-harm check: the newest support lines
+/// ([`held_out_len`]) are held out, the fine-tuned methods train on the others, and the
+/// check picks among base, the method's starting adapter and its result on the held-out
+/// lines; a method is scored with what the check served.
 pub fn personalize(
     base: &BaseModel,
     user: &UserSplit,
@@ -196,43 +249,100 @@ pub fn personalize(
     fs: &FewShot,
 ) -> anyhow::Result<UserScores> {
     let support: Vec<_> = user.train.iter().take(fs.support_lines).cloned().collect();
-    let train_w = to_windows(base, &support, fs.train_seq_len)?;
+    let (fit_lines, held_lines) =
+        support.split_at(support.len() - held_out_len(support.len(), HOLDOUT_SHARE));
+    let train_w = to_windows(base, fit_lines, fs.train_seq_len)?;
+    let held_w = to_windows(base, held_lines, fs.eval_seq_len)?;
     let query_w = to_windows(base, &user.test, fs.eval_seq_len)?;
     anyhow::ensure!(
         !train_w.is_empty() && !query_w.is_empty(),
         "a held-out user has no support or no query text"
     );
     let base_report = evaluate(&base.model, None, &base.tokenizer, &query_w, 16)?;
-    let mut curves = BTreeMap::new();
+    let base_held = window_losses(base, None, &held_w)?;
+    let mut scores = UserScores {
+        base: base_report,
+        curves: BTreeMap::new(),
+        checked: BTreeMap::new(),
+        adaptive: None,
+    };
     let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
-    curves.insert(
-        Curve::LocalOnly,
-        fine_tune(base, fresh, &train_w, &query_w, fs)?,
-    );
+    let tuned = fine_tune(base, fresh, &train_w, &query_w, &held_w, fs)?;
+    scores.add(Curve::LocalOnly, tuned, &base_held, false, fs.steps);
     for (&kind, theta) in starts {
         let adapter =
             LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), theta, &Device::Cpu)
                 .context("starting adapter")?;
-        curves.insert(
-            Curve::From(kind),
-            fine_tune(base, adapter, &train_w, &query_w, fs)?,
-        );
+        let tuned = fine_tune(base, adapter, &train_w, &query_w, &held_w, fs)?;
+        scores.add(Curve::From(kind), tuned, &base_held, true, fs.steps);
     }
-    let adaptive = match starts.get(&FederationKind::Fedavg) {
-        Some(theta) if fs.adaptive => {
-            let (report, report_ul, run) =
-                adaptive(base, theta, &support, &query_w, &base_report, fs)?;
-            curves.insert(Curve::Adaptive, vec![(fs.steps, report)]);
-            curves.insert(Curve::AdaptiveUnlikelihood, vec![(fs.steps, report_ul)]);
-            Some(run)
+    if let Some(theta) = starts.get(&FederationKind::Fedavg).filter(|_| fs.adaptive) {
+        let (arms, run) = adaptive(base, theta, &support, &query_w, &base_report, fs)?;
+        for (curve, (trained, checked)) in [
+            (Curve::Adaptive, arms.plain),
+            (Curve::AdaptiveUnlikelihood, arms.unlikelihood),
+        ] {
+            scores.curves.insert(curve, vec![(fs.steps, trained)]);
+            scores.checked.insert(Point::Budget(curve), checked);
         }
-        _ => None,
-    };
-    Ok(UserScores {
-        base: base_report,
-        curves,
-        adaptive,
-    })
+        scores.adaptive = Some(run);
+    }
+    Ok(scores)
+}
+
+impl UserScores {
+    /// Adds a fine-tuning curve and the never-harm checks at its points: at its start (only
+    /// where the start is a federation's adapter, `start_is_candidate`: base against it) and at
+    /// `budget` steps (base, that start and the result).
+    fn add(
+        &mut self,
+        curve: Curve,
+        tuned: Tuned,
+        base_held: &[f64],
+        start_is_candidate: bool,
+        budget: usize,
+    ) {
+        let at = |step: usize| {
+            tuned
+                .curve
+                .iter()
+                .find(|(k, _)| *k == step)
+                .map(|(_, r)| *r)
+        };
+        let start = at(0).expect("a curve starts at 0 steps");
+        let trained = at(budget).expect("the scored budget is a checkpoint");
+        let start_held = start_is_candidate.then_some(tuned.held_start.as_slice());
+        let report = |served: Served| match served {
+            Served::Base => self.base,
+            Served::Global => start,
+            Served::Personal => trained,
+        };
+        let checked = |gate: Gate| Checked {
+            served: gate.served,
+            report: report(gate.served),
+            lowest_loss: gate.lowest_loss,
+            lowest_loss_report: report(gate.lowest_loss),
+        };
+        let at_start = start_held.map(|s| checked(Gate::of_losses(base_held, Some(s), None)));
+        let at_budget = checked(Gate::of_losses(
+            base_held,
+            start_held,
+            Some(&tuned.held_budget),
+        ));
+        if let Some(c) = at_start {
+            self.checked.insert(Point::Start(curve), c);
+        }
+        self.checked.insert(Point::Budget(curve), at_budget);
+        self.curves.insert(curve, tuned.curve);
+    }
+}
+
+/// A fine-tuning run: its curve on the query lines, and its per-window held-out losses at the
+/// start and at the scored budget.
+struct Tuned {
+    curve: Vec<(usize, EvalReport)>,
+    held_start: Vec<f64>,
+    held_budget: Vec<f64>,
 }
 
 fn fine_tune(
@@ -240,39 +350,58 @@ fn fine_tune(
     adapter: LoraAdapter,
     train: &[Window],
     query: &[Window],
+    held: &[Window],
     fs: &FewShot,
-) -> anyhow::Result<Vec<(usize, EvalReport)>> {
+) -> anyhow::Result<Tuned> {
     let checkpoints = fs.checkpoints();
     let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
-    let mut out = vec![(0, score(&adapter)?)];
-    let end = fs.curve_to.max(fs.steps);
-    if end == 0 {
-        return Ok(out);
-    }
-    let cfg = FitConfig {
-        steps: end,
-        batch_size: fs.batch_size,
-        optimizer: TrainConfig {
-            lr: fs.lr,
-            ..TrainConfig::default()
-        },
-        workers: 1,
-        seed: fs.seed,
+    let mut curve = vec![(0, score(&adapter)?)];
+    let held_start = window_losses(base, Some(&adapter), held)?;
+    let mut held_budget = if fs.steps == 0 {
+        held_start.clone()
+    } else {
+        Vec::new()
     };
-    let mut failed = None;
-    fit(&base.model, &adapter, train, &cfg, |step, _| {
-        let done = step + 1;
-        if failed.is_none() && checkpoints.contains(&done) {
-            match score(&adapter) {
-                Ok(r) => out.push((done, r)),
-                Err(e) => failed = Some(e),
+    let end = fs.curve_to.max(fs.steps);
+    if end > 0 {
+        let cfg = FitConfig {
+            steps: end,
+            batch_size: fs.batch_size,
+            optimizer: TrainConfig {
+                lr: fs.lr,
+                ..TrainConfig::default()
+            },
+            workers: 1,
+            seed: fs.seed,
+        };
+        let mut failed = None;
+        fit(&base.model, &adapter, train, &cfg, |step, _| {
+            let done = step + 1;
+            if failed.is_some() {
+                return;
             }
+            let scored = (|| -> anyhow::Result<()> {
+                if checkpoints.contains(&done) {
+                    curve.push((done, score(&adapter)?));
+                }
+                if done == fs.steps {
+                    held_budget = window_losses(base, Some(&adapter), held)?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = scored {
+                failed = Some(e);
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-    })?;
-    if let Some(e) = failed {
-        return Err(e.into());
     }
-    Ok(out)
+    Ok(Tuned {
+        curve,
+        held_start,
+        held_budget,
+    })
 }
 
 /// Runs `f` on every item over `workers` threads, in any order, until done or `stop`; calls
@@ -421,8 +550,8 @@ mod tests {
             adaptive: true,
         };
         let base_report = evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap();
-        let (report, _, run) =
-            adaptive(&base, &start, &support, &query, &base_report, &fs).unwrap();
+        let (arms, run) = adaptive(&base, &start, &support, &query, &base_report, &fs).unwrap();
+        let report = arms.plain.1.report;
 
         // What the local API would run on the same interactions, with the same seed.
         let mut a =
@@ -465,6 +594,71 @@ mod tests {
             evaluate(&base.model, served, &base.tokenizer, &query, 16).unwrap(),
             "the served model"
         );
+        assert_eq!(
+            arms.plain.0,
+            evaluate(&base.model, Some(&a), &base.tokenizer, &query, 16).unwrap(),
+            "the trained adapter, unchecked"
+        );
+    }
+
+    #[test]
+    fn each_point_is_scored_with_what_the_check_serves() {
+        let r = |accuracy: f64| EvalReport {
+            loss: 1.0,
+            bits_per_byte: 1.0,
+            accuracy,
+            tokens: 10,
+        };
+        let shifted = |by: f64| vec![2.0 + by, 2.2 + by, 1.8 + by, 2.1 + by];
+        let base_held = shifted(0.0);
+        let tuned = |start_by: f64, trained_by: f64| Tuned {
+            curve: vec![(0, r(0.5)), (1, r(0.55)), (2, r(0.6))],
+            held_start: shifted(start_by),
+            held_budget: shifted(trained_by),
+        };
+        let fedavg = Curve::From(FederationKind::Fedavg);
+        let mut s = UserScores {
+            base: r(0.4),
+            curves: BTreeMap::new(),
+            checked: BTreeMap::new(),
+            adaptive: None,
+        };
+        let at = |s: &UserScores, p: Point| s.checked[&p];
+        // The start beats base and the result on every held-out window: the start is served,
+        // at both points, with its query score.
+        s.add(fedavg, tuned(-0.1, 0.1), &base_held, true, 2);
+        assert_eq!(at(&s, Point::Start(fedavg)).served, Served::Global);
+        let b = at(&s, Point::Budget(fedavg));
+        assert_eq!((b.served, b.report.accuracy), (Served::Global, 0.5));
+        assert_eq!(s.curves[&fedavg].len(), 3, "the curve is kept as trained");
+        // Local-only: no start to serve; its result wins.
+        s.add(Curve::LocalOnly, tuned(0.0, -0.5), &base_held, false, 2);
+        assert!(!s.checked.contains_key(&Point::Start(Curve::LocalOnly)));
+        let local = at(&s, Point::Budget(Curve::LocalOnly));
+        assert_eq!(
+            (local.served, local.report.accuracy),
+            (Served::Personal, 0.6)
+        );
+        // Both worse than base: base, with its score.
+        s.add(fedavg, tuned(0.2, 0.3), &base_held, true, 2);
+        let b = at(&s, Point::Budget(fedavg));
+        assert_eq!((b.served, b.report.accuracy), (Served::Base, 0.4));
+        // Lower on average but not on every window: only the lowest-loss rule serves it.
+        let mut noisy = tuned(0.0, 0.0);
+        noisy.held_budget = vec![1.0, 2.9, 1.0, 2.9];
+        s.add(fedavg, noisy, &base_held, true, 2);
+        let b = at(&s, Point::Budget(fedavg));
+        assert_eq!((b.served, b.lowest_loss), (Served::Base, Served::Personal));
+        assert_eq!(
+            (b.report.accuracy, b.lowest_loss_report.accuracy),
+            (0.4, 0.6)
+        );
+        // No held-out lines: nothing can be checked, so base.
+        let mut none = tuned(0.0, 0.0);
+        (none.held_start, none.held_budget) = (Vec::new(), Vec::new());
+        s.add(fedavg, none, &[], true, 2);
+        assert_eq!(at(&s, Point::Budget(fedavg)).served, Served::Base);
+        assert_eq!(at(&s, Point::Start(fedavg)).served, Served::Base);
     }
 
     #[test]

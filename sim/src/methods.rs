@@ -7,9 +7,10 @@ use std::fmt;
 use fedpersona_model::train::EvalReport;
 use serde::Serialize;
 
-use crate::evaluation::{Curve, UserScores};
+use crate::evaluation::{Checked, Curve, Point, UserScores};
 use crate::settings::FederationKind;
 use crate::stats::interval;
+use device_agent::adapt::Served;
 
 /// A way to serve a held-out user, scored on the user's own later lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -40,10 +41,7 @@ pub enum Method {
 /// Where a method's score is read: the base model, or a curve at a point.
 enum Source {
     Base,
-    /// The curve's first point: the start adapter, untouched.
-    Start(Curve),
-    /// The curve after the scored number of fine-tuning steps.
-    Budget(Curve),
+    At(Point),
 }
 
 impl Method {
@@ -79,42 +77,56 @@ impl Method {
 
     fn source(self) -> Source {
         use FederationKind::{Fedavg, FedavgNonprivate, Meta, MetaNonprivate};
-        match self {
-            Method::Base => Source::Base,
-            Method::LocalOnly => Source::Budget(Curve::LocalOnly),
-            Method::Global => Source::Start(Curve::From(Fedavg)),
-            Method::FedavgFinetune => Source::Budget(Curve::From(Fedavg)),
-            Method::MetaFinetune => Source::Budget(Curve::From(Meta)),
-            Method::AdaptiveFinetune => Source::Budget(Curve::Adaptive),
-            Method::AdaptiveUnlikelihoodFinetune => Source::Budget(Curve::AdaptiveUnlikelihood),
-            Method::GlobalNonprivate => Source::Start(Curve::From(FedavgNonprivate)),
-            Method::FedavgFinetuneNonprivate => Source::Budget(Curve::From(FedavgNonprivate)),
-            Method::MetaFinetuneNonprivate => Source::Budget(Curve::From(MetaNonprivate)),
-        }
+        use Point::{Budget, Start};
+        Source::At(match self {
+            Method::Base => return Source::Base,
+            Method::LocalOnly => Budget(Curve::LocalOnly),
+            Method::Global => Start(Curve::From(Fedavg)),
+            Method::FedavgFinetune => Budget(Curve::From(Fedavg)),
+            Method::MetaFinetune => Budget(Curve::From(Meta)),
+            Method::AdaptiveFinetune => Budget(Curve::Adaptive),
+            Method::AdaptiveUnlikelihoodFinetune => Budget(Curve::AdaptiveUnlikelihood),
+            Method::GlobalNonprivate => Start(Curve::From(FedavgNonprivate)),
+            Method::FedavgFinetuneNonprivate => Budget(Curve::From(FedavgNonprivate)),
+            Method::MetaFinetuneNonprivate => Budget(Curve::From(MetaNonprivate)),
+        })
     }
 
     /// The fine-tuning curve whose steps the method's accuracy-vs-steps row shows (None for
     /// the methods without local steps, and for the adaptive runs, scored at one point).
     fn steps_curve(self) -> Option<Curve> {
         match self.source() {
-            Source::Budget(c @ (Curve::LocalOnly | Curve::From(_))) => Some(c),
+            Source::At(Point::Budget(c @ (Curve::LocalOnly | Curve::From(_)))) => Some(c),
             _ => None,
         }
     }
 
-    /// A user's report under this method after `budget` fine-tuning steps; None where the
-    /// method did not run.
-    fn report(self, s: &UserScores, budget: usize) -> Option<&EvalReport> {
+    /// A user's report under this method after `budget` fine-tuning steps, the adapter as
+    /// trained (before the never-harm check); None where the method did not run.
+    fn unchecked(self, s: &UserScores, budget: usize) -> Option<&EvalReport> {
         let (curve, step) = match self.source() {
             Source::Base => return Some(&s.base),
-            Source::Start(c) => (c, 0),
-            Source::Budget(c) => (c, budget),
+            Source::At(Point::Start(c)) => (c, 0),
+            Source::At(Point::Budget(c)) => (c, budget),
         };
         s.curves
             .get(&curve)?
             .iter()
             .find(|(k, _)| *k == step)
             .map(|(_, r)| r)
+    }
+
+    /// What a user is served under this method after the never-harm check, and its report.
+    fn checked(self, s: &UserScores) -> Option<Checked> {
+        match self.source() {
+            Source::Base => Some(Checked {
+                served: Served::Base,
+                report: s.base,
+                lowest_loss: Served::Base,
+                lowest_loss_report: s.base,
+            }),
+            Source::At(p) => s.checked.get(&p).copied(),
+        }
     }
 }
 
@@ -124,7 +136,8 @@ impl fmt::Display for Method {
     }
 }
 
-/// One method's figures on the held-out users.
+/// One method's figures on the held-out users: what the device serves after its never-harm
+/// check, and the same method's adapter unchecked.
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodResult {
     pub accuracy: f64,
@@ -133,15 +146,28 @@ pub struct MethodResult {
     pub bits_per_byte_ci95: f64,
     pub users: usize,
     /// Shares of users above and below the base model (accuracy on their own query lines).
-    /// The adaptive methods' are after the device's never-harm check; the other methods
-    /// serve their adapter unchecked.
     pub helped_share: f64,
     pub hurt_share: f64,
-    /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve).
+    /// How many users the check served each candidate: the base model, the method's starting
+    /// adapter (a federation's), the method's own result.
+    pub served_base: usize,
+    pub served_start: usize,
+    pub served_personal: usize,
+    /// Under the plain lowest-held-out-loss rule instead of the check's confident one.
+    pub lowest_loss_accuracy: f64,
+    pub lowest_loss_hurt_share: f64,
+    /// The same figures for the method's adapter as it is, before the check.
+    pub unchecked_accuracy: f64,
+    pub unchecked_accuracy_ci95: f64,
+    pub unchecked_helped_share: f64,
+    pub unchecked_hurt_share: f64,
+    /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve, of the
+    /// adapters as trained).
     pub accuracy_by_steps: BTreeMap<usize, f64>,
 }
 
-/// `better − worse` in accuracy, paired by user.
+/// `better − worse` in accuracy, paired by user, of what the never-harm check served, and of
+/// the two methods' adapters unchecked.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub better: Method,
@@ -149,10 +175,12 @@ pub struct Comparison {
     pub mean_difference: f64,
     pub ci95: f64,
     pub users: usize,
+    pub unchecked_mean_difference: f64,
+    pub unchecked_ci95: f64,
 }
 
 /// The benchmark's ordering as paired differences: meta_finetune − fedavg_finetune,
-/// fedavg_finetune − global, global − base, and local_only − base; then the profile
+/// fedavg_finetune − global, global − base, fedavg_finetune − base and local_only − base; then the profile
 /// ablations and, in private runs, privacy's cost. Pairs with no user are left out.
 pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
     use Method::*;
@@ -160,6 +188,7 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
         (MetaFinetune, FedavgFinetune),
         (FedavgFinetune, Global),
         (Global, Base),
+        (FedavgFinetune, Base),
         (LocalOnly, Base),
         // The profile ablation: profile-weighted, profile-scheduled adaptation against the plain
         // one (uniform weights, fixed steps), both from the FedAvg adapter.
@@ -173,20 +202,25 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
     ]
     .into_iter()
     .filter_map(|(better, worse)| {
-        let d: Vec<f64> = scores
+        let (checked, unchecked): (Vec<f64>, Vec<f64>) = scores
             .iter()
             .filter_map(|s| {
-                Some(better.report(s, budget)?.accuracy - worse.report(s, budget)?.accuracy)
+                let served = better.checked(s)?.report.accuracy - worse.checked(s)?.report.accuracy;
+                let as_trained =
+                    better.unchecked(s, budget)?.accuracy - worse.unchecked(s, budget)?.accuracy;
+                Some((served, as_trained))
             })
-            .collect();
-        (!d.is_empty()).then(|| {
-            let i = interval(&d);
+            .unzip();
+        (!checked.is_empty()).then(|| {
+            let (i, u) = (interval(&checked), interval(&unchecked));
             Comparison {
                 better,
                 worse,
                 mean_difference: i.mean,
                 ci95: i.ci95,
                 users: i.n,
+                unchecked_mean_difference: u.mean,
+                unchecked_ci95: u.ci95,
             }
         })
     })
@@ -198,24 +232,37 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
 pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, MethodResult> {
     let mut out = BTreeMap::new();
     for method in Method::ALL {
-        let paired: Vec<_> = scores
+        // (served, unchecked, base) per user that ran the method.
+        let rows: Vec<(Checked, &EvalReport, &EvalReport)> = scores
             .iter()
-            .filter_map(|s| Some((method.report(s, budget)?, &s.base)))
+            .filter_map(|s| Some((method.checked(s)?, method.unchecked(s, budget)?, &s.base)))
             .collect();
-        if paired.is_empty() {
+        if rows.is_empty() {
             continue;
         }
-        let share = |f: fn(f64, f64) -> bool| {
-            let n = paired
+        let share = |pick: fn(&(Checked, &EvalReport, &EvalReport)) -> f64, above: bool| {
+            let n = rows
                 .iter()
-                .filter(|(r, b)| f(r.accuracy, b.accuracy))
+                .filter(|r| {
+                    let (a, b) = (pick(r), r.2.accuracy);
+                    if above {
+                        a > b
+                    } else {
+                        a < b
+                    }
+                })
                 .count();
-            n as f64 / paired.len() as f64
+            n as f64 / rows.len() as f64
         };
-        let (helped_share, hurt_share) = (share(|r, b| r > b), share(|r, b| r < b));
-        let picked: Vec<_> = paired.iter().map(|(r, _)| *r).collect();
-        let a = interval(&picked.iter().map(|r| r.accuracy).collect::<Vec<_>>());
-        let b = interval(&picked.iter().map(|r| r.bits_per_byte).collect::<Vec<_>>());
+        let served = |s: Served| rows.iter().filter(|r| r.0.served == s).count();
+        let a = interval(&rows.iter().map(|r| r.0.report.accuracy).collect::<Vec<_>>());
+        let b = interval(
+            &rows
+                .iter()
+                .map(|r| r.0.report.bits_per_byte)
+                .collect::<Vec<_>>(),
+        );
+        let u = interval(&rows.iter().map(|r| r.1.accuracy).collect::<Vec<_>>());
         let accuracy_by_steps = match method.steps_curve() {
             Some(curve) => {
                 let mut sums: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
@@ -228,7 +275,7 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
                     .map(|(k, (s, n))| (k, s / n as f64))
                     .collect()
             }
-            None => BTreeMap::from([(0, a.mean)]),
+            None => BTreeMap::from([(0, u.mean)]),
         };
         out.insert(
             method.name(),
@@ -238,8 +285,23 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
                 bits_per_byte: b.mean,
                 bits_per_byte_ci95: b.ci95,
                 users: a.n,
-                helped_share,
-                hurt_share,
+                helped_share: share(|r| r.0.report.accuracy, true),
+                hurt_share: share(|r| r.0.report.accuracy, false),
+                served_base: served(Served::Base),
+                served_start: served(Served::Global),
+                served_personal: served(Served::Personal),
+                lowest_loss_accuracy: interval(
+                    &rows
+                        .iter()
+                        .map(|r| r.0.lowest_loss_report.accuracy)
+                        .collect::<Vec<_>>(),
+                )
+                .mean,
+                lowest_loss_hurt_share: share(|r| r.0.lowest_loss_report.accuracy, false),
+                unchecked_accuracy: u.mean,
+                unchecked_accuracy_ci95: u.ci95,
+                unchecked_helped_share: share(|r| r.1.accuracy, true),
+                unchecked_hurt_share: share(|r| r.1.accuracy, false),
                 accuracy_by_steps,
             },
         );
@@ -260,19 +322,40 @@ mod tests {
         }
     }
 
+    fn checked(served: Served, accuracy: f64) -> Checked {
+        Checked {
+            served,
+            report: report(accuracy),
+            lowest_loss: served,
+            lowest_loss_report: report(accuracy),
+        }
+    }
+
     /// One user: base 0.40; FedAvg's curve 0.50 at its start, 0.60 after 2 steps; local-only
-    /// 0.45 after 2 steps; no meta, no adaptive run.
+    /// 0.45 after 2 steps; no meta, no adaptive run. The check serves what was trained.
     fn user(shift: f64) -> UserScores {
+        let fedavg = Curve::From(FederationKind::Fedavg);
         UserScores {
             base: report(0.40 + shift),
             curves: BTreeMap::from([
                 (
-                    Curve::From(FederationKind::Fedavg),
+                    fedavg,
                     vec![(0, report(0.50 + shift)), (2, report(0.60 + shift))],
                 ),
                 (
                     Curve::LocalOnly,
                     vec![(0, report(0.40 + shift)), (2, report(0.45 + shift))],
+                ),
+            ]),
+            checked: BTreeMap::from([
+                (Point::Start(fedavg), checked(Served::Global, 0.50 + shift)),
+                (
+                    Point::Budget(fedavg),
+                    checked(Served::Personal, 0.60 + shift),
+                ),
+                (
+                    Point::Budget(Curve::LocalOnly),
+                    checked(Served::Personal, 0.45 + shift),
                 ),
             ]),
             adaptive: None,
@@ -282,7 +365,7 @@ mod tests {
     #[test]
     fn each_method_reads_its_curve_at_its_point() {
         let u = user(0.0);
-        let at = |m: Method| m.report(&u, 2).map(|r| r.accuracy);
+        let at = |m: Method| m.unchecked(&u, 2).map(|r| r.accuracy);
         assert_eq!(at(Method::Base), Some(0.40));
         assert_eq!(at(Method::Global), Some(0.50));
         assert_eq!(at(Method::FedavgFinetune), Some(0.60));
@@ -311,6 +394,7 @@ mod tests {
             [
                 (Method::FedavgFinetune, Method::Global),
                 (Method::Global, Method::Base),
+                (Method::FedavgFinetune, Method::Base),
                 (Method::LocalOnly, Method::Base),
             ]
         );
@@ -325,12 +409,45 @@ mod tests {
         let mut hurt = user(0.0);
         hurt.curves
             .insert(Curve::LocalOnly, vec![(0, report(0.40)), (2, report(0.35))]);
+        hurt.checked.insert(
+            Point::Budget(Curve::LocalOnly),
+            checked(Served::Personal, 0.35),
+        );
         let r = results(&[user(0.0), user(0.1), hurt], 2);
         let local = &r["local_only"];
         assert!((local.helped_share - 2.0 / 3.0).abs() < 1e-12);
         assert!((local.hurt_share - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!((r["base"].helped_share, r["base"].hurt_share), (0.0, 0.0));
         assert_eq!(r["fedavg_finetune"].hurt_share, 0.0);
+    }
+
+    #[test]
+    fn the_served_model_is_scored_and_the_unchecked_kept_beside_it() {
+        // The check caught the third user's local-only run and served base instead.
+        let mut caught = user(0.0);
+        caught
+            .curves
+            .insert(Curve::LocalOnly, vec![(0, report(0.40)), (2, report(0.35))]);
+        caught
+            .checked
+            .insert(Point::Budget(Curve::LocalOnly), checked(Served::Base, 0.40));
+        let scores = [user(0.0), user(0.1), caught];
+        let local = &results(&scores, 2)["local_only"];
+        assert_eq!(local.hurt_share, 0.0, "served: base is not worse than base");
+        assert!((local.unchecked_hurt_share - 1.0 / 3.0).abs() < 1e-12);
+        assert!((local.accuracy - (0.45 + 0.55 + 0.40) / 3.0).abs() < 1e-12);
+        assert!((local.unchecked_accuracy - (0.45 + 0.55 + 0.35) / 3.0).abs() < 1e-12);
+        assert_eq!(
+            (local.served_base, local.served_start, local.served_personal),
+            (1, 0, 2)
+        );
+        let c = comparisons(&scores, 2);
+        let lb = c
+            .iter()
+            .find(|c| (c.better, c.worse) == (Method::LocalOnly, Method::Base))
+            .unwrap();
+        assert!((lb.mean_difference - 0.10 / 3.0).abs() < 1e-12);
+        assert!((lb.unchecked_mean_difference - 0.05 / 3.0).abs() < 1e-12);
     }
 
     #[test]

@@ -10,7 +10,6 @@ use serde::Serialize;
 
 use crate::methods::{Comparison, Method, MethodResult};
 use crate::settings::{FederationKind, PrivacyMode, PrivacyPlan, ResolvedPrivacy};
-use device_agent::adapt::Served;
 
 /// One federated round, as `rounds.jsonl` records it.
 #[derive(Debug, Clone, Serialize)]
@@ -94,10 +93,6 @@ pub struct AdaptiveSummary {
     /// Share of users whose run stopped early on its held-out slice.
     pub stopped_early: f64,
     pub mean_lr: f64,
-    /// What the never-harm check served, over all users.
-    pub served_base: usize,
-    pub served_global: usize,
-    pub served_personal: usize,
     /// Feedback of the replayed suggestions, over all users.
     pub accepted: usize,
     pub edited: usize,
@@ -111,15 +106,11 @@ impl AdaptiveSummary {
             return None;
         }
         let n = runs.len() as f64;
-        let served = |s: Served| runs.iter().filter(|r| r.served == s).count();
         Some(AdaptiveSummary {
             users: runs.len(),
             mean_steps: runs.iter().map(|r| r.steps as f64).sum::<f64>() / n,
             stopped_early: runs.iter().filter(|r| r.stopped_early).count() as f64 / n,
             mean_lr: runs.iter().map(|r| r.lr).sum::<f64>() / n,
-            served_base: served(Served::Base),
-            served_global: served(Served::Global),
-            served_personal: served(Served::Personal),
             accepted: runs.iter().map(|r| r.accepted).sum(),
             edited: runs.iter().map(|r| r.edited).sum(),
             rejected: runs.iter().map(|r| r.rejected).sum(),
@@ -362,24 +353,32 @@ pub fn markdown(r: &Report) -> String {
     if !r.methods.is_empty() {
         let _ = writeln!(
             s,
-            "## Held-out users (few-shot personalization)\n\nMean over users, ± the 95% interval (Student t). Helped / hurt: the share of users above / below the base model; the adaptive methods' are after the device's never-harm check (it serves the best of base, global and personal on the user's held-out interactions), the others serve their adapter unchecked.\n"
+            "## Held-out users (few-shot personalization)\n\nEvery method ends as a device does, with the never-harm check: the newest tenth of the support lines is held out (the fine-tuned methods train on the rest), and the device serves whichever of the base model, the method's starting adapter and its result has the lowest loss there. Mean over users of what was served, ± the 95% interval (Student t); helped / hurt: the share of users above / below the base model; served: how many users got base / the start / the method's result. The check serves an adapter only when it beats base on that slice at 95% confidence (a paired t-test over its windows); \"lowest loss\": the same with the plain lowest-loss rule; unchecked: the method's adapter as it is.\n"
         );
         let _ = writeln!(
             s,
-            "| method | accuracy % | bits/byte | helped % | hurt % | users |"
+            "| method | accuracy % | bits/byte | helped % | hurt % | served base/start/own | lowest loss: accuracy %, hurt % | unchecked accuracy % | unchecked hurt % | users |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
         for m in Method::ALL {
             if let Some(x) = r.methods.get(m.name()) {
                 let _ = writeln!(
                     s,
-                    "| {m} | {} ± {} | {:.4} ± {:.4} | {:.0} | {:.0} | {} |",
+                    "| {m} | {} ± {} | {:.4} ± {:.4} | {:.0} | {:.0} | {}/{}/{} | {}, {:.0} | {} ± {} | {:.0} | {} |",
                     pct(x.accuracy),
                     pct(x.accuracy_ci95),
                     x.bits_per_byte,
                     x.bits_per_byte_ci95,
                     100.0 * x.helped_share,
                     100.0 * x.hurt_share,
+                    x.served_base,
+                    x.served_start,
+                    x.served_personal,
+                    pct(x.lowest_loss_accuracy),
+                    100.0 * x.lowest_loss_hurt_share,
+                    pct(x.unchecked_accuracy),
+                    pct(x.unchecked_accuracy_ci95),
+                    100.0 * x.unchecked_hurt_share,
                     x.users
                 );
             }
@@ -388,21 +387,23 @@ pub fn markdown(r: &Report) -> String {
         if !r.comparisons.is_empty() {
             let _ = writeln!(
                 s,
-                "Paired differences (per user, same query data), accuracy points ± 95% interval:\n"
+                "Paired differences (per user, same query data), accuracy points ± 95% interval, of what was served (unchecked in brackets):\n"
             );
             for c in &r.comparisons {
                 let _ = writeln!(
                     s,
-                    "- {} − {}: {:+.2} ± {:.2}",
+                    "- {} − {}: {:+.2} ± {:.2} ({:+.2} ± {:.2})",
                     c.better,
                     c.worse,
                     100.0 * c.mean_difference,
-                    100.0 * c.ci95
+                    100.0 * c.ci95,
+                    100.0 * c.unchecked_mean_difference,
+                    100.0 * c.unchecked_ci95
                 );
             }
             let _ = writeln!(s);
         }
-        if let Some(a) = &r.adaptive {
+        if let (Some(a), Some(m)) = (&r.adaptive, r.methods.get(Method::AdaptiveFinetune.name())) {
             let _ = writeln!(
                 s,
                 "`adaptive_finetune`: each held-out user's support lines replayed as interactions (one a day; the FedAvg adapter suggests a continuation of each line's context; feedback from the suggestion's character similarity to the real line: ≥ 0.6 accepted, ≥ 0.3 edited, else rejected — here {} / {} / {}), then adaptation weighted by feedback and recency with steps and learning rate from the profile and early stopping on the newest 10% of the lines: {:.1} steps on average (early stop for {:.0}% of users), mean learning rate {:.2e}; then the never-harm check on those newest lines served the personal adapter to {}, the global adapter to {} and the base model to {} users. The plain arm is `fedavg_finetune` (uniform weights, fixed steps), from the same adapter.\n",
@@ -412,9 +413,9 @@ pub fn markdown(r: &Report) -> String {
                 a.mean_steps,
                 100.0 * a.stopped_early,
                 a.mean_lr,
-                a.served_personal,
-                a.served_global,
-                a.served_base
+                m.served_personal,
+                m.served_start,
+                m.served_base
             );
         }
         let steps: std::collections::BTreeSet<usize> = r

@@ -81,6 +81,10 @@ pub struct Settings {
     pub workers: usize,
     pub privacy: PrivacyPlan,
     pub adaptive: bool,
+    /// Whether the meta-learned initialization's federation runs.
+    pub meta: bool,
+    /// Private runs: whether the non-private reference federations run.
+    pub nonprivate_reference: bool,
 }
 
 impl Settings {
@@ -139,6 +143,8 @@ impl Settings {
                 .unwrap_or_else(device_agent::available_cores)
                 .max(1),
             adaptive: !a.no_adaptive,
+            meta: !a.no_meta,
+            nonprivate_reference: !a.no_nonprivate_reference,
             privacy: PrivacyPlan {
                 mode: a.privacy,
                 epsilon: a.epsilon,
@@ -205,6 +211,27 @@ impl Settings {
              each device's under-noised update"
         );
         Ok(s)
+    }
+
+    /// The federations the run trains, in order: in private runs each non-private reference
+    /// before its private federation.
+    pub fn kinds(&self) -> Vec<FederationKind> {
+        use FederationKind::*;
+        let private = self.privacy.mode != PrivacyMode::None;
+        let mut out = Vec::new();
+        for (on, plain, reference) in [
+            (true, Fedavg, FedavgNonprivate),
+            (self.meta, Meta, MetaNonprivate),
+        ] {
+            if !on {
+                continue;
+            }
+            if private && self.nonprivate_reference {
+                out.push(reference);
+            }
+            out.push(plain);
+        }
+        out
     }
 
     pub fn lora(&self) -> LoraConfig {
@@ -525,6 +552,24 @@ mod tests {
         assert_eq!(reference.privacy.mode, PrivacyMode::None);
         assert_eq!(reference.privacy.epsilon, None);
         assert!(!reference.privacy.secure_aggregation);
+    }
+
+    #[test]
+    fn the_run_trains_the_federations_its_flags_ask_for() {
+        use FederationKind::*;
+        let kinds = |flags: &[&str]| resolve(flags).unwrap().kinds();
+        assert_eq!(kinds(&[]), [Fedavg, Meta]);
+        assert_eq!(kinds(&["--no-meta"]), [Fedavg]);
+        let private = ["--privacy", "central", "--epsilon", "8"];
+        assert_eq!(
+            kinds(&private),
+            [FedavgNonprivate, Fedavg, MetaNonprivate, Meta]
+        );
+        let mut flags = private.to_vec();
+        flags.extend(["--no-meta", "--no-nonprivate-reference"]);
+        assert_eq!(kinds(&flags), [Fedavg]);
+        // Without privacy there is no reference to skip.
+        assert_eq!(kinds(&["--no-nonprivate-reference"]), [Fedavg, Meta]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::methods::{self, Method};
 use crate::plot;
 use crate::progress::Progress;
 use crate::report::{self, Report, RoundRecord};
-use crate::settings::{FederationKind, PrivacyMode, Settings};
+use crate::settings::{FederationKind, Settings};
 
 /// Runs the simulation and writes the report into `--out`.
 pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
@@ -102,18 +102,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut rounds_completed = u64::MAX;
     let mut spent = Vec::new();
     let mut snr = BTreeMap::new();
-    let private = settings.privacy.mode != PrivacyMode::None;
-    let kinds: &[FederationKind] = if private {
-        &[
-            FederationKind::FedavgNonprivate,
-            FederationKind::Fedavg,
-            FederationKind::MetaNonprivate,
-            FederationKind::Meta,
-        ]
-    } else {
-        &[FederationKind::Fedavg, FederationKind::Meta]
-    };
-    for &kind in kinds {
+    for kind in settings.kinds() {
         let spec = settings.federation(kind);
         let name = kind.name();
         let dir = args.out.join(name);

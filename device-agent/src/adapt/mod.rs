@@ -34,7 +34,7 @@ use anyhow::bail;
 use fedpersona_model::train::{tokenize, windows, Example, Window};
 use fedpersona_model::{BaseModel, Target};
 
-pub use gate::{Gate, Served};
+pub use gate::{held_out_len, Gate, Served, HOLDOUT_SHARE};
 pub use personal::{adapt_on_interactions, Personalized, Settings};
 pub use plan::Plan;
 pub use run::{adapt, Cancel, Data, Outcome, RunLimits};

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::adapt::gate::{held_out_len, HOLDOUT_SHARE};
 use crate::user::profile::Profile;
 
 /// How long and how fast to adapt.
@@ -62,7 +63,7 @@ impl Plan {
             seq_len,
             eval_every: 2,
             patience: 2,
-            holdout: 0.1,
+            holdout: HOLDOUT_SHARE,
             unlikelihood: 0.0,
         }
     }
@@ -72,10 +73,6 @@ impl Plan {
     /// How many of `examples` (the newest) are held out: for early stopping and for the
     /// never-harm check. None below 10 examples.
     pub fn held_out(&self, examples: usize) -> usize {
-        if self.holdout > 0.0 && examples >= 10 {
-            ((examples as f64 * self.holdout).ceil() as usize).max(2)
-        } else {
-            0
-        }
+        held_out_len(examples, self.holdout)
     }
 }

@@ -258,7 +258,8 @@ fn the_local_api_works_end_to_end_over_its_unix_socket() {
 }
 
 /// The schedule trains the personal adapter once enough interactions arrived and the API is
-/// idle, and `Generate` then uses it.
+/// idle, and `Generate` then uses it once the never-harm check finds it better than base on
+/// the newest interactions (30 of one habit: 3 held out).
 #[test]
 fn the_personal_adapter_is_trained_when_due() {
     let dir = tempfile::tempdir().unwrap();
@@ -270,13 +271,13 @@ fn the_personal_adapter_is_trained_when_due() {
     let base = Arc::new(BaseModel::load(&fixture(), &Device::Cpu).unwrap());
     let state = Arc::new(LocalState::open(StateDir::new(dir.path()), base).unwrap());
     let schedule = local::Schedule {
-        min_new: 12,
+        min_new: 30,
         idle_s: 0.0,
         check_s: 1.0,
         time_budget_s: 60.0,
         max_batch_tokens: 128,
     };
-    for i in 0..11 {
+    for i in 0..29 {
         state
             .log_note(
                 &format!("I would say {i} things my way."),
@@ -288,13 +289,15 @@ fn the_personal_adapter_is_trained_when_due() {
         rt.block_on(state.adapt_if_due(&schedule))
             .unwrap()
             .is_none(),
-        "11 < 12 new"
+        "29 < 30 new"
     );
-    state.log_note("One more line of mine.", None).unwrap();
+    state
+        .log_note("I would say 29 things my way.", Some("What now?"))
+        .unwrap();
     let out = rt
         .block_on(state.adapt_if_due(&schedule))
         .unwrap()
-        .expect("due: 12 new interactions, idle");
+        .expect("due: 30 new interactions, idle");
     assert!(out.finished && out.steps >= 1);
     assert!(dir.path().join("personal/adapter_config.json").exists());
     assert!(!dir.path().join("personal.progress").exists());

@@ -7,12 +7,12 @@ use std::path::Path;
 
 use super::{bin, fixture};
 
-/// Eight users with distinct habits, 12 lines each, as JSONL.
+/// Eight users with distinct habits, 15 lines each (12 of them support lines), as JSONL.
 fn corpus(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("corpus.jsonl");
     let mut text = String::new();
     for u in 0..8 {
-        for i in 0..12 {
+        for i in 0..15 {
             let line = serde_json::json!({
                 "user": format!("user-{u}"),
                 "context": format!("What do you say about thing {i}?"),
@@ -46,7 +46,7 @@ fn tiny_args(data: &Path, out: &Path, rounds: &str) -> Vec<String> {
         "--heldout-users",
         "2",
         "--support-lines",
-        "4",
+        "10",
         "--finetune-steps",
         "2",
         "--curve-steps",
@@ -112,7 +112,32 @@ fn a_tiny_simulation_writes_a_complete_report() {
     let replayed = a["accepted"].as_u64().unwrap()
         + a["edited"].as_u64().unwrap()
         + a["rejected"].as_u64().unwrap();
-    assert_eq!(replayed, 2 * 4, "every support line replayed once");
+    assert_eq!(replayed, 2 * 10, "every support line replayed once");
+    // Every method ends with the never-harm check (10 support lines: 2 held out), so each
+    // user was served one of base, the start and the method's own result.
+    for m in [
+        "local_only",
+        "global",
+        "fedavg_finetune",
+        "meta_finetune",
+        "adaptive_finetune",
+    ] {
+        let x = &r["methods"][m];
+        let served: u64 = ["served_base", "served_start", "served_personal"]
+            .iter()
+            .map(|k| x[k].as_u64().unwrap())
+            .sum();
+        assert_eq!(served, 2, "{m}: {x}");
+        assert!(x["unchecked_accuracy"].as_f64().is_some(), "{m}");
+    }
+    assert_eq!(
+        r["methods"]["local_only"]["served_start"], 0,
+        "local-only has no start to serve"
+    );
+    assert_eq!(
+        r["methods"]["global"]["served_personal"], 0,
+        "global has no result of its own"
+    );
     // Fine-tuning curves: 0, 1 and 2 steps.
     assert_eq!(
         r["methods"]["local_only"]["accuracy_by_steps"]

@@ -29,6 +29,39 @@ pub fn evaluate(
     windows: &[Window],
     batch_size: usize,
 ) -> Result<EvalReport, ModelError> {
+    let mut total = WindowScore::default();
+    for s in score_windows(model, adapter, tok, windows, batch_size)? {
+        total.nll += s.nll;
+        total.correct += s.correct;
+        total.count += s.count;
+        total.bytes += s.bytes;
+    }
+    Ok(total.report())
+}
+
+/// Scores each window on its own: one report per window, in order (batched as
+/// [`evaluate`] batches them).
+pub fn evaluate_each(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tok: &Tokenizer,
+    windows: &[Window],
+    batch_size: usize,
+) -> Result<Vec<EvalReport>, ModelError> {
+    Ok(score_windows(model, adapter, tok, windows, batch_size)?
+        .iter()
+        .map(WindowScore::report)
+        .collect())
+}
+
+/// Per-window sums, in window order.
+fn score_windows(
+    model: &Llama,
+    adapter: Option<&LoraAdapter>,
+    tok: &Tokenizer,
+    windows: &[Window],
+    batch_size: usize,
+) -> Result<Vec<WindowScore>, ModelError> {
     use rayon::prelude::*;
     // The chunks are scored on the training workers: one run of consecutive chunks and one
     // workspace per worker, so at most that many workspaces exist at once.
@@ -36,39 +69,41 @@ pub fn evaluate(
     let chunks: Vec<&[Window]> = windows.chunks(batch_size.max(1)).collect();
     let pool = worker_pool();
     let per_worker = chunks.len().div_ceil(pool.current_num_threads()).max(1);
-    let sums = pool.install(|| {
+    let runs = pool.install(|| {
         chunks
             .par_chunks(per_worker)
             .map(|run| {
                 let mut ws = Workspace::default();
-                run.iter()
-                    .map(|chunk| score_chunk(model, adapter, tok, chunk, &mut ws))
-                    .collect::<Result<Vec<_>, ModelError>>()
+                let mut out = Vec::new();
+                for chunk in run {
+                    out.extend(score_chunk(model, adapter, tok, chunk, &mut ws)?);
+                }
+                Ok(out)
             })
             .collect::<Result<Vec<_>, ModelError>>()
     })?;
-    let (mut nll_sum, mut correct, mut count, mut bytes) = (0f64, 0usize, 0usize, 0usize);
-    for s in sums.into_iter().flatten() {
-        nll_sum += s.nll;
-        correct += s.correct;
-        count += s.count;
-        bytes += s.bytes;
-    }
-    let n = count.max(1) as f64;
-    Ok(EvalReport {
-        loss: nll_sum / n,
-        bits_per_byte: nll_sum / std::f64::consts::LN_2 / bytes.max(1) as f64,
-        accuracy: correct as f64 / n,
-        tokens: count,
-    })
+    Ok(runs.into_iter().flatten().collect())
 }
 
-/// Sums over one chunk of windows.
-struct ChunkScore {
+/// Sums over one window's target tokens.
+#[derive(Debug, Default)]
+struct WindowScore {
     nll: f64,
     correct: usize,
     count: usize,
     bytes: usize,
+}
+
+impl WindowScore {
+    fn report(&self) -> EvalReport {
+        let n = self.count.max(1) as f64;
+        EvalReport {
+            loss: self.nll / n,
+            bits_per_byte: self.nll / std::f64::consts::LN_2 / self.bytes.max(1) as f64,
+            accuracy: self.correct as f64 / n,
+            tokens: self.count,
+        }
+    }
 }
 
 fn score_chunk(
@@ -77,27 +112,24 @@ fn score_chunk(
     tok: &Tokenizer,
     chunk: &[Window],
     ws: &mut Workspace,
-) -> Result<ChunkScore, ModelError> {
+) -> Result<Vec<WindowScore>, ModelError> {
     let refs: Vec<&Window> = chunk.iter().collect();
     let batch = Batch::new(&refs, model.device())?;
     let t = batch.inputs.dim(1)?;
     let scores = lora_step::score(model, adapter, &batch, ws)?;
-    let mut out = ChunkScore {
-        nll: 0.0,
-        correct: 0,
-        count: 0,
-        bytes: 0,
-    };
+    let mut out = Vec::with_capacity(chunk.len());
     for (i, w) in chunk.iter().enumerate() {
+        let mut one = WindowScore::default();
         for p in w.targets.clone() {
             let s = scores[i * t + p - 1];
-            out.nll += f64::from(s.nll);
-            out.correct += usize::from(s.correct);
-            out.count += 1;
+            one.nll += f64::from(s.nll);
+            one.correct += usize::from(s.correct);
+            one.count += 1;
         }
-        out.bytes += tok
+        one.bytes = tok
             .byte_len(&w.tokens[w.targets.clone()])
             .map_err(|e| ModelError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        out.push(one);
     }
     Ok(out)
 }

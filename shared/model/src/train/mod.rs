@@ -16,7 +16,7 @@ mod trainer;
 mod tests;
 
 pub use crate::batch::{split_batches, Batch, Window};
-pub use eval::{evaluate, EvalReport};
+pub use eval::{evaluate, evaluate_each, EvalReport};
 pub use example::{tokenize, windows, Example, TokenizedExample, SEP};
 pub use fit::{fit, fit_while, FitConfig, Negatives};
 pub use loss::{loss, loss_part, unlikelihood_part};
