@@ -116,6 +116,9 @@ pub struct SimulateArgs {
     /// Secure aggregation (SecAgg+) of the cohort's updates.
     #[arg(long)]
     pub secure_aggregation: bool,
+    /// Skip the `local_only` baseline (a fresh adapter fine-tuned on the support lines).
+    #[arg(long)]
+    pub no_local_only: bool,
     /// Skip the meta-learned initialization's federation (and `meta_finetune`).
     #[arg(long)]
     pub no_meta: bool,

@@ -266,9 +266,11 @@ pub fn personalize(
         checked: BTreeMap::new(),
         adaptive: None,
     };
-    let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
-    let tuned = fine_tune(base, fresh, &train_w, &query_w, &held_w, fs)?;
-    scores.add(Curve::LocalOnly, tuned, &base_held, false, fs.steps);
+    if fs.local_only {
+        let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
+        let tuned = fine_tune(base, fresh, &train_w, &query_w, &held_w, fs)?;
+        scores.add(Curve::LocalOnly, tuned, &base_held, false, fs.steps);
+    }
     for (&kind, theta) in starts {
         let adapter =
             LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), theta, &Device::Cpu)
@@ -548,6 +550,7 @@ mod tests {
             eval_seq_len: 64,
             seed: 3,
             adaptive: true,
+            local_only: true,
         };
         let base_report = evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap();
         let (arms, run) = adaptive(&base, &start, &support, &query, &base_report, &fs).unwrap();

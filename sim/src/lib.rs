@@ -18,3 +18,4 @@ pub mod scale;
 pub mod settings;
 pub mod simulate;
 pub mod stats;
+pub mod sweep;

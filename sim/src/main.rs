@@ -19,6 +19,10 @@ enum Command {
     /// Run an aggregator and many agents on this machine and report how well each method
     /// personalizes held-out users (`--quick` for a few minutes' run).
     Simulate(Box<SimulateArgs>),
+    /// The privacy–utility curve: FedAvg simulations over a grid of ε and of shares of the
+    /// population (each at the same sampling rate), scored on the same held-out users;
+    /// resumes an interrupted sweep in the same `--out`.
+    Sweep(Box<fedpersona_sim::sweep::SweepArgs>),
     /// Train the byte-level base model on the public plays (the shipped checkpoint).
     Pretrain(pretrain_cli::PretrainArgs),
 }
@@ -29,12 +33,16 @@ fn main() {
     let cli = Cli::parse();
     // A simulation runs hundreds of agents and its own aggregator in this process: their
     // per-round lines would drown the progress bars, so only warnings by default.
-    let quiet = matches!(cli.command, Command::Simulate(_));
+    let quiet = matches!(cli.command, Command::Simulate(_) | Command::Sweep(_));
     fedpersona_model::runtime::init_logging_with(if quiet { "warn" } else { "info" });
     let result = match &cli.command {
         Command::Simulate(args) => {
             fedpersona_model::runtime::set_kernel_threads(1);
             run_simulate(args)
+        }
+        Command::Sweep(args) => {
+            fedpersona_model::runtime::set_kernel_threads(1);
+            run_sweep(args)
         }
         Command::Pretrain(args) => {
             // Data-parallel workers each run single-threaded kernels.
@@ -48,6 +56,13 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
+}
+
+fn run_sweep(args: &fedpersona_sim::sweep::SweepArgs) -> anyhow::Result<()> {
+    let points = fedpersona_sim::sweep::run(args)?;
+    print!("{}", fedpersona_sim::sweep::markdown(&points));
+    println!("wrote {}", args.sim.out.join("sweep.md").display());
+    Ok(())
 }
 
 fn run_simulate(args: &SimulateArgs) -> anyhow::Result<()> {

@@ -81,6 +81,8 @@ pub struct Settings {
     pub workers: usize,
     pub privacy: PrivacyPlan,
     pub adaptive: bool,
+    /// Whether held-out users also run the `local_only` baseline.
+    pub local_only: bool,
     /// Whether the meta-learned initialization's federation runs.
     pub meta: bool,
     /// Private runs: whether the non-private reference federations run.
@@ -143,6 +145,7 @@ impl Settings {
                 .unwrap_or_else(device_agent::available_cores)
                 .max(1),
             adaptive: !a.no_adaptive,
+            local_only: !a.no_local_only,
             meta: !a.no_meta,
             nonprivate_reference: !a.no_nonprivate_reference,
             privacy: PrivacyPlan {
@@ -314,6 +317,7 @@ impl Settings {
             eval_seq_len: self.eval_seq_len,
             seed: self.seed,
             adaptive: self.adaptive,
+            local_only: self.local_only,
         }
     }
 }
@@ -389,6 +393,8 @@ pub struct FewShot {
     pub seed: u64,
     /// Also run the profile-driven adaptation from the FedAvg start.
     pub adaptive: bool,
+    /// Also fine-tune a fresh adapter (`local_only`).
+    pub local_only: bool,
 }
 
 impl FewShot {

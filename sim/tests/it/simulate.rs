@@ -396,3 +396,59 @@ fn refused_settings_change_nothing() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("at least 50 lines"), "{err}");
 }
+
+/// The privacy–utility sweep in miniature: a non-private and a private point over the same
+/// held-out users, and a second invocation that reads the finished points instead of
+/// re-running them.
+#[test]
+fn a_sweep_scores_each_point_on_the_same_users_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("sweep");
+    let mut args = tiny_args(&data, &out, "2");
+    args[0] = "sweep".into();
+    for (flag, v) in [("--dropout", "0"), ("--clients-per-round", "3")] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = v.into();
+    }
+    args.extend(
+        ["--epsilons", "inf,8", "--population-shares", "1"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sweep.json")).unwrap()).unwrap();
+    let points = points.as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    let (plain, private) = (&points[0], &points[1]);
+    assert!(plain["epsilon"].is_null() && plain["noise_multiplier"].is_null());
+    assert_eq!(private["epsilon"], 8.0);
+    let spent = private["epsilon_spent"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent <= 8.0, "{spent}");
+    assert!(private["noise_multiplier"].as_f64().unwrap() > 0.0);
+    for p in points {
+        assert_eq!(p["population"], 6);
+        assert_eq!(p["clients_per_round"], 3);
+        assert_eq!(p["base"], points[0]["base"], "the same held-out users");
+        let g = p["global"]["unchecked_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&g));
+    }
+    assert!(out.join("sweep.md").exists() && out.join("privacy_utility.svg").exists());
+    // FedAvg alone at each point: no meta, no local-only, no non-private reference.
+    let report = out.join("points/share-1-eps-8/report.json");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let methods: Vec<&String> = r["methods"].as_object().unwrap().keys().collect();
+    assert_eq!(methods, ["base", "fedavg_finetune", "global"]);
+
+    let before = std::fs::metadata(&report).unwrap().modified().unwrap();
+    let o = bin().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(&report).unwrap().modified().unwrap(),
+        before,
+        "a finished point is read, not re-run"
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("| 6 | 3 | 8 |"));
+}
