@@ -143,7 +143,11 @@ impl Grid {
                     .all(|s| s.is_finite() && *s > 0.0 && *s <= 1.0),
             "--population-shares must be in (0, 1]"
         );
-        let settings = Settings::resolve(sim)?;
+        // The shared settings, without the privacy each point sets for itself.
+        let settings = Settings::resolve(&SimulateArgs {
+            privacy: PrivacyMode::None,
+            ..sim.clone()
+        })?;
         let (data, _) = sim.paths();
         let splits = settings.splits(&data)?;
         let population = settings
@@ -410,6 +414,8 @@ mod tests {
             "inf,4",
             "--population-shares",
             "1,0.25",
+            "--privacy",
+            "central",
         ])
         .unwrap();
         assert_eq!((g.population, g.rate), (20, 0.5));
