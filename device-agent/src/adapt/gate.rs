@@ -22,10 +22,11 @@ use fedpersona_model::{BaseModel, LoraAdapter};
 use serde::{Deserialize, Serialize};
 
 /// Which model a device serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Served {
     /// The base model without an adapter.
+    #[default]
     Base,
     /// The federation's global adapter, untouched.
     Global,
@@ -38,7 +39,9 @@ pub enum Served {
 pub struct Gate {
     /// What the device serves: the confident rule.
     pub served: Served,
-    /// What the lowest mean held-out loss alone would serve.
+    /// What the lowest mean held-out loss alone would serve (base in a `state.json` written
+    /// before it was recorded).
+    #[serde(default)]
     pub lowest_loss: Served,
     /// Mean held-out loss of each candidate (None: not a candidate, or no held-out slice).
     pub base_loss: Option<f64>,
@@ -211,6 +214,13 @@ mod tests {
         // The same spread around a mean of 0.01: the bound is below zero.
         let base: Vec<f64> = d.iter().map(|x| 1.0 + x - 0.04).collect();
         assert!(!confidently_better(&base, &[1.0; 10]));
+    }
+
+    #[test]
+    fn a_check_recorded_before_the_lowest_loss_rule_still_reads() {
+        let old = r#"{"served":"personal","base_loss":2.0,"global_loss":null,"personal_loss":1.5}"#;
+        let g: Gate = serde_json::from_str(old).unwrap();
+        assert_eq!((g.served, g.lowest_loss), (Served::Personal, Served::Base));
     }
 
     #[test]
