@@ -43,6 +43,15 @@ pub struct SimulateArgs {
     /// Support lines (k) a held-out user adapts on.
     #[arg(long)]
     pub support_lines: Option<usize>,
+    /// Few-shot curves: every method again at each of these support sizes (comma-separated
+    /// line counts, or `all`), e.g. `8,16,32,64,128,all`; a user is scored at the sizes its
+    /// support split reaches. Off by default: each size costs a full evaluation.
+    #[arg(long)]
+    pub few_shot_lines: Option<String>,
+    /// Keystrokes of each held-out user's query text the keyboard metrics (next-word top-1 and
+    /// top-3, keystroke savings) score, from its first line on (default 200; 100 with --quick).
+    #[arg(long)]
+    pub keyboard_chars: Option<usize>,
     /// Local fine-tuning steps (s) of a held-out user: the methods are scored after these.
     #[arg(long)]
     pub finetune_steps: Option<usize>,

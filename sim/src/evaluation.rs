@@ -10,6 +10,7 @@ use crate::corpus::UserSplit;
 use crate::settings::{FederationKind, FewShot};
 use anyhow::Context;
 use candle_core::Device;
+use fedpersona_model::keyboard::{score_keyboard, KeyboardReport};
 use fedpersona_model::train::{evaluate, fit, EvalReport, FitConfig, TrainConfig, Window};
 use fedpersona_model::{BaseModel, LoraAdapter, LoraConfig};
 use fedpersona_privacy::AdapterTensors;
@@ -42,12 +43,13 @@ pub enum Point {
     Budget(Curve),
 }
 
-/// What the device's never-harm check served at a point, and that model's score; and what
+/// What the device's never-harm check served at a point, and that model's scores; and what
 /// the plain lowest-loss rule would have served, and its score.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Checked {
     pub served: Served,
     pub report: EvalReport,
+    pub keyboard: KeyboardReport,
     pub lowest_loss: Served,
     pub lowest_loss_report: EvalReport,
 }
@@ -57,8 +59,11 @@ pub struct Checked {
 #[derive(Debug, Clone)]
 pub struct UserScores {
     pub base: EvalReport,
+    pub base_keyboard: KeyboardReport,
     /// (steps, report) in step order.
     pub curves: BTreeMap<Curve, Vec<(usize, EvalReport)>>,
+    /// The keyboard metrics of each scored point's adapter as it is (unchecked).
+    pub keyboard: BTreeMap<Point, KeyboardReport>,
     pub checked: BTreeMap<Point, Checked>,
     /// The adaptive run (with a FedAvg start).
     pub adaptive: Option<AdaptiveRun>,
@@ -134,7 +139,7 @@ fn adaptive(
     start: &AdapterTensors,
     support: &[fedpersona_model::train::Example],
     query: &[Window],
-    base_report: &EvalReport,
+    base_scores: (EvalReport, KeyboardReport),
     fs: &FewShot,
 ) -> anyhow::Result<(AdaptiveScores, AdaptiveRun)> {
     use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
@@ -146,31 +151,33 @@ fn adaptive(
     let mut adapter = fresh()?;
     let items = replay(base, &adapter.frozen(), support, now_ms)?;
     // The trained adapter as it is, and what the check served in its place.
-    let scores = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
+    let mut global_scores = None;
+    let mut scores = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
         let gate = gate.unwrap_or_else(Gate::unchecked);
-        let trained = evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?;
-        let mut global_report = None;
-        let mut report = |served: Served| -> anyhow::Result<EvalReport> {
+        let trained = (
+            evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?,
+            keyboard(base, Some(trained), query, fs)?,
+        );
+        let mut pick = |served: Served| -> anyhow::Result<(EvalReport, KeyboardReport)> {
             Ok(match served {
-                Served::Base => *base_report,
-                Served::Global => match global_report {
+                Served::Base => base_scores,
+                Served::Global => match global_scores {
                     Some(r) => r,
-                    None => *global_report.insert(evaluate(
-                        &base.model,
-                        Some(&global),
-                        &base.tokenizer,
-                        query,
-                        16,
-                    )?),
+                    None => *global_scores.insert((
+                        evaluate(&base.model, Some(&global), &base.tokenizer, query, 16)?,
+                        keyboard(base, Some(&global), query, fs)?,
+                    )),
                 },
                 Served::Personal => trained,
             })
         };
+        let (report, keyboard) = pick(gate.served)?;
         let checked = Checked {
             served: gate.served,
-            report: report(gate.served)?,
+            report,
+            keyboard,
             lowest_loss: gate.lowest_loss,
-            lowest_loss_report: report(gate.lowest_loss)?,
+            lowest_loss_report: pick(gate.lowest_loss)?.0,
         };
         Ok((trained, checked))
     };
@@ -233,8 +240,24 @@ fn adaptive(
 
 /// The adaptive arms' scores: each trained adapter as it is, and what the check served.
 struct AdaptiveScores {
-    plain: (EvalReport, Checked),
-    unlikelihood: (EvalReport, Checked),
+    plain: ((EvalReport, KeyboardReport), Checked),
+    unlikelihood: ((EvalReport, KeyboardReport), Checked),
+}
+
+/// The keyboard metrics of the base model with `adapter` on a user's query windows.
+fn keyboard(
+    base: &BaseModel,
+    adapter: Option<&LoraAdapter>,
+    query: &[Window],
+    fs: &FewShot,
+) -> anyhow::Result<KeyboardReport> {
+    Ok(score_keyboard(
+        &base.model,
+        adapter,
+        &base.tokenizer,
+        query,
+        &fs.keyboard,
+    )?)
 }
 
 /// Adapts one held-out user with each method and scores it on its query lines. Every method
@@ -259,10 +282,13 @@ pub fn personalize(
         "a held-out user has no support or no query text"
     );
     let base_report = evaluate(&base.model, None, &base.tokenizer, &query_w, 16)?;
+    let base_keyboard = keyboard(base, None, &query_w, fs)?;
     let base_held = window_losses(base, None, &held_w)?;
     let mut scores = UserScores {
         base: base_report,
+        base_keyboard,
         curves: BTreeMap::new(),
+        keyboard: BTreeMap::new(),
         checked: BTreeMap::new(),
         adaptive: None,
     };
@@ -279,12 +305,22 @@ pub fn personalize(
         scores.add(Curve::From(kind), tuned, &base_held, true, fs.steps);
     }
     if let Some(theta) = starts.get(&FederationKind::Fedavg).filter(|_| fs.adaptive) {
-        let (arms, run) = adaptive(base, theta, &support, &query_w, &base_report, fs)?;
-        for (curve, (trained, checked)) in [
+        let (arms, run) = adaptive(
+            base,
+            theta,
+            &support,
+            &query_w,
+            (base_report, base_keyboard),
+            fs,
+        )?;
+        for (curve, ((trained, trained_keyboard), checked)) in [
             (Curve::Adaptive, arms.plain),
             (Curve::AdaptiveUnlikelihood, arms.unlikelihood),
         ] {
             scores.curves.insert(curve, vec![(fs.steps, trained)]);
+            scores
+                .keyboard
+                .insert(Point::Budget(curve), trained_keyboard);
             scores.checked.insert(Point::Budget(curve), checked);
         }
         scores.adaptive = Some(run);
@@ -315,15 +351,16 @@ impl UserScores {
         let trained = at(budget).expect("the scored budget is a checkpoint");
         let start_held = start_is_candidate.then_some(tuned.held_start.as_slice());
         let report = |served: Served| match served {
-            Served::Base => self.base,
-            Served::Global => start,
-            Served::Personal => trained,
+            Served::Base => (self.base, self.base_keyboard),
+            Served::Global => (start, tuned.keyboard_start),
+            Served::Personal => (trained, tuned.keyboard_budget),
         };
         let checked = |gate: Gate| Checked {
             served: gate.served,
-            report: report(gate.served),
+            report: report(gate.served).0,
+            keyboard: report(gate.served).1,
             lowest_loss: gate.lowest_loss,
-            lowest_loss_report: report(gate.lowest_loss),
+            lowest_loss_report: report(gate.lowest_loss).0,
         };
         let at_start = start_held.map(|s| checked(Gate::of_losses(base_held, Some(s), None)));
         let at_budget = checked(Gate::of_losses(
@@ -335,14 +372,20 @@ impl UserScores {
             self.checked.insert(Point::Start(curve), c);
         }
         self.checked.insert(Point::Budget(curve), at_budget);
+        self.keyboard
+            .insert(Point::Start(curve), tuned.keyboard_start);
+        self.keyboard
+            .insert(Point::Budget(curve), tuned.keyboard_budget);
         self.curves.insert(curve, tuned.curve);
     }
 }
 
-/// A fine-tuning run: its curve on the query lines, and its per-window held-out losses at the
-/// start and at the scored budget.
+/// A fine-tuning run: its curve on the query lines, and at the start and at the scored
+/// budget its keyboard metrics on the query lines and its per-window held-out losses.
 struct Tuned {
     curve: Vec<(usize, EvalReport)>,
+    keyboard_start: KeyboardReport,
+    keyboard_budget: KeyboardReport,
     held_start: Vec<f64>,
     held_budget: Vec<f64>,
 }
@@ -359,10 +402,11 @@ fn fine_tune(
     let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
     let mut curve = vec![(0, score(&adapter)?)];
     let held_start = window_losses(base, Some(&adapter), held)?;
-    let mut held_budget = if fs.steps == 0 {
-        held_start.clone()
+    let keyboard_start = keyboard(base, Some(&adapter), query, fs)?;
+    let (mut held_budget, mut keyboard_budget) = if fs.steps == 0 {
+        (held_start.clone(), keyboard_start)
     } else {
-        Vec::new()
+        (Vec::new(), KeyboardReport::default())
     };
     let end = fs.curve_to.max(fs.steps);
     if end > 0 {
@@ -388,6 +432,7 @@ fn fine_tune(
                 }
                 if done == fs.steps {
                     held_budget = window_losses(base, Some(&adapter), held)?;
+                    keyboard_budget = keyboard(base, Some(&adapter), query, fs)?;
                 }
                 Ok(())
             })();
@@ -401,6 +446,8 @@ fn fine_tune(
     }
     Ok(Tuned {
         curve,
+        keyboard_start,
+        keyboard_budget,
         held_start,
         held_budget,
     })
@@ -542,6 +589,10 @@ mod tests {
         let fs = FewShot {
             lora: lora.clone(),
             support_lines: 12,
+            keyboard: fedpersona_model::keyboard::KeyboardConfig {
+                max_chars: 40,
+                ..Default::default()
+            },
             steps: 1,
             curve_to: 2,
             lr: 0.5,
@@ -552,8 +603,11 @@ mod tests {
             adaptive: true,
             local_only: true,
         };
-        let base_report = evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap();
-        let (arms, run) = adaptive(&base, &start, &support, &query, &base_report, &fs).unwrap();
+        let base_scores = (
+            evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap(),
+            keyboard(&base, None, &query, &fs).unwrap(),
+        );
+        let (arms, run) = adaptive(&base, &start, &support, &query, base_scores, &fs).unwrap();
         let report = arms.plain.1.report;
 
         // What the local API would run on the same interactions, with the same seed.
@@ -598,10 +652,19 @@ mod tests {
             "the served model"
         );
         assert_eq!(
+            arms.plain.1.keyboard,
+            keyboard(&base, served, &query, &fs).unwrap(),
+            "the served model's keyboard"
+        );
+        assert_eq!(
             arms.plain.0,
-            evaluate(&base.model, Some(&a), &base.tokenizer, &query, 16).unwrap(),
+            (
+                evaluate(&base.model, Some(&a), &base.tokenizer, &query, 16).unwrap(),
+                keyboard(&base, Some(&a), &query, &fs).unwrap()
+            ),
             "the trained adapter, unchecked"
         );
+        assert!(arms.plain.0 .1.words > 0, "the keyboard scored words");
     }
 
     #[test]
@@ -614,15 +677,24 @@ mod tests {
         };
         let shifted = |by: f64| vec![2.0 + by, 2.2 + by, 1.8 + by, 2.1 + by];
         let base_held = shifted(0.0);
+        // Keyboard figures told apart by their word counts: base 1, start 2, trained 3.
+        let kb = |words: usize| KeyboardReport {
+            words,
+            ..KeyboardReport::default()
+        };
         let tuned = |start_by: f64, trained_by: f64| Tuned {
             curve: vec![(0, r(0.5)), (1, r(0.55)), (2, r(0.6))],
+            keyboard_start: kb(2),
+            keyboard_budget: kb(3),
             held_start: shifted(start_by),
             held_budget: shifted(trained_by),
         };
         let fedavg = Curve::From(FederationKind::Fedavg);
         let mut s = UserScores {
             base: r(0.4),
+            base_keyboard: kb(1),
             curves: BTreeMap::new(),
+            keyboard: BTreeMap::new(),
             checked: BTreeMap::new(),
             adaptive: None,
         };
@@ -633,19 +705,22 @@ mod tests {
         assert_eq!(at(&s, Point::Start(fedavg)).served, Served::Global);
         let b = at(&s, Point::Budget(fedavg));
         assert_eq!((b.served, b.report.accuracy), (Served::Global, 0.5));
+        assert_eq!(b.keyboard, kb(2), "the start's keyboard figures");
         assert_eq!(s.curves[&fedavg].len(), 3, "the curve is kept as trained");
+        assert_eq!(s.keyboard[&Point::Budget(fedavg)], kb(3), "as trained");
         // Local-only: no start to serve; its result wins.
         s.add(Curve::LocalOnly, tuned(0.0, -0.5), &base_held, false, 2);
         assert!(!s.checked.contains_key(&Point::Start(Curve::LocalOnly)));
         let local = at(&s, Point::Budget(Curve::LocalOnly));
         assert_eq!(
-            (local.served, local.report.accuracy),
-            (Served::Personal, 0.6)
+            (local.served, local.report.accuracy, local.keyboard),
+            (Served::Personal, 0.6, kb(3))
         );
         // Both worse than base: base, with its score.
         s.add(fedavg, tuned(0.2, 0.3), &base_held, true, 2);
         let b = at(&s, Point::Budget(fedavg));
         assert_eq!((b.served, b.report.accuracy), (Served::Base, 0.4));
+        assert_eq!(b.keyboard, kb(1));
         // Lower on average but not on every window: only the lowest-loss rule serves it.
         let mut noisy = tuned(0.0, 0.0);
         noisy.held_budget = vec![1.0, 2.9, 1.0, 2.9];

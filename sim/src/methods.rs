@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use fedpersona_model::keyboard::KeyboardReport;
 use fedpersona_model::train::EvalReport;
 use serde::Serialize;
 
@@ -42,6 +43,60 @@ pub enum Method {
 enum Source {
     Base,
     At(Point),
+}
+
+/// A model's figures on a user's query text: next-byte, and as a keyboard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub report: EvalReport,
+    pub keyboard: KeyboardReport,
+}
+
+/// A per-user figure methods are compared on (higher is better).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Next-byte accuracy.
+    Accuracy,
+    /// The best suggestion at a word's start is the word.
+    NextWordTop1,
+    /// The word is among the three suggestions at its start.
+    NextWordTop3,
+    /// The share of keystrokes a user tapping correct suggestions saves.
+    KeystrokeSavings,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [
+        Metric::Accuracy,
+        Metric::NextWordTop1,
+        Metric::NextWordTop3,
+        Metric::KeystrokeSavings,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::NextWordTop1 => "next_word_top1",
+            Metric::NextWordTop3 => "next_word_top3",
+            Metric::KeystrokeSavings => "keystroke_savings",
+        }
+    }
+
+    pub fn of(self, s: &Scores) -> f64 {
+        match self {
+            Metric::Accuracy => s.report.accuracy,
+            Metric::NextWordTop1 => s.keyboard.next_word_top1(),
+            Metric::NextWordTop3 => s.keyboard.next_word_top3(),
+            Metric::KeystrokeSavings => s.keyboard.keystroke_savings(),
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
 }
 
 impl Method {
@@ -101,27 +156,39 @@ impl Method {
         }
     }
 
-    /// A user's report under this method after `budget` fine-tuning steps, the adapter as
+    /// A user's scores under this method after `budget` fine-tuning steps, the adapter as
     /// trained (before the never-harm check); None where the method did not run.
-    fn unchecked(self, s: &UserScores, budget: usize) -> Option<&EvalReport> {
-        let (curve, step) = match self.source() {
-            Source::Base => return Some(&s.base),
-            Source::At(Point::Start(c)) => (c, 0),
-            Source::At(Point::Budget(c)) => (c, budget),
+    fn unchecked(self, s: &UserScores, budget: usize) -> Option<Scores> {
+        let (point, step) = match self.source() {
+            Source::Base => {
+                return Some(Scores {
+                    report: s.base,
+                    keyboard: s.base_keyboard,
+                })
+            }
+            Source::At(p @ Point::Start(_)) => (p, 0),
+            Source::At(p @ Point::Budget(_)) => (p, budget),
         };
-        s.curves
+        let (Point::Start(curve) | Point::Budget(curve)) = point;
+        let report = s
+            .curves
             .get(&curve)?
             .iter()
             .find(|(k, _)| *k == step)
-            .map(|(_, r)| r)
+            .map(|(_, r)| *r)?;
+        Some(Scores {
+            report,
+            keyboard: *s.keyboard.get(&point)?,
+        })
     }
 
-    /// What a user is served under this method after the never-harm check, and its report.
+    /// What a user is served under this method after the never-harm check, and its scores.
     fn checked(self, s: &UserScores) -> Option<Checked> {
         match self.source() {
             Source::Base => Some(Checked {
                 served: Served::Base,
                 report: s.base,
+                keyboard: s.base_keyboard,
                 lowest_loss: Served::Base,
                 lowest_loss_report: s.base,
             }),
@@ -137,17 +204,28 @@ impl fmt::Display for Method {
 }
 
 /// One method's figures on the held-out users: what the device serves after its never-harm
-/// check, and the same method's adapter unchecked.
+/// check, and the same method's adapter unchecked. Means over users, each with its 95%
+/// interval; keyboard figures are fractions in [0, 1].
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodResult {
     pub accuracy: f64,
     pub accuracy_ci95: f64,
     pub bits_per_byte: f64,
     pub bits_per_byte_ci95: f64,
+    pub next_word_top1: f64,
+    pub next_word_top1_ci95: f64,
+    pub next_word_top3: f64,
+    pub next_word_top3_ci95: f64,
+    pub keystroke_savings: f64,
+    pub keystroke_savings_ci95: f64,
     pub users: usize,
-    /// Shares of users above and below the base model (accuracy on their own query lines).
+    /// Shares of users above and below the base model on next-word top-1 (on their own query
+    /// lines).
     pub helped_share: f64,
     pub hurt_share: f64,
+    /// The same on next-byte accuracy.
+    pub accuracy_helped_share: f64,
+    pub accuracy_hurt_share: f64,
     /// How many users the check served each candidate: the base model, the method's starting
     /// adapter (a federation's), the method's own result.
     pub served_base: usize,
@@ -155,23 +233,30 @@ pub struct MethodResult {
     pub served_personal: usize,
     /// Under the plain lowest-held-out-loss rule instead of the check's confident one.
     pub lowest_loss_accuracy: f64,
-    pub lowest_loss_hurt_share: f64,
+    pub lowest_loss_accuracy_hurt_share: f64,
     /// The same figures for the method's adapter as it is, before the check.
     pub unchecked_accuracy: f64,
     pub unchecked_accuracy_ci95: f64,
+    pub unchecked_next_word_top1: f64,
+    pub unchecked_keystroke_savings: f64,
     pub unchecked_helped_share: f64,
     pub unchecked_hurt_share: f64,
+    pub unchecked_accuracy_helped_share: f64,
+    pub unchecked_accuracy_hurt_share: f64,
     /// Mean accuracy after each number of local steps (the accuracy-vs-steps curve, of the
     /// adapters as trained).
     pub accuracy_by_steps: BTreeMap<usize, f64>,
 }
 
-/// `better − worse` in accuracy, paired by user, of what the never-harm check served, and of
-/// the two methods' adapters unchecked.
+/// `better − worse` on `metric`, paired by user, of what the never-harm check served, and of
+/// the two methods' adapters unchecked; `support_lines` is the users' support size (None: all
+/// of each user's support lines).
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
     pub better: Method,
     pub worse: Method,
+    pub metric: Metric,
+    pub support_lines: Option<usize>,
     pub mean_difference: f64,
     pub ci95: f64,
     pub users: usize,
@@ -179,12 +264,17 @@ pub struct Comparison {
     pub unchecked_ci95: f64,
 }
 
-/// The benchmark's ordering as paired differences: meta_finetune − fedavg_finetune,
-/// fedavg_finetune − global, global − base, fedavg_finetune − base and local_only − base; then the profile
-/// ablations and, in private runs, privacy's cost. Pairs with no user are left out.
-pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
+/// The benchmark's ordering as paired differences on every [`Metric`]: meta_finetune −
+/// fedavg_finetune, fedavg_finetune − global, global − base, fedavg_finetune − base and
+/// local_only − base; then the profile ablations and, in private runs, privacy's cost. Pairs
+/// with no user are left out.
+pub fn comparisons(
+    scores: &[UserScores],
+    budget: usize,
+    support_lines: Option<usize>,
+) -> Vec<Comparison> {
     use Method::*;
-    [
+    let pairs = [
         (MetaFinetune, FedavgFinetune),
         (FedavgFinetune, Global),
         (Global, Base),
@@ -199,32 +289,48 @@ pub fn comparisons(scores: &[UserScores], budget: usize) -> Vec<Comparison> {
         (Global, GlobalNonprivate),
         (FedavgFinetune, FedavgFinetuneNonprivate),
         (MetaFinetune, MetaFinetuneNonprivate),
-    ]
-    .into_iter()
-    .filter_map(|(better, worse)| {
-        let (checked, unchecked): (Vec<f64>, Vec<f64>) = scores
-            .iter()
-            .filter_map(|s| {
-                let served = better.checked(s)?.report.accuracy - worse.checked(s)?.report.accuracy;
-                let as_trained =
-                    better.unchecked(s, budget)?.accuracy - worse.unchecked(s, budget)?.accuracy;
-                Some((served, as_trained))
-            })
-            .unzip();
-        (!checked.is_empty()).then(|| {
+    ];
+    let mut out = Vec::new();
+    for (better, worse) in pairs {
+        for metric in Metric::ALL {
+            let (checked, unchecked): (Vec<f64>, Vec<f64>) = scores
+                .iter()
+                .filter_map(|s| {
+                    let served = metric.of(&better.checked(s)?.scores())
+                        - metric.of(&worse.checked(s)?.scores());
+                    let as_trained = metric.of(&better.unchecked(s, budget)?)
+                        - metric.of(&worse.unchecked(s, budget)?);
+                    Some((served, as_trained))
+                })
+                .unzip();
+            if checked.is_empty() {
+                continue;
+            }
             let (i, u) = (interval(&checked), interval(&unchecked));
-            Comparison {
+            out.push(Comparison {
                 better,
                 worse,
+                metric,
+                support_lines,
                 mean_difference: i.mean,
                 ci95: i.ci95,
                 users: i.n,
                 unchecked_mean_difference: u.mean,
                 unchecked_ci95: u.ci95,
-            }
-        })
-    })
-    .collect()
+            });
+        }
+    }
+    out
+}
+
+impl Checked {
+    /// The served model's scores.
+    pub fn scores(&self) -> Scores {
+        Scores {
+            report: self.report,
+            keyboard: self.keyboard,
+        }
+    }
 }
 
 /// Per-method means and intervals over the evaluated users, keyed by the method's name;
@@ -233,36 +339,53 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
     let mut out = BTreeMap::new();
     for method in Method::ALL {
         // (served, unchecked, base) per user that ran the method.
-        let rows: Vec<(Checked, &EvalReport, &EvalReport)> = scores
+        let rows: Vec<(Checked, Scores, Scores)> = scores
             .iter()
-            .filter_map(|s| Some((method.checked(s)?, method.unchecked(s, budget)?, &s.base)))
+            .filter_map(|s| {
+                let base = Method::Base.unchecked(s, budget)?;
+                Some((method.checked(s)?, method.unchecked(s, budget)?, base))
+            })
             .collect();
         if rows.is_empty() {
             continue;
         }
-        let share = |pick: fn(&(Checked, &EvalReport, &EvalReport)) -> f64, above: bool| {
-            let n = rows
-                .iter()
-                .filter(|r| {
-                    let (a, b) = (pick(r), r.2.accuracy);
-                    if above {
-                        a > b
-                    } else {
-                        a < b
-                    }
-                })
-                .count();
-            n as f64 / rows.len() as f64
+        let n = rows.len() as f64;
+        // The share of users whose `pick` is above (or below) base's on `metric`.
+        let share =
+            |pick: &dyn Fn(&(Checked, Scores, Scores)) -> Scores, metric: Metric, above: bool| {
+                rows.iter()
+                    .filter(|r| {
+                        let (a, b) = (metric.of(&pick(r)), metric.of(&r.2));
+                        if above {
+                            a > b
+                        } else {
+                            a < b
+                        }
+                    })
+                    .count() as f64
+                    / n
+            };
+        let served = |r: &(Checked, Scores, Scores)| r.0.scores();
+        let unchecked = |r: &(Checked, Scores, Scores)| r.1;
+        let lowest_loss = |r: &(Checked, Scores, Scores)| Scores {
+            report: r.0.lowest_loss_report,
+            ..r.1
         };
-        let served = |s: Served| rows.iter().filter(|r| r.0.served == s).count();
-        let a = interval(&rows.iter().map(|r| r.0.report.accuracy).collect::<Vec<_>>());
+        let mean = |pick: &dyn Fn(&(Checked, Scores, Scores)) -> Scores, metric: Metric| {
+            interval(&rows.iter().map(|r| metric.of(&pick(r))).collect::<Vec<_>>())
+        };
+        let count = |s: Served| rows.iter().filter(|r| r.0.served == s).count();
+        let a = mean(&served, Metric::Accuracy);
         let b = interval(
             &rows
                 .iter()
                 .map(|r| r.0.report.bits_per_byte)
                 .collect::<Vec<_>>(),
         );
-        let u = interval(&rows.iter().map(|r| r.1.accuracy).collect::<Vec<_>>());
+        let top1 = mean(&served, Metric::NextWordTop1);
+        let top3 = mean(&served, Metric::NextWordTop3);
+        let saved = mean(&served, Metric::KeystrokeSavings);
+        let u = mean(&unchecked, Metric::Accuracy);
         let accuracy_by_steps = match method.steps_curve() {
             Some(curve) => {
                 let mut sums: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
@@ -277,6 +400,7 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
             }
             None => BTreeMap::from([(0, u.mean)]),
         };
+        use Metric::{Accuracy, KeystrokeSavings, NextWordTop1};
         out.insert(
             method.name(),
             MethodResult {
@@ -284,24 +408,30 @@ pub fn results(scores: &[UserScores], budget: usize) -> BTreeMap<&'static str, M
                 accuracy_ci95: a.ci95,
                 bits_per_byte: b.mean,
                 bits_per_byte_ci95: b.ci95,
+                next_word_top1: top1.mean,
+                next_word_top1_ci95: top1.ci95,
+                next_word_top3: top3.mean,
+                next_word_top3_ci95: top3.ci95,
+                keystroke_savings: saved.mean,
+                keystroke_savings_ci95: saved.ci95,
                 users: a.n,
-                helped_share: share(|r| r.0.report.accuracy, true),
-                hurt_share: share(|r| r.0.report.accuracy, false),
-                served_base: served(Served::Base),
-                served_start: served(Served::Global),
-                served_personal: served(Served::Personal),
-                lowest_loss_accuracy: interval(
-                    &rows
-                        .iter()
-                        .map(|r| r.0.lowest_loss_report.accuracy)
-                        .collect::<Vec<_>>(),
-                )
-                .mean,
-                lowest_loss_hurt_share: share(|r| r.0.lowest_loss_report.accuracy, false),
+                helped_share: share(&served, NextWordTop1, true),
+                hurt_share: share(&served, NextWordTop1, false),
+                accuracy_helped_share: share(&served, Accuracy, true),
+                accuracy_hurt_share: share(&served, Accuracy, false),
+                served_base: count(Served::Base),
+                served_start: count(Served::Global),
+                served_personal: count(Served::Personal),
+                lowest_loss_accuracy: mean(&lowest_loss, Accuracy).mean,
+                lowest_loss_accuracy_hurt_share: share(&lowest_loss, Accuracy, false),
                 unchecked_accuracy: u.mean,
                 unchecked_accuracy_ci95: u.ci95,
-                unchecked_helped_share: share(|r| r.1.accuracy, true),
-                unchecked_hurt_share: share(|r| r.1.accuracy, false),
+                unchecked_next_word_top1: mean(&unchecked, NextWordTop1).mean,
+                unchecked_keystroke_savings: mean(&unchecked, KeystrokeSavings).mean,
+                unchecked_helped_share: share(&unchecked, NextWordTop1, true),
+                unchecked_hurt_share: share(&unchecked, NextWordTop1, false),
+                unchecked_accuracy_helped_share: share(&unchecked, Accuracy, true),
+                unchecked_accuracy_hurt_share: share(&unchecked, Accuracy, false),
                 accuracy_by_steps,
             },
         );
@@ -322,21 +452,46 @@ mod tests {
         }
     }
 
-    fn checked(served: Served, accuracy: f64) -> Checked {
+    /// Keyboard figures of `top1` right words out of 10 (and as many in the top three, and
+    /// saved keystrokes out of 10).
+    fn kb(top1: usize) -> KeyboardReport {
+        KeyboardReport {
+            words: 10,
+            top1,
+            top3: top1,
+            keystrokes: 10,
+            saved: top1,
+        }
+    }
+
+    fn checked(served: Served, accuracy: f64, top1: usize) -> Checked {
         Checked {
             served,
             report: report(accuracy),
+            keyboard: kb(top1),
             lowest_loss: served,
             lowest_loss_report: report(accuracy),
         }
     }
 
     /// One user: base 0.40; FedAvg's curve 0.50 at its start, 0.60 after 2 steps; local-only
-    /// 0.45 after 2 steps; no meta, no adaptive run. The check serves what was trained.
+    /// 0.45 after 2 steps; no meta, no adaptive run. The check serves what was trained. Top-1
+    /// words: base 2, FedAvg 3 then 4, local-only 2 (one more each with `better_words`).
     fn user(shift: f64) -> UserScores {
+        user_with(shift, 0)
+    }
+
+    fn user_with(shift: f64, better_words: usize) -> UserScores {
         let fedavg = Curve::From(FederationKind::Fedavg);
+        let w = better_words;
         UserScores {
             base: report(0.40 + shift),
+            base_keyboard: kb(2),
+            keyboard: BTreeMap::from([
+                (Point::Start(fedavg), kb(3 + w)),
+                (Point::Budget(fedavg), kb(4 + w)),
+                (Point::Budget(Curve::LocalOnly), kb(2 + w)),
+            ]),
             curves: BTreeMap::from([
                 (
                     fedavg,
@@ -348,14 +503,17 @@ mod tests {
                 ),
             ]),
             checked: BTreeMap::from([
-                (Point::Start(fedavg), checked(Served::Global, 0.50 + shift)),
+                (
+                    Point::Start(fedavg),
+                    checked(Served::Global, 0.50 + shift, 3 + w),
+                ),
                 (
                     Point::Budget(fedavg),
-                    checked(Served::Personal, 0.60 + shift),
+                    checked(Served::Personal, 0.60 + shift, 4 + w),
                 ),
                 (
                     Point::Budget(Curve::LocalOnly),
-                    checked(Served::Personal, 0.45 + shift),
+                    checked(Served::Personal, 0.45 + shift, 2 + w),
                 ),
             ]),
             adaptive: None,
@@ -365,7 +523,7 @@ mod tests {
     #[test]
     fn each_method_reads_its_curve_at_its_point() {
         let u = user(0.0);
-        let at = |m: Method| m.unchecked(&u, 2).map(|r| r.accuracy);
+        let at = |m: Method| m.unchecked(&u, 2).map(|r| r.report.accuracy);
         assert_eq!(at(Method::Base), Some(0.40));
         assert_eq!(at(Method::Global), Some(0.50));
         assert_eq!(at(Method::FedavgFinetune), Some(0.60));
@@ -373,6 +531,10 @@ mod tests {
         assert_eq!(at(Method::MetaFinetune), None);
         assert_eq!(at(Method::AdaptiveFinetune), None);
         assert_eq!(at(Method::GlobalNonprivate), None);
+        let words = |m: Method| m.unchecked(&u, 2).map(|r| r.keyboard.top1);
+        assert_eq!(words(Method::Base), Some(2));
+        assert_eq!(words(Method::Global), Some(3));
+        assert_eq!(words(Method::FedavgFinetune), Some(4));
     }
 
     #[test]
@@ -387,8 +549,14 @@ mod tests {
         // A fine-tuned method shows its curve; the others one point.
         assert_eq!(r["local_only"].accuracy_by_steps.len(), 2);
         assert_eq!(r["global"].accuracy_by_steps.len(), 1);
-        let c = comparisons(&scores, 2);
-        let pairs: Vec<_> = c.iter().map(|c| (c.better, c.worse)).collect();
+        assert!((r["fedavg_finetune"].next_word_top1 - 0.4).abs() < 1e-12);
+        assert!((r["global"].keystroke_savings - 0.3).abs() < 1e-12);
+        let c = comparisons(&scores, 2, Some(16));
+        let pairs: Vec<_> = c
+            .iter()
+            .filter(|c| c.metric == Metric::Accuracy)
+            .map(|c| (c.better, c.worse))
+            .collect();
         assert_eq!(
             pairs,
             [
@@ -398,8 +566,19 @@ mod tests {
                 (Method::LocalOnly, Method::Base),
             ]
         );
+        // Every pair on every metric, at the users' support size.
+        assert_eq!(c.len(), 4 * Metric::ALL.len());
+        assert!(c.iter().all(|c| c.support_lines == Some(16)));
         // Paired: both users gain exactly 0.10, so the interval is empty.
         assert!((c[0].mean_difference - 0.10).abs() < 1e-12 && c[0].ci95.abs() < 1e-12);
+        let top1 = |better, worse| {
+            c.iter()
+                .find(|c| (c.better, c.worse, c.metric) == (better, worse, Metric::NextWordTop1))
+                .unwrap()
+                .mean_difference
+        };
+        assert!((top1(Method::FedavgFinetune, Method::Global) - 0.1).abs() < 1e-12);
+        assert!((top1(Method::LocalOnly, Method::Base)).abs() < 1e-12);
     }
 
     #[test]
@@ -411,14 +590,19 @@ mod tests {
             .insert(Curve::LocalOnly, vec![(0, report(0.40)), (2, report(0.35))]);
         hurt.checked.insert(
             Point::Budget(Curve::LocalOnly),
-            checked(Served::Personal, 0.35),
+            checked(Served::Personal, 0.35, 1),
         );
-        let r = results(&[user(0.0), user(0.1), hurt], 2);
+        hurt.keyboard.insert(Point::Budget(Curve::LocalOnly), kb(1));
+        // On words: local-only ties base for the first user, helps the second, hurts the third.
+        let r = results(&[user(0.0), user_with(0.1, 1), hurt], 2);
         let local = &r["local_only"];
-        assert!((local.helped_share - 2.0 / 3.0).abs() < 1e-12);
+        assert!((local.accuracy_helped_share - 2.0 / 3.0).abs() < 1e-12);
+        assert!((local.accuracy_hurt_share - 1.0 / 3.0).abs() < 1e-12);
+        assert!((local.helped_share - 1.0 / 3.0).abs() < 1e-12);
         assert!((local.hurt_share - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!((r["base"].helped_share, r["base"].hurt_share), (0.0, 0.0));
         assert_eq!(r["fedavg_finetune"].hurt_share, 0.0);
+        assert_eq!(r["fedavg_finetune"].accuracy_hurt_share, 0.0);
     }
 
     #[test]
@@ -428,12 +612,18 @@ mod tests {
         caught
             .curves
             .insert(Curve::LocalOnly, vec![(0, report(0.40)), (2, report(0.35))]);
+        caught.checked.insert(
+            Point::Budget(Curve::LocalOnly),
+            checked(Served::Base, 0.40, 2),
+        );
         caught
-            .checked
-            .insert(Point::Budget(Curve::LocalOnly), checked(Served::Base, 0.40));
+            .keyboard
+            .insert(Point::Budget(Curve::LocalOnly), kb(1));
         let scores = [user(0.0), user(0.1), caught];
         let local = &results(&scores, 2)["local_only"];
         assert_eq!(local.hurt_share, 0.0, "served: base is not worse than base");
+        assert_eq!(local.accuracy_hurt_share, 0.0);
+        assert!((local.unchecked_accuracy_hurt_share - 1.0 / 3.0).abs() < 1e-12);
         assert!((local.unchecked_hurt_share - 1.0 / 3.0).abs() < 1e-12);
         assert!((local.accuracy - (0.45 + 0.55 + 0.40) / 3.0).abs() < 1e-12);
         assert!((local.unchecked_accuracy - (0.45 + 0.55 + 0.35) / 3.0).abs() < 1e-12);
@@ -441,10 +631,12 @@ mod tests {
             (local.served_base, local.served_start, local.served_personal),
             (1, 0, 2)
         );
-        let c = comparisons(&scores, 2);
+        let c = comparisons(&scores, 2, Some(16));
         let lb = c
             .iter()
-            .find(|c| (c.better, c.worse) == (Method::LocalOnly, Method::Base))
+            .find(|c| {
+                (c.better, c.worse, c.metric) == (Method::LocalOnly, Method::Base, Metric::Accuracy)
+            })
             .unwrap();
         assert!((lb.mean_difference - 0.10 / 3.0).abs() < 1e-12);
         assert!((lb.unchecked_mean_difference - 0.05 / 3.0).abs() < 1e-12);
@@ -455,6 +647,9 @@ mod tests {
         for m in Method::ALL {
             assert_eq!(serde_json::to_value(m).unwrap(), m.name());
             assert_eq!(format!("{m:>3}"), m.name(), "names are longer than 3");
+        }
+        for m in Metric::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
         }
     }
 }

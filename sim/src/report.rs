@@ -8,7 +8,7 @@ use anyhow::Context;
 use fedpersona_model::checkpoint::write_atomic;
 use serde::Serialize;
 
-use crate::methods::{Comparison, Method, MethodResult};
+use crate::methods::{Comparison, Method, MethodResult, Metric};
 use crate::settings::{FederationKind, PrivacyMode, PrivacyPlan, ResolvedPrivacy};
 
 /// One federated round, as `rounds.jsonl` records it.
@@ -171,6 +171,49 @@ impl PrivacyReport {
     }
 }
 
+/// One method at one support size of the few-shot curves: what was served after the
+/// never-harm check at the scored number of steps; `accuracy_by_steps` of the adapters as
+/// trained.
+#[derive(Debug, Clone, Serialize)]
+pub struct FewShotEntry {
+    pub method: &'static str,
+    /// None: all of each user's support lines.
+    pub support_lines: Option<usize>,
+    pub steps: usize,
+    /// The held-out users whose support split has that many lines.
+    pub users: usize,
+    pub accuracy: f64,
+    pub next_word_top1: f64,
+    pub next_word_top3: f64,
+    pub keystroke_savings: f64,
+    pub hurt_share: f64,
+    pub unchecked_accuracy: f64,
+    pub accuracy_by_steps: BTreeMap<usize, f64>,
+}
+
+impl FewShotEntry {
+    pub fn of(
+        method: &'static str,
+        support_lines: Option<usize>,
+        steps: usize,
+        r: &MethodResult,
+    ) -> Self {
+        FewShotEntry {
+            method,
+            support_lines,
+            steps,
+            users: r.users,
+            accuracy: r.accuracy,
+            next_word_top1: r.next_word_top1,
+            next_word_top3: r.next_word_top3,
+            keystroke_savings: r.keystroke_savings,
+            hurt_share: r.hurt_share,
+            unchecked_accuracy: r.unchecked_accuracy,
+            accuracy_by_steps: r.accuracy_by_steps.clone(),
+        }
+    }
+}
+
 /// Users in each part of the split.
 #[derive(Debug, Clone, Serialize)]
 pub struct UserCounts {
@@ -192,9 +235,11 @@ pub struct Report {
     /// The base model's accuracy on the same data, for reference.
     pub base_accuracy_train_users: Option<f64>,
     pub methods: BTreeMap<&'static str, MethodResult>,
-    /// Paired per-user accuracy differences between methods (the ordering the benchmark
-    /// asks about), each with its 95% interval.
+    /// Paired per-user differences between methods (the ordering the benchmark asks about)
+    /// on every metric, each with its 95% interval.
     pub comparisons: Vec<Comparison>,
+    /// The few-shot curves (`--few-shot-lines`): every method at each support size.
+    pub few_shot: Vec<FewShotEntry>,
     /// The profile-driven adaptation's runs (`adaptive_finetune`), summarized.
     pub adaptive: Option<AdaptiveSummary>,
     pub seconds: f64,
@@ -269,14 +314,116 @@ pub fn summary(r: &Report) -> String {
         if let Some(x) = r.methods.get(m.name()) {
             let _ = writeln!(
                 s,
-                "{m:>16}  accuracy {:>6}% ± {:<5}  bits/byte {:.4}",
+                "{m:>16}  accuracy {:>6}% ± {:<5}  bits/byte {:.4}  next word {:>6}%  keystrokes saved {:>6}%",
                 pct(x.accuracy),
                 pct(x.accuracy_ci95),
-                x.bits_per_byte
+                x.bits_per_byte,
+                pct(x.next_word_top1),
+                pct(x.keystroke_savings)
             );
         }
     }
     s
+}
+
+/// The paired differences, a table per support size, a row per pair and a column per metric:
+/// what was served, and the adapters unchecked in brackets.
+fn comparisons_tables(s: &mut String, comparisons: &[Comparison]) {
+    let mut sizes: Vec<Option<usize>> = Vec::new();
+    for c in comparisons {
+        if !sizes.contains(&c.support_lines) {
+            sizes.push(c.support_lines);
+        }
+    }
+    for size in sizes {
+        let these: Vec<&Comparison> = comparisons
+            .iter()
+            .filter(|c| c.support_lines == size)
+            .collect();
+        let _ = writeln!(
+            s,
+            "Paired differences per user (same query data, {} support lines), in points ± 95% interval, of what was served (the adapters unchecked in brackets):\n",
+            size.map_or("all".to_string(), |k| k.to_string())
+        );
+        let _ = write!(s, "| better − worse |");
+        for m in Metric::ALL {
+            let _ = write!(s, " {m} |");
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "|---|{}", "---|".repeat(Metric::ALL.len()));
+        let mut pairs: Vec<(Method, Method)> = Vec::new();
+        for c in &these {
+            if !pairs.contains(&(c.better, c.worse)) {
+                pairs.push((c.better, c.worse));
+            }
+        }
+        for (better, worse) in pairs {
+            let _ = write!(s, "| {better} − {worse} |");
+            for m in Metric::ALL {
+                let cell = these
+                    .iter()
+                    .find(|c| (c.better, c.worse, c.metric) == (better, worse, m))
+                    .map_or("-".to_string(), |c| {
+                        format!(
+                            "{:+.2} ± {:.2} ({:+.2} ± {:.2})",
+                            100.0 * c.mean_difference,
+                            100.0 * c.ci95,
+                            100.0 * c.unchecked_mean_difference,
+                            100.0 * c.unchecked_ci95
+                        )
+                    });
+                let _ = write!(s, " {cell} |");
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s);
+    }
+}
+
+/// The few-shot curves: a row per method, a column per support size; each cell what was
+/// served: next-word top-1 %, accuracy %.
+fn few_shot_table(s: &mut String, entries: &[FewShotEntry]) {
+    let mut sizes: Vec<Option<usize>> = entries.iter().map(|e| e.support_lines).collect();
+    sizes.sort_by_key(|k| k.unwrap_or(usize::MAX));
+    sizes.dedup();
+    let _ = writeln!(
+        s,
+        "## Few-shot curves\n\nEvery method again with each user's first k support lines (users whose support split has k lines), {} fine-tuning steps, what the never-harm check served: next-word top-1 % / next-byte accuracy % (users in brackets).\n",
+        entries.first().map_or(0, |e| e.steps)
+    );
+    let _ = write!(s, "| method |");
+    for k in &sizes {
+        let _ = write!(s, " {} |", k.map_or("all".to_string(), |k| k.to_string()));
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "|---|{}", "---|".repeat(sizes.len()));
+    for m in Method::ALL {
+        let row: Vec<Option<&FewShotEntry>> = sizes
+            .iter()
+            .map(|k| {
+                entries
+                    .iter()
+                    .find(|e| e.method == m.name() && e.support_lines == *k)
+            })
+            .collect();
+        if row.iter().all(Option::is_none) {
+            continue;
+        }
+        let _ = write!(s, "| {m} |");
+        for e in row {
+            let cell = e.map_or("-".to_string(), |e| {
+                format!(
+                    "{} / {} ({})",
+                    pct(e.next_word_top1),
+                    pct(e.accuracy),
+                    e.users
+                )
+            });
+            let _ = write!(s, " {cell} |");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s);
 }
 
 /// The human-readable report.
@@ -353,31 +500,39 @@ pub fn markdown(r: &Report) -> String {
     if !r.methods.is_empty() {
         let _ = writeln!(
             s,
-            "## Held-out users (few-shot personalization)\n\nEvery method ends as a device does, with the never-harm check: the newest tenth of the support lines is held out (the fine-tuned methods train on the rest), and the device serves whichever of the base model, the method's starting adapter and its result has the lowest loss there. Mean over users of what was served, ± the 95% interval (Student t); helped / hurt: the share of users above / below the base model; served: how many users got base / the start / the method's result. The check serves an adapter only when it beats base on that slice at 95% confidence (a paired t-test over its windows); \"lowest loss\": the same with the plain lowest-loss rule; unchecked: the method's adapter as it is.\n"
+            "## Held-out users (few-shot personalization)\n\nEvery method ends as a device does, with the never-harm check: the newest tenth of the support lines is held out (the fine-tuned methods train on the rest), and the device serves whichever of the base model, the method's starting adapter and its result has the lowest loss there. Mean over users of what was served, ± the 95% interval (Student t). Keyboard figures, on the first keystrokes of each user's query text: next word top-1 / top-3 (at each word's start, the best, or one of the three, suggestions of a 4-wide beam over the model's decoding up to the next space is the word), and keystrokes saved (the user taps a correct suggestion as soon as one of the three shows it). Helped / hurt: the share of users above / below the base model on next-word top-1 (accuracy hurt: on next-byte accuracy); served: how many users got base / the start / the method's result. The check serves an adapter only when it beats base on that slice at 95% confidence (a paired t-test over its windows); \"lowest loss\": the same with the plain lowest-loss rule; unchecked: the method's adapter as it is.\n"
         );
         let _ = writeln!(
             s,
-            "| method | accuracy % | bits/byte | helped % | hurt % | served base/start/own | lowest loss: accuracy %, hurt % | unchecked accuracy % | unchecked hurt % | users |"
+            "| method | accuracy % | bits/byte | next word top-1 % | top-3 % | keystrokes saved % | helped / hurt % | accuracy hurt % | served base/start/own | lowest loss: accuracy %, accuracy hurt % | unchecked: accuracy %, top-1 %, hurt % | users |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for m in Method::ALL {
             if let Some(x) = r.methods.get(m.name()) {
                 let _ = writeln!(
                     s,
-                    "| {m} | {} ± {} | {:.4} ± {:.4} | {:.0} | {:.0} | {}/{}/{} | {}, {:.0} | {} ± {} | {:.0} | {} |",
+                    "| {m} | {} ± {} | {:.4} ± {:.4} | {} ± {} | {} ± {} | {} ± {} | {:.0} / {:.0} | {:.0} | {}/{}/{} | {}, {:.0} | {} ± {}, {}, {:.0} | {} |",
                     pct(x.accuracy),
                     pct(x.accuracy_ci95),
                     x.bits_per_byte,
                     x.bits_per_byte_ci95,
+                    pct(x.next_word_top1),
+                    pct(x.next_word_top1_ci95),
+                    pct(x.next_word_top3),
+                    pct(x.next_word_top3_ci95),
+                    pct(x.keystroke_savings),
+                    pct(x.keystroke_savings_ci95),
                     100.0 * x.helped_share,
                     100.0 * x.hurt_share,
+                    100.0 * x.accuracy_hurt_share,
                     x.served_base,
                     x.served_start,
                     x.served_personal,
                     pct(x.lowest_loss_accuracy),
-                    100.0 * x.lowest_loss_hurt_share,
+                    100.0 * x.lowest_loss_accuracy_hurt_share,
                     pct(x.unchecked_accuracy),
                     pct(x.unchecked_accuracy_ci95),
+                    pct(x.unchecked_next_word_top1),
                     100.0 * x.unchecked_hurt_share,
                     x.users
                 );
@@ -385,23 +540,7 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(s);
         if !r.comparisons.is_empty() {
-            let _ = writeln!(
-                s,
-                "Paired differences (per user, same query data), accuracy points ± 95% interval, of what was served (unchecked in brackets):\n"
-            );
-            for c in &r.comparisons {
-                let _ = writeln!(
-                    s,
-                    "- {} − {}: {:+.2} ± {:.2} ({:+.2} ± {:.2})",
-                    c.better,
-                    c.worse,
-                    100.0 * c.mean_difference,
-                    100.0 * c.ci95,
-                    100.0 * c.unchecked_mean_difference,
-                    100.0 * c.unchecked_ci95
-                );
-            }
-            let _ = writeln!(s);
+            comparisons_tables(&mut s, &r.comparisons);
         }
         if let (Some(a), Some(m)) = (&r.adaptive, r.methods.get(Method::AdaptiveFinetune.name())) {
             let _ = writeln!(
@@ -453,9 +592,17 @@ pub fn markdown(r: &Report) -> String {
             let _ = writeln!(s);
         }
     }
+    if !r.few_shot.is_empty() {
+        few_shot_table(&mut s, &r.few_shot);
+    }
     let _ = writeln!(
         s,
-        "Per-round figures: `rounds.jsonl`; plots: `accuracy_vs_round.svg`, `accuracy_vs_steps.svg`.\n"
+        "Per-round figures: `rounds.jsonl`; plots: `accuracy_vs_round.svg`, `accuracy_vs_steps.svg`{}.\n",
+        if r.few_shot.is_empty() {
+            ""
+        } else {
+            ", `few_shot.svg`"
+        }
     );
     let _ = writeln!(s, "## Settings\n\n```json");
     let _ = writeln!(

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::args::SimulateArgs;
 use crate::corpus::{self, SplitConfig};
 use anyhow::{bail, ensure, Context};
+use fedpersona_model::keyboard::KeyboardConfig;
 use fedpersona_model::{checkpoint, LoraConfig};
 use fedpersona_privacy::accountant::Method;
 use fedpersona_privacy::{mode, sampling};
@@ -72,6 +73,10 @@ pub struct Settings {
     /// Adaptive clipping from `clip_norm`.
     pub adaptive_clip: bool,
     pub support_lines: usize,
+    /// Keystrokes of each held-out user's query text the keyboard metrics score.
+    pub keyboard_chars: usize,
+    /// The few-shot curves' support sizes (None: all of a user's support lines).
+    pub few_shot_lines: Vec<Option<usize>>,
     pub finetune_steps: usize,
     pub meta_local_steps: usize,
     pub curve_steps: usize,
@@ -134,6 +139,8 @@ impl Settings {
             server_lr: a.server_lr.unwrap_or(1.0),
             ffa: a.ffa,
             support_lines: a.support_lines.unwrap_or(if quick { 16 } else { 64 }),
+            keyboard_chars: a.keyboard_chars.unwrap_or(if quick { 100 } else { 200 }),
+            few_shot_lines: parse_support_sizes(a.few_shot_lines.as_deref().unwrap_or(""))?,
             finetune_steps: a.finetune_steps.unwrap_or(if quick { 2 } else { 5 }),
             meta_local_steps: a.meta_local_steps.unwrap_or(if quick { 8 } else { 20 }),
             curve_steps: a.curve_steps.unwrap_or(if quick { 8 } else { 20 }),
@@ -164,6 +171,7 @@ impl Settings {
         );
         ensure!(s.local_steps >= 1, "--local-steps must be at least 1");
         ensure!(s.support_lines >= 1, "--support-lines must be at least 1");
+        ensure!(s.keyboard_chars >= 1, "--keyboard-chars must be at least 1");
         ensure!(
             s.lr.is_finite() && s.lr > 0.0 && s.finetune_lr.is_finite() && s.finetune_lr > 0.0,
             "learning rates must be positive"
@@ -309,6 +317,10 @@ impl Settings {
         FewShot {
             lora: self.lora(),
             support_lines: self.support_lines,
+            keyboard: KeyboardConfig {
+                max_chars: self.keyboard_chars,
+                ..KeyboardConfig::default()
+            },
             steps: self.finetune_steps,
             curve_to: self.curve_steps,
             lr: self.finetune_lr,
@@ -320,6 +332,26 @@ impl Settings {
             local_only: self.local_only,
         }
     }
+}
+
+/// `8,16,all` → [Some(8), Some(16), None], ascending with all last, without repeats.
+fn parse_support_sizes(list: &str) -> anyhow::Result<Vec<Option<usize>>> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        out.push(if item == "all" {
+            None
+        } else {
+            match item.parse::<usize>() {
+                Ok(k) if k >= 2 => Some(k),
+                _ => {
+                    bail!("--few-shot-lines takes line counts of at least 2 or `all`, not {item:?}")
+                }
+            }
+        });
+    }
+    out.sort_by_key(|k| k.unwrap_or(usize::MAX));
+    out.dedup();
+    Ok(out)
 }
 
 impl SimulateArgs {
@@ -382,6 +414,8 @@ pub struct FewShot {
     pub lora: LoraConfig,
     /// Support lines used (the first ones of the user's support split).
     pub support_lines: usize,
+    /// The keyboard metrics' beam and how much of the query text they score.
+    pub keyboard: KeyboardConfig,
     /// Local fine-tuning steps: the methods are scored after this many.
     pub steps: usize,
     /// The accuracy-vs-steps curve goes on to this many steps (at least `steps`).
@@ -503,6 +537,15 @@ mod tests {
         assert_eq!(s.eval_every, 1);
         let d = resolve(&[]).unwrap();
         assert_eq!((d.preset, d.rounds, d.eval_every), ("default", 30, 3));
+        assert!(d.few_shot_lines.is_empty(), "few-shot curves are opt-in");
+        let f = resolve(&["--few-shot-lines", "all,16, 8,16"]).unwrap();
+        assert_eq!(f.few_shot_lines, [Some(8), Some(16), None]);
+        for bad in ["1", "eight", "8,,-3"] {
+            let e = resolve(&["--few-shot-lines", bad]).unwrap_err();
+            assert!(e.to_string().contains("--few-shot-lines"), "{bad}: {e}");
+        }
+        let e = resolve(&["--keyboard-chars", "0"]).unwrap_err();
+        assert!(e.to_string().contains("--keyboard-chars"), "{e}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::methods::{self, Method};
 use crate::plot;
 use crate::progress::Progress;
 use crate::report::{self, Report, RoundRecord};
-use crate::settings::{FederationKind, Settings};
+use crate::settings::{FederationKind, FewShot, Settings};
 
 /// Runs the simulation and writes the report into `--out`.
 pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
@@ -198,6 +198,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
     let mut results = BTreeMap::new();
     let mut comparisons = Vec::new();
     let mut adaptive = None;
+    let mut few_shot = Vec::new();
     if interrupted.is_none() {
         let g = evaluation::score_windows(
             &base,
@@ -224,23 +225,56 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         global_accuracy = Some(g.accuracy);
         base_accuracy_train_users = Some(b.accuracy);
 
-        let few_shot = settings.few_shot();
-        let bar = progress.bar(splits.heldout_users.len() as u64, "held-out users");
-        let scores = evaluation::par_map(
-            &splits.heldout_users,
-            settings.workers,
-            &stop,
-            || bar.inc(1),
-            |u| evaluation::personalize(&base, u, &thetas, &few_shot),
-        )?;
-        bar.finish();
-        let scores: Vec<UserScores> = scores.into_iter().flatten().collect();
-        if scores.len() < splits.heldout_users.len() {
+        // Adapts and scores `users` with `fs` over the cores; also says whether all finished.
+        let personalize = |users: &[&UserSplit], fs: &FewShot, what: &str| {
+            let bar = progress.bar(users.len() as u64, what);
+            let scores = evaluation::par_map(
+                users,
+                settings.workers,
+                &stop,
+                || bar.inc(1),
+                |u| evaluation::personalize(&base, u, &thetas, fs),
+            );
+            bar.finish();
+            let scores: Vec<UserScores> = scores?.into_iter().flatten().collect();
+            anyhow::Ok((scores.len() == users.len(), scores))
+        };
+        let steps = settings.finetune_steps;
+        let everyone: Vec<&UserSplit> = splits.heldout_users.iter().collect();
+        let (finished, scores) = personalize(&everyone, &settings.few_shot(), "held-out users")?;
+        if !finished {
             interrupted = Some("evaluation");
         }
-        results = methods::results(&scores, settings.finetune_steps);
+        results = methods::results(&scores, steps);
         adaptive = report::AdaptiveSummary::of(scores.iter().filter_map(|s| s.adaptive));
-        comparisons = methods::comparisons(&scores, settings.finetune_steps);
+        comparisons = methods::comparisons(&scores, steps, Some(settings.support_lines));
+
+        // The few-shot curves: every method again at each support size.
+        for &k in &settings.few_shot_lines {
+            if interrupted.is_some() {
+                break;
+            }
+            let fs = FewShot {
+                support_lines: k.unwrap_or(usize::MAX),
+                ..settings.few_shot()
+            };
+            let users: Vec<&UserSplit> = everyone
+                .iter()
+                .copied()
+                .filter(|u| k.is_none_or(|k| u.train.len() >= k))
+                .collect();
+            let label = k.map_or("all".to_string(), |k| k.to_string());
+            let (finished, scores) = personalize(&users, &fs, &format!("few-shot: {label} lines"))?;
+            if !finished {
+                interrupted = Some("the few-shot curves");
+            }
+            for (method, r) in methods::results(&scores, steps) {
+                few_shot.push(report::FewShotEntry::of(method, k, steps, &r));
+            }
+            if k != Some(settings.support_lines) {
+                comparisons.extend(methods::comparisons(&scores, steps, k));
+            }
+        }
     }
 
     let mut privacy = report::PrivacyReport::new(
@@ -262,6 +296,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<Report> {
         base_accuracy_train_users,
         methods: results,
         comparisons,
+        few_shot,
         adaptive,
         seconds: started.elapsed().as_secs_f64(),
         peak_rss_mb: fedpersona_model::runtime::peak_rss_mb(),
@@ -339,6 +374,28 @@ fn write_plots(
         "Held-out users: accuracy after local fine-tuning steps",
         "local steps",
         "next-byte accuracy %",
+        &series,
+    )?;
+    let series: Vec<plot::Series> = Method::ALL
+        .iter()
+        .filter_map(|m| {
+            let points: Vec<(f64, f64)> = rep
+                .few_shot
+                .iter()
+                .filter(|e| e.method == m.name())
+                .filter_map(|e| Some((e.support_lines? as f64, e.next_word_top1)))
+                .collect();
+            (!points.is_empty()).then(|| plot::Series {
+                name: m.name().to_string(),
+                points,
+            })
+        })
+        .collect();
+    plot::line_chart(
+        &out.join("few_shot.svg"),
+        "Held-out users: next-word top-1 by support lines (what was served)",
+        "support lines",
+        "next-word top-1 %",
         &series,
     )
 }

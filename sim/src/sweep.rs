@@ -62,11 +62,11 @@ pub struct MethodPoint {
     /// Paired per-user difference from base, as trained, and its 95% interval.
     pub unchecked_minus_base: f64,
     pub unchecked_minus_base_ci95: f64,
-    pub unchecked_hurt_share: f64,
+    pub unchecked_accuracy_hurt_share: f64,
     pub accuracy: f64,
     pub minus_base: f64,
     pub minus_base_ci95: f64,
-    pub hurt_share: f64,
+    pub accuracy_hurt_share: f64,
 }
 
 /// Runs (or resumes) the sweep and writes `sweep.json`, `sweep.md` and
@@ -226,19 +226,23 @@ impl Point {
             let vs_base = r["comparisons"]
                 .as_array()
                 .and_then(|c| {
-                    c.iter()
-                        .find(|c| c["better"] == name && c["worse"] == "base")
+                    c.iter().find(|c| {
+                        c["better"] == name && c["worse"] == "base" && c["metric"] == "accuracy"
+                    })
                 })
                 .with_context(|| format!("{}: no {name} − base", report.display()))?;
             Ok(MethodPoint {
                 unchecked_accuracy: num(&m["unchecked_accuracy"], "unchecked accuracy")?,
                 unchecked_minus_base: num(&vs_base["unchecked_mean_difference"], "difference")?,
                 unchecked_minus_base_ci95: num(&vs_base["unchecked_ci95"], "interval")?,
-                unchecked_hurt_share: num(&m["unchecked_hurt_share"], "hurt share")?,
+                unchecked_accuracy_hurt_share: num(
+                    &m["unchecked_accuracy_hurt_share"],
+                    "hurt share",
+                )?,
                 accuracy: num(&m["accuracy"], "accuracy")?,
                 minus_base: num(&vs_base["mean_difference"], "difference")?,
                 minus_base_ci95: num(&vs_base["ci95"], "interval")?,
-                hurt_share: num(&m["hurt_share"], "hurt share")?,
+                accuracy_hurt_share: num(&m["accuracy_hurt_share"], "hurt share")?,
             })
         };
         let p = &r["privacy"];
@@ -300,7 +304,8 @@ pub fn markdown(points: &[Point]) -> String {
                 100.0 * m.unchecked_minus_base_ci95
             )
         };
-        let served = |m: &MethodPoint| format!("{}, {:.0}", pct(m.accuracy), 100.0 * m.hurt_share);
+        let served =
+            |m: &MethodPoint| format!("{}, {:.0}", pct(m.accuracy), 100.0 * m.accuracy_hurt_share);
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",

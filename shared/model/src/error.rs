@@ -21,6 +21,8 @@ pub enum ModelError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("the adapter does not fit this model: {0}")]
     AdapterMismatch(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

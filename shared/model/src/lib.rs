@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod kernels;
+pub mod keyboard;
 pub mod lora;
 pub mod lora_step;
 pub mod model;

@@ -381,11 +381,16 @@ mod tests {
             let ints: Vec<f64> = q.values().iter().map(|&v| f64::from(v as i32)).collect();
             let norm = ints.iter().map(|x| x * x).sum::<f64>().sqrt() * spec.granularity;
             prop_assert!((norm - q.norm()).abs() < 1e-9);
-            // Each value is within one grid step of the clipped input (or of its shrunk copy).
+            // Each value is within one grid step of the clipped input or of its shrunk copy:
+            // a draw over the bound retries at a scale shrunk by 1e-4, then 2e-4, 4e-4, …,
+            // so a few retries (each about as likely as not near the bound) can move a value
+            // 0.1–1% inside; beyond 1% would take seven retries in a row, the last one
+            // 6 steps under the bound.
             let mut clipped = tensors(values);
             clip(&mut clipped, c);
             for (x, q) in clipped.to_flat().iter().zip(&ints) {
-                prop_assert!((f64::from(*x) / spec.granularity - q).abs() <= 1.0 + 1e-3 * q.abs().max(1.0));
+                let exact = f64::from(*x) / spec.granularity;
+                prop_assert!((exact - q).abs() <= 1.0 + 0.01 * exact.abs(), "{exact} {q}");
             }
         }
     }

@@ -70,7 +70,9 @@ fn a_tiny_simulation_writes_a_complete_report() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
     let out = dir.path().join("run");
-    let o = bin().args(tiny_args(&data, &out, "2")).output().unwrap();
+    let mut args = tiny_args(&data, &out, "2");
+    args.extend(["--few-shot-lines", "6,all"].map(String::from));
+    let o = bin().args(args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("meta_finetune"), "{stdout}");
@@ -100,7 +102,74 @@ fn a_tiny_simulation_writes_a_complete_report() {
         assert!(x["accuracy_ci95"].as_f64().unwrap() >= 0.0, "{m}");
         assert!(x["bits_per_byte"].as_f64().unwrap() > 0.0, "{m}");
         assert_eq!(x["users"], 2, "{m}");
+        for k in [
+            "next_word_top1",
+            "next_word_top3",
+            "keystroke_savings",
+            "hurt_share",
+            "accuracy_hurt_share",
+        ] {
+            let v = x[k].as_f64().unwrap_or_else(|| panic!("{m} {k}: {x}"));
+            assert!((0.0..=1.0).contains(&v), "{m} {k}: {v}");
+        }
+        let (top1, top3) = (x["next_word_top1"].as_f64(), x["next_word_top3"].as_f64());
+        assert!(top1 <= top3, "{m}: top-1 is among the top three");
     }
+    // Every comparison on every metric, at the run's support size and the few-shot sizes.
+    let comparisons = r["comparisons"].as_array().unwrap();
+    for metric in [
+        "accuracy",
+        "next_word_top1",
+        "next_word_top3",
+        "keystroke_savings",
+    ] {
+        for size in [
+            serde_json::json!(10),
+            serde_json::json!(6),
+            serde_json::Value::Null,
+        ] {
+            assert!(
+                comparisons.iter().any(|c| c["better"] == "global"
+                    && c["worse"] == "base"
+                    && c["metric"] == metric
+                    && c["support_lines"] == size),
+                "{metric} at {size}"
+            );
+        }
+    }
+    // The few-shot curves: every method at 6 lines and at all of them (12), both users.
+    let few_shot = r["few_shot"].as_array().unwrap();
+    for size in [serde_json::json!(6), serde_json::Value::Null] {
+        for m in [
+            "base",
+            "local_only",
+            "global",
+            "fedavg_finetune",
+            "meta_finetune",
+        ] {
+            let e = few_shot
+                .iter()
+                .find(|e| e["method"] == m && e["support_lines"] == size)
+                .unwrap_or_else(|| panic!("{m} at {size}"));
+            assert_eq!(
+                (e["users"].as_u64(), e["steps"].as_u64()),
+                (Some(2), Some(2))
+            );
+            assert!((0.0..=1.0).contains(&e["next_word_top1"].as_f64().unwrap()));
+        }
+    }
+    let base_at = |size: serde_json::Value| {
+        few_shot
+            .iter()
+            .find(|e| e["method"] == "base" && e["support_lines"] == size)
+            .unwrap()["accuracy"]
+            .clone()
+    };
+    assert_eq!(
+        base_at(serde_json::json!(6)),
+        r["methods"]["base"]["accuracy"],
+        "base needs no support lines"
+    );
     // The adaptive-vs-plain ablation: its comparison and what the runs did.
     assert!(r["comparisons"]
         .as_array()
@@ -179,7 +248,12 @@ fn a_tiny_simulation_writes_a_complete_report() {
     );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| meta_finetune |") && md.contains("Global accuracy"));
-    for svg in ["accuracy_vs_round.svg", "accuracy_vs_steps.svg"] {
+    assert!(md.contains("## Few-shot curves"), "{md}");
+    for svg in [
+        "accuracy_vs_round.svg",
+        "accuracy_vs_steps.svg",
+        "few_shot.svg",
+    ] {
         assert!(std::fs::read_to_string(out.join(svg))
             .unwrap()
             .starts_with("<svg"));

@@ -56,6 +56,49 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of the first `len` positions (views, no copy).
+    pub fn truncated(&self, len: usize) -> Result<KvCache> {
+        if len > self.len {
+            return Err(ModelError::TooLong {
+                needed: len,
+                max: self.len,
+            });
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers, len })
+    }
+
+    /// The cache of a batch made of the given rows of this one's batch, in that order (rows
+    /// may repeat: a beam search continues one prefix several ways).
+    pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let Some(device) = self.layers.iter().flatten().next().map(|(k, _)| k.device()) else {
+            return Ok(self.clone());
+        };
+        let index = Tensor::new(rows, device)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((
+                    k.contiguous()?.index_select(&index, 0)?,
+                    v.contiguous()?.index_select(&index, 0)?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            len: self.len,
+        })
+    }
 }
 
 /// A LLaMA decoder. Cloning is cheap: tensors are reference-counted.
