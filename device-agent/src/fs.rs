@@ -1,5 +1,6 @@
-//! The agent's state folder: [`StateDir`] names every file and folder in it, and the
-//! writes here are private (mode 0600) and atomic, so a crash leaves either the old contents
+//! The agent's state folder: [`StateDir`] names every file and folder in it. The folder is
+//! private (mode 0700, whatever the umask), every file in it 0600 and every folder 0700
+//! ([`restrict`]), and the writes here are atomic, so a crash leaves either the old contents
 //! or the new, never a torn file, and no other user can read them.
 
 use std::io::Write;
@@ -22,10 +23,18 @@ impl StateDir {
         StateDir { root: root.into() }
     }
 
-    /// Creates the folder if it is missing.
+    /// Creates the folder if it is missing, mode 0700; an existing one is made 0700 too (a
+    /// folder an older version or a loose umask left readable).
     pub fn create(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("creating {}", self.root.display()))
+        use std::os::unix::fs::DirBuilderExt;
+        let what = || format!("creating {}", self.root.display());
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(what)?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+            .with_context(what)
     }
 
     pub fn root(&self) -> &Path {
@@ -120,6 +129,30 @@ fn aside(dest: &Path) -> PathBuf {
     dest.with_extension("old")
 }
 
+/// Makes `path` private, whatever the umask it was written under: a file 0600, a folder
+/// 0700 with everything in it likewise. Symbolic links are left alone (never followed).
+pub fn restrict(path: &Path) -> anyhow::Result<()> {
+    let meta =
+        std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let mode = if meta.is_dir() {
+        0o700
+    } else if meta.is_file() {
+        0o600
+    } else {
+        return Ok(());
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    if meta.is_dir() {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("listing {}", path.display()))?
+        {
+            restrict(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes a file or folder; returns whether there was one.
 pub fn remove(path: &Path) -> anyhow::Result<bool> {
     let removed = match std::fs::symlink_metadata(path) {
@@ -195,6 +228,41 @@ mod tests {
         assert!(!tmp.exists());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn the_state_folder_and_what_is_written_in_it_are_private_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // A new folder, and parents made for it.
+        let fresh = StateDir::new(dir.path().join("a/state"));
+        fresh.create().unwrap();
+        assert_eq!(mode(fresh.root()), 0o700);
+        // An existing folder left world-readable.
+        let old = StateDir::new(dir.path().join("old"));
+        std::fs::create_dir(old.root()).unwrap();
+        std::fs::set_permissions(old.root(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        old.create().unwrap();
+        assert_eq!(mode(old.root()), 0o700);
+        // An adapter folder written as the model crate writes it (the process's umask).
+        let personal = old.personal();
+        std::fs::create_dir_all(personal.join("inner")).unwrap();
+        for (p, m) in [(&personal, 0o755), (&personal.join("inner"), 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let file = personal.join("inner/adapter_model.safetensors");
+        std::fs::write(&file, b"weights").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", personal.join("link")).unwrap();
+        restrict(&personal).unwrap();
+        assert_eq!(mode(&personal), 0o700);
+        assert_eq!(mode(&personal.join("inner")), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_ne!(
+            mode(Path::new("/etc/hostname")),
+            0o600,
+            "links are not followed"
+        );
     }
 
     #[test]

@@ -99,5 +99,5 @@ pub(crate) fn save_progress(
         &serde_json::to_vec(progress).expect("plain struct"),
     )?;
     remove_best_files(dir, Some(progress.best_step));
-    Ok(())
+    crate::fs::restrict(dir)
 }

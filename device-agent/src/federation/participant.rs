@@ -437,6 +437,7 @@ fn save_global(
     let fresh = state_dir.global_fresh();
     let _ = std::fs::remove_dir_all(&fresh);
     adapter.save(&fresh).context("saving the global adapter")?;
+    crate::fs::restrict(&fresh)?;
     crate::fs::replace_dir(&fresh, &state_dir.global())
 }
 

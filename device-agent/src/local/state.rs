@@ -15,7 +15,7 @@ use crate::fs::StateDir;
 use crate::local::{now_ms, LocalError};
 use crate::user::consent::Consent;
 use crate::user::profile::Profile;
-use crate::user::store::{Feedback, Interaction, InteractionStore, StoreKey};
+use crate::user::store::{Feedback, Interaction, InteractionStore};
 
 /// What the local API works on: the agent's folder, its store and the base model.
 #[derive(Debug)]
@@ -135,8 +135,7 @@ impl LocalState {
     /// Opens (creating) the store in `dir` with its key file.
     pub fn open(dir: StateDir, base: Arc<BaseModel>) -> anyhow::Result<LocalState> {
         dir.create()?;
-        let key = StoreKey::load_or_create(&dir.store_key())?;
-        let store = InteractionStore::open(&dir.store(), key)?;
+        let store = InteractionStore::open_with_key_file(&dir.store(), &dir.store_key())?;
         Ok(LocalState {
             dir,
             store: Mutex::new(store),
@@ -356,6 +355,7 @@ impl LocalState {
                 &StateDir::adapted_state_in(&fresh),
                 &serde_json::to_vec(&state).expect("plain struct"),
             )?;
+            crate::fs::restrict(&fresh)?;
             crate::fs::replace_dir(&fresh, &self.dir.personal())?;
             let _ = std::fs::remove_dir_all(&progress);
             tracing::info!(steps = outcome.steps, served = ?gate.served, "adaptation checked and served");

@@ -33,6 +33,11 @@ pub enum StoreError {
     Invalid(String),
     #[error("the system random source failed")]
     Random,
+    #[error("interaction store {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What the user said about a suggestion.
@@ -192,9 +197,81 @@ fn aad(uid: &[u8], time_ms: i64, app: &str, kind: &str, fb: &str, rating: Option
     out
 }
 
+/// The store's files: the database, and the write-ahead log and shared-memory index SQLite
+/// keeps beside it.
+fn files(path: &Path) -> [PathBuf; 3] {
+    let beside = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    [path.to_path_buf(), beside("-wal"), beside("-shm")]
+}
+
+/// Creates the database file 0600 if it is missing and makes the store's existing files
+/// 0600, whatever the umask: SQLite creates its log and index with the database's mode.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| StoreError::Io { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    for f in files(path) {
+        match std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other.map_err(io(&f))?,
+        }
+    }
+    Ok(())
+}
+
 impl InteractionStore {
-    /// Opens (creating or migrating) the store at `path` with `key`.
+    /// Opens the store at `path` with the key in `key_file`, creating the key if it is
+    /// missing, unless the store already holds interactions: those are sealed under the
+    /// lost key, and a new one would silently make them unreadable, so that is refused
+    /// and nothing changes.
+    pub fn open_with_key_file(
+        path: &Path,
+        key_file: &Path,
+    ) -> Result<InteractionStore, StoreError> {
+        if !key_file.exists() && path.exists() {
+            let conn = Connection::open(path)?;
+            let tables: i64 = conn.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'interactions'",
+                [],
+                |r| r.get(0),
+            )?;
+            let held: i64 = if tables == 0 {
+                0
+            } else {
+                conn.query_row("SELECT count(*) FROM interactions", [], |r| r.get(0))?
+            };
+            drop(conn);
+            if held > 0 {
+                return Err(StoreError::Key {
+                    path: key_file.display().to_string(),
+                    message: format!(
+                        "is missing, and {} holds {held} interactions sealed under it: restore the \
+                         key file (from a backup), or move the store's files away to start an \
+                         empty store",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        Self::open(path, StoreKey::load_or_create(key_file)?)
+    }
+
+    /// Opens (creating or migrating) the store at `path` with `key`; its files are made 0600.
     pub fn open(path: &Path, key: StoreKey) -> Result<InteractionStore, StoreError> {
+        make_private(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
@@ -514,6 +591,61 @@ mod tests {
             other.get(1).unwrap_err(),
             StoreError::Tampered { id: 1 }
         ));
+    }
+
+    #[test]
+    fn the_store_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("interactions.sqlite");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let store = open(dir.path());
+        store.log(&interaction(1)).unwrap();
+        let [db, wal, shm] = files(&path);
+        for f in [&db, &wal, &shm] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        drop(store);
+        // Files an older version left readable are tightened when the store opens.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = open(dir.path());
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(store.all().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_whose_key_is_gone_is_refused_not_rekeyed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (
+            dir.path().join("interactions.sqlite"),
+            dir.path().join("store.key"),
+        );
+        // An empty store (as `forget` leaves it) can take a new key: nothing is sealed.
+        drop(InteractionStore::open_with_key_file(&path, &key).unwrap());
+        std::fs::remove_file(&key).unwrap();
+        let store = InteractionStore::open_with_key_file(&path, &key).unwrap();
+        store.log(&interaction(1)).unwrap();
+        store.log(&interaction(2)).unwrap();
+        drop(store);
+        let saved = std::fs::read(&key).unwrap();
+        std::fs::remove_file(&key).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let err = InteractionStore::open_with_key_file(&path, &key).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("store.key") && msg.contains("missing") && msg.contains("2 interactions"),
+            "{msg}"
+        );
+        assert!(!key.exists(), "no new key was made");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the store is unchanged"
+        );
+        // With the key restored, every row reads.
+        std::fs::write(&key, saved).unwrap();
+        let store = InteractionStore::open_with_key_file(&path, &key).unwrap();
+        assert_eq!(store.all().unwrap().len(), 2);
     }
 
     #[test]
