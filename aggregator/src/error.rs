@@ -22,6 +22,8 @@ pub enum Kind {
     BudgetSpent,
     /// Shutting down.
     Unavailable,
+    /// The client was too slow (a stalled upload).
+    TimedOut,
     /// A fault of the server (storage, bug): logged, no detail leaves.
     Internal,
 }
@@ -69,6 +71,7 @@ impl From<FedError> for Status {
                 Some(Reason::PrivacyBudgetExhausted),
             ),
             Kind::Unavailable => (Code::Unavailable, None),
+            Kind::TimedOut => (Code::DeadlineExceeded, None),
             Kind::Internal => (Code::Internal, None),
         };
         match reason {

@@ -1,8 +1,11 @@
 //! The `fedpersona.v1.Federation` gRPC service: converts wire messages, authenticates, and
 //! hands over to the round logic. Generated types stay in this module.
 
+use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio::time::Instant;
 
 use fedpersona_proto::v1 as pb;
 use fedpersona_proto::v1::federation_server::Federation;
@@ -10,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, DeviceId};
 use crate::config::PrivacyMode;
 use crate::error::{FedError, Kind};
 use crate::round::{unix_ms, CheckIn, Coordinator, RoundPhase, SecureStep, UploadHeader};
@@ -20,12 +23,31 @@ use crate::secure::Reply;
 const DOWNLOAD_CHUNK: usize = 256 << 10;
 
 /// The service state: round logic, authentication, and a bound on uploads in flight (which
-/// bounds the memory of buffered uploads).
+/// bounds the memory of buffered uploads). An upload takes one of the permits only once its
+/// header is authenticated and admitted to the round, one upload per device at a time, and
+/// every stage of a stream is bounded in time, so streams that stall (or never say who
+/// they are) cannot hold the uploads of a round.
 #[derive(Debug, Clone)]
 pub struct FederationService {
     coordinator: Arc<Coordinator>,
     auth: Arc<Authenticator>,
     uploads: Arc<Semaphore>,
+    uploading: Arc<Mutex<HashSet<DeviceId>>>,
+}
+
+/// A device's claim on its one upload in flight, released on drop.
+struct Uploading {
+    devices: Arc<Mutex<HashSet<DeviceId>>>,
+    device: DeviceId,
+}
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        self.devices
+            .lock()
+            .expect("uploading lock")
+            .remove(&self.device);
+    }
 }
 
 impl FederationService {
@@ -35,7 +57,49 @@ impl FederationService {
             coordinator,
             auth,
             uploads: Arc::new(Semaphore::new(permits)),
+            uploading: Arc::default(),
         }
+    }
+
+    /// The stream's next message, within the idle timeout and the stream's `deadline`.
+    async fn next_chunk(
+        &self,
+        stream: &mut Streaming<pb::UploadChunk>,
+        deadline: Instant,
+    ) -> Result<Option<pb::UploadChunk>, Status> {
+        let idle = self.coordinator.config().upload_idle_timeout;
+        match tokio::time::timeout_at(deadline.min(Instant::now() + idle), stream.message()).await {
+            Ok(next) => next.map_err(|s| self.stream_failed(s)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> Status {
+        let c = self.coordinator.config();
+        self.refuse(FedError::new(
+            Kind::TimedOut,
+            "upload_timeout",
+            format!(
+                "upload too slow: at most {:?} for the header and between chunks, {:?} in all",
+                c.upload_idle_timeout, c.upload_timeout
+            ),
+        ))
+    }
+
+    /// Claims `device`'s one upload in flight.
+    fn claim_upload(&self, device: &DeviceId) -> Result<Uploading, Status> {
+        let mut set = self.uploading.lock().expect("uploading lock");
+        if !set.insert(device.clone()) {
+            return Err(self.refuse(FedError::new(
+                Kind::Duplicate,
+                "upload_in_flight",
+                "this device already has an upload in flight",
+            )));
+        }
+        Ok(Uploading {
+            devices: self.uploading.clone(),
+            device: device.clone(),
+        })
     }
 
     /// Counts a refusal and converts it to a status.
@@ -241,18 +305,11 @@ impl Federation for FederationService {
         &self,
         request: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadReceipt>, Status> {
-        let _permit = self.uploads.acquire().await.map_err(|_| {
-            self.refuse(FedError::new(
-                Kind::Unavailable,
-                "shutting_down",
-                "shutting down",
-            ))
-        })?;
+        let deadline = Instant::now() + self.coordinator.config().upload_timeout;
         let mut stream = request.into_inner();
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| self.stream_failed(s))?
+        let first = self
+            .next_chunk(&mut stream, deadline)
+            .await?
             .ok_or_else(|| self.refuse(FedError::invalid("bad_header", "empty upload stream")))?;
         let Some(pb::upload_chunk::Part::Header(mut header)) = first.part else {
             return Err(self.refuse(FedError::invalid(
@@ -287,9 +344,21 @@ impl Federation for FederationService {
                 },
             )
             .map_err(|e| self.refuse(e))?;
+        // Only now, authenticated and admitted, does the upload take a permit.
+        let _uploading = self.claim_upload(ticket.device())?;
+        let _permit = match tokio::time::timeout_at(deadline, self.uploads.acquire()).await {
+            Ok(permit) => permit.map_err(|_| {
+                self.refuse(FedError::new(
+                    Kind::Unavailable,
+                    "shutting_down",
+                    "shutting down",
+                ))
+            })?,
+            Err(_) => return Err(self.timed_out()),
+        };
         let total = ticket.total_bytes() as usize;
         let mut buf = Vec::with_capacity(total);
-        while let Some(chunk) = stream.message().await.map_err(|s| self.stream_failed(s))? {
+        while let Some(chunk) = self.next_chunk(&mut stream, deadline).await? {
             match chunk.part {
                 Some(pb::upload_chunk::Part::Data(d)) => {
                     if buf.len() + d.len() > total {

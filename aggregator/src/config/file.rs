@@ -67,6 +67,12 @@ pub struct ServerFile {
     pub state_dir: PathBuf,
     #[serde(default = "default_max_concurrent_uploads")]
     pub max_concurrent_uploads: usize,
+    /// Longest wait for an upload's header, and between its chunks.
+    #[serde(default = "default_upload_idle_timeout_s")]
+    pub upload_idle_timeout_s: f64,
+    /// Longest an upload stream may take, header to last chunk.
+    #[serde(default = "default_upload_timeout_s")]
+    pub upload_timeout_s: f64,
     #[serde(default = "default_keep_versions")]
     pub keep_versions: usize,
 }
@@ -80,6 +86,8 @@ impl ServerFile {
             metrics_listen: None,
             state_dir: state_dir.into(),
             max_concurrent_uploads: default_max_concurrent_uploads(),
+            upload_idle_timeout_s: default_upload_idle_timeout_s(),
+            upload_timeout_s: default_upload_timeout_s(),
             keep_versions: default_keep_versions(),
         }
     }
@@ -87,6 +95,12 @@ impl ServerFile {
 
 fn default_max_concurrent_uploads() -> usize {
     8
+}
+fn default_upload_idle_timeout_s() -> f64 {
+    20.0
+}
+fn default_upload_timeout_s() -> f64 {
+    120.0
 }
 fn default_keep_versions() -> usize {
     10

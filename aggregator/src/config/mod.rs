@@ -35,6 +35,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: PathBuf,
     pub max_concurrent_uploads: usize,
+    /// Longest wait for an upload's header, and between its chunks.
+    pub upload_idle_timeout: Duration,
+    /// Longest an upload stream may take.
+    pub upload_timeout: Duration,
     pub keep_versions: usize,
     pub transport: Transport,
     /// SHA-256 digests of the accepted enrollment tokens (tokens themselves are not kept).
@@ -272,12 +276,19 @@ impl Config {
             f.server.keep_versions >= 1,
             "server.keep_versions must be at least 1"
         );
+        let (idle, whole) = (f.server.upload_idle_timeout_s, f.server.upload_timeout_s);
+        ensure!(
+            idle.is_finite() && idle > 0.0 && whole.is_finite() && idle <= whole && whole < 1e7,
+            "server.upload_idle_timeout_s and server.upload_timeout_s must be positive seconds, the idle timeout at most the whole"
+        );
 
         let config = Config {
             listen: f.server.listen,
             metrics_listen: f.server.metrics_listen,
             state_dir: resolve(&f.server.state_dir),
             max_concurrent_uploads: f.server.max_concurrent_uploads,
+            upload_idle_timeout: Duration::from_secs_f64(idle),
+            upload_timeout: Duration::from_secs_f64(whole),
             keep_versions: f.server.keep_versions,
             transport,
             enrollment_token_digests,

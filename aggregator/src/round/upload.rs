@@ -25,6 +25,10 @@ impl UploadTicket {
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
     }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
 }
 
 /// The header fields of an upload.

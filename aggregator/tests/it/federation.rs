@@ -25,6 +25,11 @@ fn model_dir() -> PathBuf {
 
 /// Writes TLS material and a config into `dir`; `rounds` is the `[rounds]` table body.
 pub fn write_config(dir: &Path, rounds: &str, extra: &str) -> PathBuf {
+    write_config_with(dir, "", rounds, extra)
+}
+
+/// The same with more keys in `[server]`.
+pub fn write_config_with(dir: &Path, server: &str, rounds: &str, extra: &str) -> PathBuf {
     let tls = aggregator::tls::generate(&["localhost".into(), "127.0.0.1".into()]).unwrap();
     aggregator::tls::write(&tls, &dir.join("tls")).unwrap();
     let path = dir.join("aggregator.toml");
@@ -35,6 +40,7 @@ pub fn write_config(dir: &Path, rounds: &str, extra: &str) -> PathBuf {
 [server]
 listen = "127.0.0.1:0"
 state_dir = "state"
+{server}
 
 [tls]
 cert = "tls/server.pem"
@@ -613,4 +619,135 @@ fn upload_stream_failures_are_counted_as_refusals() {
         .contains("fedpersona_rejects_total{reason=\"message_too_large\"} 2"));
     // Nothing of it reached the round.
     assert_eq!(h.coordinator.view().reports, 0);
+}
+
+/// Streams that stall, before saying who they are or after an admitted header, hold no
+/// upload for longer than the timeouts and never block an honest device's upload; a device
+/// has one upload in flight at a time.
+#[test]
+fn stalled_uploads_do_not_hold_the_round() {
+    use std::time::Duration;
+    use tokio_stream::StreamExt;
+    type Pending = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<pb::UploadReceipt, tonic::Status>> + Send>,
+    >;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_with(
+        dir.path(),
+        "max_concurrent_uploads = 2\nupload_idle_timeout_s = 2\nupload_timeout_s = 60",
+        "cohort_size = 3\nmin_reports = 3\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[update]\nclip_norm = 1.0\nencoding = \"f32\"",
+    );
+    let srv = Server::start(&cfg);
+    let h = &srv.handle;
+    let (a, b, c) = (srv.device(), srv.device(), srv.device());
+    let (ta, tb, tc) = (srv.task(&a), srv.task(&b), srv.task(&c));
+    let bytes = delta(h, 1e-3, Encoding::F32);
+    let header = |s: &Signer, round: u64| {
+        let mut header = pb::UploadHeader {
+            auth: None,
+            round,
+            upload_nonce: s.nonce().to_vec(),
+            total_bytes: bytes.len() as u64,
+            sha256: ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .to_vec(),
+            num_examples: 10,
+            train_loss: 0.0,
+        };
+        header.auth = Some(s.auth("UploadUpdate", &header));
+        pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Header(header)),
+        }
+    };
+    let within = |what: &str, secs: u64, f: Pending| {
+        srv.rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(secs), f).await })
+            .unwrap_or_else(|_| panic!("{what} got no answer in {secs} s"))
+    };
+    let whole = |s: &Signer, round: u64| {
+        let mut parts = vec![header(s, round)];
+        parts.extend(bytes.chunks(4096).map(|d| pb::UploadChunk {
+            part: Some(pb::upload_chunk::Part::Data(d.to_vec())),
+        }));
+        parts
+    };
+    // Four times the permits of streams that never send their header.
+    let silent: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = FederationClient::new(srv.channel());
+            srv.rt.spawn(async move {
+                client
+                    .upload_update(tokio_stream::pending::<pb::UploadChunk>())
+                    .await
+                    .map(|r| r.into_inner())
+            })
+        })
+        .collect();
+    // Device b: an admitted header, then nothing.
+    let stalled = {
+        let mut client = FederationClient::new(srv.channel());
+        let parts = tokio_stream::iter(vec![header(&b, tb.round)]).chain(tokio_stream::pending());
+        srv.rt
+            .spawn(async move { client.upload_update(parts).await.map(|r| r.into_inner()) })
+    };
+    // Device a's honest upload goes through while they are all open.
+    let honest = {
+        let mut client = FederationClient::new(srv.channel());
+        let parts = whole(&a, ta.round);
+        Box::pin(async move {
+            client
+                .upload_update(tokio_stream::iter(parts))
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
+    assert_eq!(within("a's honest upload", 20, honest).unwrap().reports, 1);
+    // While b's stalled upload is in flight, b's second one is refused.
+    let second = {
+        let mut client = FederationClient::new(srv.channel());
+        let parts = whole(&b, tb.round);
+        Box::pin(async move {
+            client
+                .upload_update(tokio_stream::iter(parts))
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
+    let refused = within("b's second upload", 20, second);
+    // (Unless b's stalled stream already timed out: then the second one is b's report.)
+    match refused {
+        Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        Ok(r) => assert_eq!(r.reports, 2),
+    }
+    // Every stalled stream ends by the idle timeout, refused as too slow.
+    for s in silent.into_iter().chain([stalled]) {
+        let out = srv
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), s).await })
+            .expect("a stalled stream is cut by the timeout")
+            .unwrap();
+        assert_eq!(out.unwrap_err().code(), Code::DeadlineExceeded);
+    }
+    assert_eq!(h.coordinator.metrics().rejects("upload_timeout"), 9);
+    // Its claim released, b uploads (if its second try was refused), and so does c.
+    if h.coordinator.view().reports < 2 {
+        let b_upload = {
+            let mut client = FederationClient::new(srv.channel());
+            let parts = whole(&b, tb.round);
+            Box::pin(async move {
+                client
+                    .upload_update(tokio_stream::iter(parts))
+                    .await
+                    .map(|r| r.into_inner())
+            })
+        };
+        assert_eq!(within("b's upload", 20, b_upload).unwrap().reports, 2);
+    }
+    assert_eq!(
+        srv.upload(Upload::new(&c, tc.round, bytes))
+            .unwrap()
+            .reports,
+        3
+    );
 }
