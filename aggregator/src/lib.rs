@@ -7,6 +7,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod meta;
 pub mod metrics;

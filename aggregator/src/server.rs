@@ -3,11 +3,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use fedpersona_proto::v1::federation_server::FederationServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::auth::Authenticator;
@@ -84,13 +84,27 @@ pub async fn run(
     let federation = FederationServer::new(FederationService::new(coordinator.clone(), auth))
         .max_decoding_message_size(max_message);
 
-    let mut builder = Server::builder();
+    // Connections that hold resources and say nothing are closed: a TLS handshake has its
+    // timeout, an HTTP/2 connection answers keep-alive pings, and every connection is
+    // recycled after an hour (its streams get the upload timeout's grace to finish).
+    let limits = &config.connections;
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_connection_age(Duration::from_secs(3600))
+        .max_connection_age_grace(config.upload_timeout);
     if let Transport::Tls { cert_pem, key_pem } = &config.transport {
         builder = builder
-            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
+            .tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(cert_pem, key_pem))
+                    .timeout(limits.handshake_timeout),
+            )
             .context("TLS configuration")?;
     }
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = crate::connections::incoming(listener, limits.max_connections);
     let served = builder
         .add_service(health_service)
         .add_service(reflection)

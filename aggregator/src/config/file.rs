@@ -75,6 +75,15 @@ pub struct ServerFile {
     pub upload_timeout_s: f64,
     #[serde(default = "default_keep_versions")]
     pub keep_versions: usize,
+    /// TCP connections open at once; more wait in the listen backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest a TLS handshake may take.
+    #[serde(default = "default_handshake_timeout_s")]
+    pub handshake_timeout_s: f64,
+    /// HTTP/2 streams (calls) open at once on one connection.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
 }
 
 impl ServerFile {
@@ -89,6 +98,9 @@ impl ServerFile {
             upload_idle_timeout_s: default_upload_idle_timeout_s(),
             upload_timeout_s: default_upload_timeout_s(),
             keep_versions: default_keep_versions(),
+            max_connections: default_max_connections(),
+            handshake_timeout_s: default_handshake_timeout_s(),
+            max_streams_per_connection: default_max_streams_per_connection(),
         }
     }
 }
@@ -101,6 +113,15 @@ fn default_upload_idle_timeout_s() -> f64 {
 }
 fn default_upload_timeout_s() -> f64 {
     120.0
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_handshake_timeout_s() -> f64 {
+    10.0
+}
+fn default_max_streams_per_connection() -> u32 {
+    64
 }
 fn default_keep_versions() -> usize {
     10

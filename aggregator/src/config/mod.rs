@@ -28,6 +28,14 @@ pub use policy::{
 };
 pub use snr::MIN_EXPECTED_SNR;
 
+/// What one client can hold of the server: connections, handshake time, streams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub max_streams_per_connection: u32,
+}
+
 /// A validated `serve` configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,6 +48,7 @@ pub struct Config {
     /// Longest an upload stream may take.
     pub upload_timeout: Duration,
     pub keep_versions: usize,
+    pub connections: ConnectionLimits,
     pub transport: Transport,
     /// SHA-256 digests of the accepted enrollment tokens (tokens themselves are not kept).
     pub enrollment_token_digests: Vec<[u8; 32]>,
@@ -276,6 +285,19 @@ impl Config {
             f.server.keep_versions >= 1,
             "server.keep_versions must be at least 1"
         );
+        ensure!(
+            f.server.max_connections >= 1,
+            "server.max_connections must be at least 1"
+        );
+        ensure!(
+            f.server.max_streams_per_connection >= 1,
+            "server.max_streams_per_connection must be at least 1"
+        );
+        let handshake = f.server.handshake_timeout_s;
+        ensure!(
+            handshake.is_finite() && handshake > 0.0 && handshake < 1e7,
+            "server.handshake_timeout_s must be a positive number of seconds"
+        );
         let (idle, whole) = (f.server.upload_idle_timeout_s, f.server.upload_timeout_s);
         ensure!(
             idle.is_finite() && idle > 0.0 && whole.is_finite() && idle <= whole && whole < 1e7,
@@ -290,6 +312,11 @@ impl Config {
             upload_idle_timeout: Duration::from_secs_f64(idle),
             upload_timeout: Duration::from_secs_f64(whole),
             keep_versions: f.server.keep_versions,
+            connections: ConnectionLimits {
+                max_connections: f.server.max_connections,
+                handshake_timeout: Duration::from_secs_f64(handshake),
+                max_streams_per_connection: f.server.max_streams_per_connection,
+            },
             transport,
             enrollment_token_digests,
             model,

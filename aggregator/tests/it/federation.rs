@@ -751,3 +751,47 @@ fn stalled_uploads_do_not_hold_the_round() {
         3
     );
 }
+
+/// Connections that open and say nothing (no TLS handshake) are closed by the handshake
+/// timeout, and beyond `max_connections` they wait in the backlog: a flood of them leaves
+/// the server reachable.
+#[test]
+fn idle_connections_are_closed_and_capped() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_with(
+        dir.path(),
+        "max_connections = 4\nhandshake_timeout_s = 1",
+        "cohort_size = 2\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "",
+    );
+    let srv = Server::start(&cfg);
+    // Twice the cap of sockets that never start TLS.
+    let idle: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    // Each is closed by the server (EOF or reset) once its handshake time is up; a socket
+    // left open would block this read until the guard below.
+    let readers: Vec<_> = idle
+        .into_iter()
+        .map(|mut s| {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                match s.read(&mut byte) {
+                    Ok(0) => Ok(()),
+                    Ok(_) => Err("the server sent bytes to a silent client".to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                    Err(e) => Err(format!("not closed: {e}")),
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap().unwrap();
+    }
+    // The server still takes a device.
+    let a = srv.device();
+    srv.task(&a);
+}
