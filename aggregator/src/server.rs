@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::round::Coordinator;
 use crate::service::FederationService;
 use crate::store::Store;
+use crate::versions::Versions;
 
 /// Path of the journal inside the state folder.
 pub fn journal_path(config: &Config) -> std::path::PathBuf {
@@ -29,11 +30,66 @@ pub struct Handle {
     pub coordinator: Arc<Coordinator>,
 }
 
-/// Recovers state and builds the round logic (no sockets).
+/// Recovers state and builds the round logic (no sockets). The journal holds the privacy
+/// ledger, so a journal that is missing, empty, damaged, stripped of ledger rows or behind
+/// the adapter versions on disk is refused with what to do, and nothing is written.
 pub fn start(config: Config) -> anyhow::Result<Handle> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    let store = Arc::new(Store::open(&journal_path(&config)).context("opening the journal")?);
+    let journal = journal_path(&config);
+    let versions = Versions::new(
+        &config.state_dir,
+        config.model.clone(),
+        config.adapter.clone(),
+    );
+    let on_disk = versions
+        .newest_on_disk()
+        .context("listing the adapter versions")?;
+    let empty = std::fs::metadata(&journal).map_or(true, |m| m.len() == 0);
+    if let (true, Some(newest)) = (empty, on_disk) {
+        anyhow::bail!(
+            "the journal {} is missing or empty, but adapter versions up to {newest} are in {}: \
+             starting afresh would reset the privacy ledger (ε back to 0) under a federation \
+             that already released updates. Restore the journal (with its -wal file) from a \
+             backup, or, to start a new federation on purpose, move the state folder away",
+            journal.display(),
+            config.state_dir.join("adapters").display()
+        );
+    }
+    let store = Arc::new(Store::open(&journal).context("opening the journal")?);
+    let refuse = |what: String| {
+        anyhow::anyhow!(
+            "the journal {} {what}: it holds the privacy ledger, so the aggregator will not \
+             serve from it. Restore it (with its -wal file) from a backup",
+            journal.display()
+        )
+    };
+    if let Some(found) = store.integrity_problems().context("checking the journal")? {
+        return Err(refuse(format!("fails SQLite's integrity check ({found})")));
+    }
+    if config.privacy.mode != crate::config::PrivacyMode::None {
+        let uncharged = store
+            .rounds_without_charge()
+            .context("checking the journal")?;
+        if uncharged > 0 {
+            return Err(refuse(format!(
+                "has {uncharged} rounds without a privacy-ledger row (deleted, or run \
+                 without DP: a private federation needs a state folder of its own)"
+            )));
+        }
+    }
+    let latest = store.latest_version().context("reading the journal")?;
+    // A crash between writing a version's folder and committing it leaves one orphan; more
+    // than one version ahead means the journal lost committed rounds.
+    if let Some(newest) = on_disk {
+        let latest = latest.unwrap_or(0);
+        if newest > latest + 1 {
+            return Err(refuse(format!(
+                "ends at adapter version {latest}, but versions up to {newest} are on disk \
+                 (rolled back, or replaced by an older copy)"
+            )));
+        }
+    }
     let coordinator = Arc::new(Coordinator::start(Arc::new(config), store, Metrics::new())?);
     Ok(Handle { coordinator })
 }

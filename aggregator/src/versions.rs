@@ -195,6 +195,24 @@ impl Versions {
         ))
     }
 
+    /// The newest version folder on disk (complete or not yet committed), if any.
+    pub fn newest_on_disk(&self) -> std::io::Result<Option<u64>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            other => other?,
+        };
+        let mut newest = None;
+        for e in entries {
+            let name = e?.file_name();
+            let version = name
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.parse::<u64>().ok());
+            newest = newest.max(version);
+        }
+        Ok(newest)
+    }
+
     /// Deletes a version's folder (pruning old versions).
     pub fn remove(&self, version: u64) -> std::io::Result<()> {
         match std::fs::remove_dir_all(self.path(version)) {

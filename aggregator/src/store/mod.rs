@@ -140,6 +140,35 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// SQLite's own check of every page and index (`PRAGMA integrity_check`): None when the
+    /// journal is sound, else what it found (its first lines).
+    pub fn integrity_problems(&self) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("PRAGMA integrity_check(8)")?;
+        let found: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        Ok((found != ["ok"]).then(|| found.join("; ")))
+    }
+
+    /// The newest committed adapter version, if any.
+    pub fn latest_version(&self) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> =
+            self.conn()
+                .query_row("SELECT MAX(version) FROM versions", [], |r| r.get(0))?;
+        Ok(v.map(|v| v as u64))
+    }
+
+    /// Rounds the journal opened without charging them to the privacy ledger.
+    pub fn rounds_without_charge(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT count(*) FROM rounds WHERE id NOT IN (SELECT round FROM privacy_ledger)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
+
     /// Marks rounds left open by a crash as abandoned and reports where to resume.
     pub fn recover(&self, now_ms: i64) -> Result<Recovered, StoreError> {
         let mut conn = self.conn();

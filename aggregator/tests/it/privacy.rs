@@ -1,6 +1,9 @@
 //! Differential privacy at the aggregator over gRPC: central noise on the committed sum, a
 //! hard budget that stops rounds before they start, and a ledger that survives restarts.
 
+use std::path::Path;
+
+use aggregator::config::Config;
 use aggregator::round::RoundPhase;
 use fedpersona_privacy::accountant::Method;
 use fedpersona_privacy::codec::Encoding;
@@ -369,4 +372,134 @@ fn secure_rounds_refuse_plain_uploads_and_unsigned_adverts() {
     );
     assert_eq!(h.coordinator.store().summary().unwrap().uploads, 0);
     assert_eq!(h.coordinator.view().phase, RoundPhase::Open);
+}
+
+/// Copies a folder tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The journal holds the privacy ledger: a journal that is gone, emptied, damaged, stripped
+/// of its ledger rows or behind the adapter versions on disk is refused at start with what
+/// to do, and nothing is written; the intact state starts as before.
+#[test]
+fn a_lost_or_tampered_journal_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    write_config(
+        &good,
+        "sampling = \"poisson\"\ncohort_size = 2\nmin_reports = 2\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "[update]\nclip_norm = 0.01\nencoding = \"f32\"\n\
+         [privacy]\nmode = \"central\"\nnoise_multiplier = 1.0\npopulation = 200\n\
+         epsilon_budget = 50\ndelta = 1e-5\nallow_low_snr = true",
+    );
+    let start = |root: &Path| {
+        Config::load(&root.join("aggregator.toml")).and_then(aggregator::server::start)
+    };
+    // Round 1 opens, charged, on version 0.
+    drop(start(&good).unwrap());
+    // Each case on its own copy of that state.
+    let case = |name: &str, damage: &dyn Fn(&Path)| -> anyhow::Error {
+        let root = dir.path().join(name);
+        copy_tree(&good, &root);
+        let state = root.join("state");
+        damage(&state);
+        let before: Vec<(std::path::PathBuf, Vec<u8>)> = ["journal.sqlite", "journal.sqlite-wal"]
+            .iter()
+            .map(|f| state.join(f))
+            .filter(|p| p.exists())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        let err = start(&root)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: started"));
+        for (p, bytes) in before {
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                bytes,
+                "{name}: {} changed",
+                p.display()
+            );
+        }
+        err
+    };
+    let says = |e: anyhow::Error, what: &str| {
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(what) && msg.contains("journal.sqlite"),
+            "{msg}"
+        );
+    };
+    let journal_files = |state: &Path| {
+        ["journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"].map(|f| state.join(f))
+    };
+    says(
+        case("deleted", &|s| {
+            for f in journal_files(s) {
+                let _ = std::fs::remove_file(f);
+            }
+        }),
+        "missing or empty",
+    );
+    assert!(!dir.path().join("deleted/state/journal.sqlite").exists());
+    says(
+        case("emptied", &|s| {
+            for f in journal_files(s) {
+                let _ = std::fs::remove_file(&f);
+            }
+            std::fs::write(s.join("journal.sqlite"), b"").unwrap();
+        }),
+        "missing or empty",
+    );
+    says(
+        case("ledger", &|s| {
+            rusqlite::Connection::open(s.join("journal.sqlite"))
+                .unwrap()
+                .execute("DELETE FROM privacy_ledger", [])
+                .unwrap();
+        }),
+        "without a privacy-ledger row",
+    );
+    says(
+        case("ahead", &|s| {
+            copy_tree(&s.join("adapters/v000000"), &s.join("adapters/v000003"));
+        }),
+        "versions up to 3",
+    );
+    says(
+        case("garbled", &|s| {
+            let path = s.join("journal.sqlite");
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+            drop(c);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let page = 4096;
+            assert!(bytes.len() >= 4 * page, "{} bytes", bytes.len());
+            bytes[2 * page..2 * page + 64].fill(0xa5);
+            std::fs::write(&path, bytes).unwrap();
+        }),
+        "journal",
+    );
+    // One orphan version (a crash between its folder and its commit) is normal.
+    let orphan = dir.path().join("orphan");
+    copy_tree(&good, &orphan);
+    copy_tree(
+        &orphan.join("state/adapters/v000000"),
+        &orphan.join("state/adapters/v000001"),
+    );
+    let h = start(&orphan).unwrap();
+    assert_eq!(h.coordinator.privacy_spent().unwrap().rounds_charged, 2);
+    drop(h);
+    let h = start(&good).unwrap();
+    assert_eq!(h.coordinator.privacy_spent().unwrap().rounds_charged, 2);
 }
