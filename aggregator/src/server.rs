@@ -78,7 +78,10 @@ pub fn start(config: Config) -> anyhow::Result<Handle> {
             )));
         }
     }
-    let latest = store.latest_version().context("reading the journal")?;
+    let latest = store
+        .latest()
+        .context("reading the journal")?
+        .map(|v| v.version);
     // A crash between writing a version's folder and committing it leaves one orphan; more
     // than one version ahead means the journal lost committed rounds.
     if let Some(newest) = on_disk {

@@ -37,6 +37,35 @@ pub struct Published {
     /// `adapter_model.safetensors`.
     pub bytes: Arc<Vec<u8>>,
     pub sha256: [u8; 32],
+    /// [`state_digest`] of the version's folder: what the journal keeps so that no file of
+    /// it (the server optimizer's state included) changes unnoticed.
+    pub state_sha256: [u8; 32],
+}
+
+/// The files of a version's folder, in the order [`state_digest`] covers them.
+const STATE_FILES: [&str; 4] = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "server_optimizer.json",
+    "server_optimizer.safetensors",
+];
+
+/// SHA-256 over every file of a version's folder: each file's name, length and bytes.
+fn state_digest(dir: &Path) -> Result<[u8; 32], VersionError> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for name in STATE_FILES {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| VersionError::Checkpoint(CheckpointError::io(&path, e)))?;
+        ctx.update(name.as_bytes());
+        ctx.update(&(bytes.len() as u64).to_le_bytes());
+        ctx.update(&bytes);
+    }
+    Ok(ctx
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes"))
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -130,17 +159,26 @@ impl Versions {
         Ok(Published {
             version,
             sha256: sha256(&bytes),
+            state_sha256: state_digest(&target)?,
             bytes: Arc::new(bytes),
         })
     }
 
-    /// Loads a committed version, checking its hash against the journal's.
+    /// Loads a committed version, checking its hashes against the journal's (the folder's
+    /// digest where the journal has one).
     pub fn load(
         &self,
         version: u64,
         expected_sha256: &[u8],
+        expected_state_sha256: Option<&[u8]>,
     ) -> Result<(MetaState, Published), VersionError> {
         let dir = self.path(version);
+        let state_sha256 = state_digest(&dir)?;
+        if expected_state_sha256.is_some_and(|want| want != state_sha256.as_slice()) {
+            return Err(VersionError::HashMismatch {
+                path: dir.display().to_string(),
+            });
+        }
         let io = |p: &Path, e| VersionError::Checkpoint(CheckpointError::io(p, e));
         let file = dir.join("adapter_model.safetensors");
         let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
@@ -190,6 +228,7 @@ impl Versions {
             Published {
                 version,
                 sha256: digest,
+                state_sha256,
                 bytes: Arc::new(bytes),
             },
         ))

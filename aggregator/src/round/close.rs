@@ -279,8 +279,13 @@ impl Coordinator {
             next.apply(self.config.meta, &mean)?;
             let version = base_version + 1;
             let published = self.versions.save(version, &next)?;
-            self.store
-                .commit_round(id, version, &published.sha256, now_ms())?;
+            self.store.commit_round(
+                id,
+                version,
+                &published.sha256,
+                &published.state_sha256,
+                now_ms(),
+            )?;
             committed = Some((next, published, Release { round: id, norms }));
             Outcome::Committed {
                 round: id,
@@ -591,7 +596,13 @@ mod tests {
         let versions =
             crate::versions::Versions::new(&cfg.state_dir, cfg.model.clone(), cfg.adapter.clone());
         let published = c.published();
-        let (saved, _) = versions.load(published.version, &published.sha256).unwrap();
+        let (saved, _) = versions
+            .load(
+                published.version,
+                &published.sha256,
+                Some(&published.state_sha256),
+            )
+            .unwrap();
         assert_eq!(saved.clip_norm, Some(next));
     }
 }

@@ -222,18 +222,30 @@ impl Coordinator {
             config.model.clone(),
             config.adapter.clone(),
         );
+        // The latest version is loaded and checked before recovery writes anything: a start
+        // refused for a changed file leaves the journal as it was.
+        let loaded = match store.latest()? {
+            Some(v) => Some(
+                versions
+                    .load(v.version, &v.sha256, v.state_sha256.as_deref())
+                    .with_context(|| format!("loading committed adapter version {}", v.version))?,
+            ),
+            None => None,
+        };
         let rec = store.recover(now_ms())?;
         if !rec.abandoned.is_empty() {
             tracing::warn!(rounds = ?rec.abandoned, "abandoned rounds left open by the previous run; their uploads are discarded");
         }
-        let (meta, published) = match &rec.latest {
-            Some(v) => versions
-                .load(v.version, &v.sha256)
-                .with_context(|| format!("loading committed adapter version {}", v.version))?,
+        let (meta, published) = match loaded {
+            Some(loaded) => loaded,
             None => {
                 let meta = versions.initial()?;
                 let published = versions.save(0, &meta)?;
-                store.record_initial_version(&published.sha256, now_ms())?;
+                store.record_initial_version(
+                    &published.sha256,
+                    &published.state_sha256,
+                    now_ms(),
+                )?;
                 (meta, published)
             }
         };

@@ -75,6 +75,9 @@ pub struct VersionRecord {
     /// The round that produced it (None for the initial adapter).
     pub round: Option<u64>,
     pub sha256: Vec<u8>,
+    /// The digest of every file of the version's folder (None: committed before there was
+    /// one).
+    pub state_sha256: Option<Vec<u8>>,
 }
 
 /// What start-up recovery found.
@@ -94,6 +97,25 @@ pub struct Recovered {
 pub struct Charge {
     pub noise_multiplier: f64,
     pub sampling_rate: f64,
+}
+
+/// The newest row of `versions`.
+fn latest_in(conn: &Connection) -> Result<Option<VersionRecord>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT version, round, sha256, state_sha256 FROM versions
+             ORDER BY version DESC LIMIT 1",
+            [],
+            |r| {
+                Ok(VersionRecord {
+                    version: r.get::<_, i64>(0)? as u64,
+                    round: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    sha256: r.get(2)?,
+                    state_sha256: r.get(3)?,
+                })
+            },
+        )
+        .optional()?)
 }
 
 /// The journal. Calls are short; one connection behind a mutex.
@@ -152,11 +174,8 @@ impl Store {
     }
 
     /// The newest committed adapter version, if any.
-    pub fn latest_version(&self) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> =
-            self.conn()
-                .query_row("SELECT MAX(version) FROM versions", [], |r| r.get(0))?;
-        Ok(v.map(|v| v as u64))
+    pub fn latest(&self) -> Result<Option<VersionRecord>, StoreError> {
+        latest_in(&self.conn())
     }
 
     /// Rounds the journal opened without charging them to the privacy ledger.
@@ -185,19 +204,7 @@ impl Store {
              WHERE state = 'open'",
             params![now_ms],
         )?;
-        let latest = tx
-            .query_row(
-                "SELECT version, round, sha256 FROM versions ORDER BY version DESC LIMIT 1",
-                [],
-                |r| {
-                    Ok(VersionRecord {
-                        version: r.get::<_, i64>(0)? as u64,
-                        round: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
-                        sha256: r.get(2)?,
-                    })
-                },
-            )
-            .optional()?;
+        let latest = latest_in(&tx)?;
         let max_round: Option<i64> =
             tx.query_row("SELECT MAX(id) FROM rounds", [], |r| r.get(0))?;
         let rounds_committed: i64 = tx.query_row(
@@ -215,10 +222,16 @@ impl Store {
     }
 
     /// Records the initial global adapter (version 0).
-    pub fn record_initial_version(&self, sha256: &[u8], now_ms: i64) -> Result<(), StoreError> {
+    pub fn record_initial_version(
+        &self,
+        sha256: &[u8],
+        state_sha256: &[u8],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO versions (version, round, sha256, created_at_ms) VALUES (0, NULL, ?1, ?2)",
-            params![sha256, now_ms],
+            "INSERT INTO versions (version, round, sha256, state_sha256, created_at_ms)
+             VALUES (0, NULL, ?1, ?2, ?3)",
+            params![sha256, state_sha256, now_ms],
         )?;
         Ok(())
     }
@@ -357,6 +370,7 @@ impl Store {
         round: u64,
         version: u64,
         sha256: &[u8],
+        state_sha256: &[u8],
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
@@ -371,8 +385,9 @@ impl Store {
             )));
         }
         tx.execute(
-            "INSERT INTO versions (version, round, sha256, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![version as i64, round as i64, sha256, now_ms],
+            "INSERT INTO versions (version, round, sha256, state_sha256, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![version as i64, round as i64, sha256, state_sha256, now_ms],
         )?;
         tx.commit()?;
         Ok(())
@@ -416,7 +431,7 @@ mod tests {
         let path = dir.path().join("journal.sqlite");
         {
             let s = Store::open(&path).unwrap();
-            s.record_initial_version(&[0; 32], 1).unwrap();
+            s.record_initial_version(&[0; 32], &[9; 32], 1).unwrap();
             assert!(s.enroll("d1", &[1; 32], 1).unwrap());
             assert!(!s.enroll("d2", &[1; 32], 1).unwrap(), "same key twice");
             s.open_round(1, 0, None, 2).unwrap();
@@ -429,7 +444,7 @@ mod tests {
                 s.record_upload(b"n2", 1, "d1", 10, 3).unwrap(),
                 Err(UploadConflict::AlreadyReported)
             );
-            s.commit_round(1, 1, &[1; 32], 4).unwrap();
+            s.commit_round(1, 1, &[1; 32], &[9; 32], 4).unwrap();
             let charge = Charge {
                 noise_multiplier: 1.0,
                 sampling_rate: 0.01,
@@ -454,7 +469,7 @@ mod tests {
         let row = s.round(2).unwrap().unwrap();
         assert_eq!(row.state, RoundState::Abandoned);
         assert!(
-            s.commit_round(2, 2, &[2; 32], 8).is_err(),
+            s.commit_round(2, 2, &[2; 32], &[9; 32], 8).is_err(),
             "abandoned rounds cannot commit"
         );
         assert_eq!(s.summary().unwrap().latest_version, Some(1));

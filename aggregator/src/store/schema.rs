@@ -5,7 +5,7 @@ use rusqlite::Connection;
 
 use super::StoreError;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -51,18 +51,30 @@ CREATE TABLE privacy_ledger (
 );
 ";
 
+/// Version 3: each version's digest over every file of its folder (the adapter, its config
+/// and the server optimizer's state), so no file of a committed version changes unnoticed.
+/// Versions committed before it have none.
+const MIGRATION_3: &str = "
+ALTER TABLE versions ADD COLUMN state_sha256 BLOB;
+";
+
 /// Brings the journal's schema to [`SCHEMA_VERSION`].
 pub(super) fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     match version {
         0 => {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {SCHEMA} {MIGRATION_2} {MIGRATION_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))?;
         }
         1 => {
             conn.execute_batch(&format!(
-                "BEGIN; {MIGRATION_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {MIGRATION_2} {MIGRATION_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))?;
+        }
+        2 => {
+            conn.execute_batch(&format!(
+                "BEGIN; {MIGRATION_3} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))?;
         }
         SCHEMA_VERSION => {}
@@ -98,14 +110,14 @@ mod tests {
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
 
-        let newer = dir.path().join("v3.sqlite");
+        let newer = dir.path().join("v4.sqlite");
         Connection::open(&newer)
             .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         assert!(matches!(
             Store::open(&newer),
-            Err(StoreError::NewerSchema(3))
+            Err(StoreError::NewerSchema(4))
         ));
     }
 }

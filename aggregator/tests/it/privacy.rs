@@ -490,6 +490,20 @@ fn a_lost_or_tampered_journal_is_refused_at_start() {
         }),
         "journal",
     );
+    // Any file of a committed version, the server optimizer's state included.
+    for file in ["server_optimizer.json", "adapter_config.json"] {
+        let e = case(file, &|s| {
+            let path = s.join("adapters/v000000").join(file);
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push(' ');
+            std::fs::write(&path, text).unwrap();
+        });
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("SHA-256 differs") && msg.contains("v000000"),
+            "{msg}"
+        );
+    }
     // One orphan version (a crash between its folder and its commit) is normal.
     let orphan = dir.path().join("orphan");
     copy_tree(&good, &orphan);
