@@ -127,10 +127,25 @@ pub async fn run(
     health_reporter
         .set_serving::<FederationServer<FederationService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(fedpersona_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both protocol versions (grpcurl and many deployed tools speak only
+    // v1alpha), advertising only the services served here: the contract's descriptor set
+    // also holds the device's local API.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(fedpersona_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(
+                <FederationServer<FederationService> as tonic::server::NamedService>::NAME,
+            )
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .context("building the reflection service")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .context("building the reflection service")?;
 
     // Upload chunks are at most `chunk_bytes`, a masked input 4 bytes a value; leave room for
@@ -166,7 +181,8 @@ pub async fn run(
     let incoming = crate::connections::incoming(listener, limits.max_connections);
     let served = builder
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(federation)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

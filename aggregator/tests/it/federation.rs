@@ -795,3 +795,71 @@ fn idle_connections_are_closed_and_capped() {
     let a = srv.device();
     srv.task(&a);
 }
+
+/// Server reflection answers in both protocol versions (grpcurl and many tools speak only
+/// v1alpha) and lists exactly the services this server runs.
+#[test]
+fn reflection_lists_the_served_services_in_both_versions() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "",
+    );
+    let srv = Server::start(&cfg);
+    let want = [
+        "fedpersona.v1.Federation",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let v1_names = srv.rt.block_on(async {
+        let mut c = v1::server_reflection_client::ServerReflectionClient::new(srv.channel());
+        let req = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut answers = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().message_response {
+            Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    let alpha_names = srv.rt.block_on(async {
+        let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(srv.channel());
+        let req = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        };
+        let mut answers = c
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await.unwrap().unwrap().message_response {
+            Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    for names in [v1_names, alpha_names] {
+        let mut names = names;
+        names.sort();
+        assert_eq!(
+            names, want,
+            "no local API, which this server does not serve"
+        );
+    }
+}

@@ -32,15 +32,27 @@ pub fn init_logging() {
     init_logging_with("info");
 }
 
-/// Logs to stderr, filtered by `RUST_LOG`, else by `default` (an `EnvFilter` directive).
+/// Logs to stderr, filtered by `RUST_LOG`, else by `default` (an `EnvFilter` directive). In
+/// colour only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>): logs
+/// written to files or journald stay plain text.
 pub fn init_logging_with(default: &str) {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .init();
+}
+
+/// Whether logs use colour: on a terminal, unless `NO_COLOR` is set to anything non-empty.
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Chooses how many threads candle's kernels use; `RAYON_NUM_THREADS` wins when set. Must run
@@ -72,4 +84,20 @@ fn status_mb(field: &str) -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(super::colour(true, None));
+        assert!(super::colour(true, Some(OsStr::new(""))));
+        assert!(!super::colour(true, Some(OsStr::new("1"))));
+        assert!(
+            !super::colour(false, None),
+            "a file or journald gets plain text"
+        );
+    }
 }

@@ -322,6 +322,11 @@ fn ctrl_c_stops_cleanly_with_a_partial_report() {
     let o = child.wait_with_output().unwrap();
     let rest = drain.join().unwrap();
     assert!(o.status.success(), "{rest}");
+    // Logs into a pipe (a file, journald) are plain text: no terminal colour codes.
+    assert!(
+        !rest.contains('\u{1b}') && !line.contains('\u{1b}'),
+        "ANSI escapes in piped logs: {rest}"
+    );
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["complete"], false);
