@@ -24,8 +24,10 @@ pub use status::{RoundRow, Summary};
 /// Errors from the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// (The cause is in the message, not the error's source: a chain printed with `{:#}`
+    /// would say it twice.)
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(rusqlite::Error),
     #[error("database schema version {0} is newer than this aggregator understands")]
     NewerSchema(i64),
     #[error("journal is inconsistent: {0}")]
@@ -65,6 +67,12 @@ impl RoundState {
             "abandoned" => RoundState::Abandoned,
             _ => return None,
         })
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(e)
     }
 }
 

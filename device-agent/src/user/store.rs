@@ -21,8 +21,10 @@ const KEY_LEN: usize = 32;
 /// Errors of the interaction store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// (The cause is in the message, not the error's source: a chain printed with `{:#}`
+    /// would say it twice.)
     #[error("interaction store: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
     #[error("interaction store key {path}: {message}")]
     Key { path: String, message: String },
     #[error("interaction {id} failed its integrity check (tampered or corrupted, or another key)")]
@@ -33,11 +35,14 @@ pub enum StoreError {
     Invalid(String),
     #[error("the system random source failed")]
     Random,
-    #[error("interaction store {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("interaction store {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sql(e)
+    }
 }
 
 /// What the user said about a suggestion.
@@ -214,7 +219,7 @@ fn make_private(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let io = |p: &Path| {
         let path = p.display().to_string();
-        move |source| StoreError::Io { path, source }
+        move |cause| StoreError::Io { path, cause }
     };
     std::fs::OpenOptions::new()
         .write(true)

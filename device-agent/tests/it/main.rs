@@ -40,6 +40,12 @@ fn fails(out: Output, needle: &str) {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+    // The error chain names each cause once (a message that embeds its source, printed
+    // with the chain, would say it twice).
+    let parts: Vec<&str> = err.trim().split(": ").filter(|p| p.len() >= 8).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{err:?} repeats {p:?}");
+    }
 }
 
 #[test]

@@ -15,11 +15,10 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 /// Errors from reading or writing checkpoint files.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// (Causes are in the messages, not the errors' sources: a chain printed with `{:#}`
+    /// would say them twice.)
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("{path} is not a valid safetensors file: {message}")]
     Corrupt { path: String, message: String },
     #[error("{0} holds no model.safetensors (nor a sharded index)")]
@@ -28,15 +27,15 @@ pub enum CheckpointError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("{path}: {source}")]
-    Model { path: String, source: ModelError },
+    #[error("{path}: {cause}")]
+    Model { path: String, cause: ModelError },
 }
 
 impl CheckpointError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         CheckpointError::Io {
             path: path.display().to_string(),
-            source,
+            cause: source,
         }
     }
 }
@@ -157,9 +156,9 @@ impl BaseModel {
         }
         let tokenizer = Tokenizer::for_model_dir(dir, cfg.vocab_size)?;
         let model =
-            Llama::from_tensors(cfg, tensors, device).map_err(|source| CheckpointError::Model {
+            Llama::from_tensors(cfg, tensors, device).map_err(|cause| CheckpointError::Model {
                 path: dir.display().to_string(),
-                source,
+                cause,
             })?;
         Ok(BaseModel { model, tokenizer })
     }
@@ -204,7 +203,7 @@ pub fn save_model(dir: &Path, model: &Llama, dtype: DType) -> Result<(), Checkpo
         .collect::<Result<Vec<_>, candle_core::Error>>()
         .map_err(|e| CheckpointError::Model {
             path: dir.display().to_string(),
-            source: e.into(),
+            cause: e.into(),
         })?;
     save_safetensors(&dir.join("model.safetensors"), &tensors)?;
     let json = serde_json::to_vec_pretty(&cfg).expect("json value serializes");

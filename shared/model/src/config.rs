@@ -7,15 +7,14 @@ use serde::{Deserialize, Serialize};
 /// Errors from reading or validating a model configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid model config: {source}")]
+    /// (Causes are in the messages, not the errors' sources: a chain printed with `{:#}`
+    /// would say them twice.)
+    #[error("cannot read {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
+    #[error("{path} is not a valid model config: {cause}")]
     Parse {
         path: String,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("invalid model config: {0}")]
     Invalid(String),
@@ -134,23 +133,23 @@ impl LlamaConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            cause,
         })?;
         Self::from_json(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { cause, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
-                source,
+                cause,
             },
             other => other,
         })
     }
 
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|cause| ConfigError::Parse {
             path: "config".to_string(),
-            source,
+            cause,
         })?;
         Self::validate(raw)
     }

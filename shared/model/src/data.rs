@@ -10,11 +10,10 @@ use crate::train::Example;
 /// Errors from reading data files.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// (The cause is in the message, not the error's source: a chain printed with `{:#}`
+    /// would say it twice.)
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("{path} line {line}: {message}")]
     BadLine {
         path: String,
@@ -28,7 +27,7 @@ pub enum DataError {
 fn io(path: &Path, source: std::io::Error) -> DataError {
     DataError::Io {
         path: path.display().to_string(),
-        source,
+        cause: source,
     }
 }
 

@@ -52,8 +52,16 @@ pub enum PrivacyError {
         "quantization granularity {granularity} does not fit clip norm {clip_norm} in 31 bits"
     )]
     BadGranularity { granularity: f64, clip_norm: f64 },
+    /// (The cause is in the message, not the error's source: a chain printed with `{:#}`
+    /// would say it twice.)
     #[error("noise: {0}")]
-    Noise(#[from] NoiseError),
+    Noise(NoiseError),
+}
+
+impl From<NoiseError> for PrivacyError {
+    fn from(e: NoiseError) -> Self {
+        PrivacyError::Noise(e)
+    }
 }
 
 /// An encoded update ready to upload. Without noise its decoded L2 norm is at most the clip
