@@ -1,7 +1,7 @@
 //! `device-agent train`: fits a LoRA adapter to the user's own text on the frozen base model
 //! and writes it in the PEFT layout.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -78,6 +78,34 @@ pub fn resolve_seq_len(flag: Option<usize>, base: &BaseModel) -> anyhow::Result<
     Ok(seq_len)
 }
 
+/// Whether `out` can be written as a folder: it is one, or its nearest existing ancestor is
+/// a folder a file can be created in. Creates nothing that stays.
+fn check_writable(out: &Path) -> anyhow::Result<()> {
+    let refuse = |why: &str| anyhow::anyhow!("--out {}: {why}", out.display());
+    let mut at = out;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(refuse(&format!("{} is not a folder", at.display()))),
+            Err(_) => match at.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) => at = parent,
+                None => {
+                    at = Path::new(".");
+                    break;
+                }
+            },
+        }
+    }
+    let probe = at.join(format!(".fedpersona-write-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| refuse(&format!("cannot write in {}: {e}", at.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     if !(0.0..1.0).contains(&args.holdout) {
         bail!("--holdout must be in [0, 1)");
@@ -88,6 +116,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainSummary> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be positive");
     }
+    // Refused before any training: minutes of work must not end in an unwritable folder.
+    check_writable(&args.out)?;
     let base_dir = args
         .base
         .clone()

@@ -229,4 +229,23 @@ fn bad_input_is_one_clear_line_and_exit_2() {
     );
     let out = bin().args(["train", "--steps", "nope"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // An --out that cannot be written is refused before training (here: under a file),
+    // and nothing is written.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    fails(
+        bin()
+            .args(["train", "--steps", "50", "--base"])
+            .arg(fixture())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(blocker.join("adapter"))
+            .output()
+            .unwrap(),
+        "is not a folder",
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), before.len());
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"x");
 }
