@@ -5,9 +5,12 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
+
+/// What a check-in can be answered: a task, come back later, or draw yourself in.
+pub const CHECKIN_ANSWERS: [&str; 3] = ["task", "later", "sample"];
 
 /// The aggregator's metrics, in a registry of their own (several aggregators may share a
 /// process in tests and simulations).
@@ -94,6 +97,22 @@ impl Metrics {
              (+Inf without DP)",
         )
         .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; the running aggregator's version"),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Every label of the fixed sets exists from the start, so a rate over them is defined
+        // before the first event.
+        for outcome in ["committed", "abandoned"] {
+            rounds.with_label_values(&[outcome]);
+        }
+        for answer in CHECKIN_ANSWERS {
+            checkins.with_label_values(&[answer]);
+        }
         for c in [
             Box::new(rounds.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reports.clone()),
@@ -109,6 +128,7 @@ impl Metrics {
             Box::new(update_norm.clone()),
             Box::new(noise_norm_expected.clone()),
             Box::new(snr.clone()),
+            Box::new(build_info),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -174,7 +194,9 @@ impl Metrics {
         self.download_bytes.inc_by(bytes as u64);
     }
 
+    /// Counts a check-in's answer, one of [`CHECKIN_ANSWERS`].
     pub fn checkin(&self, answer: &'static str) {
+        debug_assert!(CHECKIN_ANSWERS.contains(&answer), "{answer}");
         self.checkins.with_label_values(&[answer]).inc();
     }
 
@@ -226,5 +248,29 @@ impl Metrics {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_labels_and_the_build_exist_before_any_event() {
+        let text = Metrics::new().render();
+        for line in [
+            "fedpersona_rounds_total{outcome=\"committed\"} 0",
+            "fedpersona_rounds_total{outcome=\"abandoned\"} 0",
+            "fedpersona_checkins_total{answer=\"task\"} 0",
+            "fedpersona_checkins_total{answer=\"later\"} 0",
+            "fedpersona_checkins_total{answer=\"sample\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let build = format!(
+            "fedpersona_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
     }
 }

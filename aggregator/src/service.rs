@@ -272,7 +272,11 @@ impl Federation for FederationService {
         if published.version != adapter_version {
             return Err(self.refuse(FedError::new(
                 Kind::NotFound,
-                "old_version",
+                if adapter_version < published.version {
+                    "old_version"
+                } else {
+                    "unknown_version"
+                },
                 format!(
                     "adapter version {adapter_version} is not served (current: {})",
                     published.version

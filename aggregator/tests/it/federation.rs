@@ -863,3 +863,34 @@ fn reflection_lists_the_served_services_in_both_versions() {
         );
     }
 }
+
+/// A download of a version the server has not published yet (a newer agent, a typo) is
+/// refused and counted as `unknown_version`, not as an old version.
+#[test]
+fn downloads_of_unknown_versions_are_counted_apart_from_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "cohort_size = 2\nmin_reports = 1\nround_timeout_s = 600\nmin_task_time_s = 1",
+        "",
+    );
+    let srv = Server::start(&cfg);
+    let a = srv.device();
+    let download = |version: u64| {
+        let mut req = pb::DownloadRequest {
+            auth: None,
+            adapter_version: version,
+        };
+        req.auth = Some(a.auth("DownloadAdapter", &req));
+        srv.rt
+            .block_on(FederationClient::new(srv.channel()).download_adapter(req))
+            .map(|_| ())
+    };
+    let e = download(99).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let m = srv.handle.coordinator.metrics();
+    assert_eq!(m.rejects("unknown_version"), 1);
+    assert_eq!(m.rejects("old_version"), 0);
+    // The current version downloads.
+    download(srv.handle.coordinator.view().version).unwrap();
+}
