@@ -81,8 +81,13 @@ impl Coordinator {
         }
         {
             let st = self.lock();
+            // A second report is already done, not out of place: a device resending an upload
+            // whose answer it lost sees ALREADY_EXISTS, as for a replayed nonce.
             self.check_round(&st, &device, h.round)
-                .map_err(|(reason, msg)| wrong(reason, msg))?;
+                .map_err(|(reason, msg)| match reason {
+                    "already_reported" => FedError::new(Kind::Duplicate, reason, msg),
+                    _ => wrong(reason, msg),
+                })?;
         }
         if self.store.nonce_seen(&h.nonce)? {
             return Err(FedError::new(
@@ -307,7 +312,7 @@ mod tests {
         );
         assert_eq!(
             refusal(report(c, &device(1), 1, 2)),
-            (Kind::WrongRound, "already_reported")
+            (Kind::Duplicate, "already_reported")
         );
         // Two uploads begun with one nonce: the journal refuses the second.
         let bytes = update(c, 1e-3);
