@@ -264,10 +264,16 @@ seq_len = 32
             "{s:?}"
         );
     }
+    // The check-in counters exist from the start, every one still at 0.
+    let text = metrics();
+    let checkins: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fedpersona_checkins_total{"))
+        .collect();
+    assert_eq!(checkins.len(), 3, "{text}");
     assert!(
-        !metrics().contains("fedpersona_checkins_total{"),
-        "no check-in without consent:\n{}",
-        metrics()
+        checkins.iter().all(|l| l.ends_with(" 0")),
+        "no check-in without consent:\n{text}"
     );
     assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 0);
 
@@ -279,7 +285,12 @@ seq_len = 32
         "{s:?}"
     );
     assert_eq!(handle.coordinator.store().summary().unwrap().uploads, 1);
-    assert!(metrics().contains("fedpersona_checkins_total{"));
+    let text = metrics();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fedpersona_checkins_total{") && !l.ends_with(" 0")),
+        "with consent the device checked in:\n{text}"
+    );
 }
 
 /// The privacy issue's end-to-end round: four real agents train, clip adaptively, quantize,
