@@ -674,6 +674,16 @@ fn stalled_uploads_do_not_hold_the_round() {
         }));
         parts
     };
+    // One whole upload on a connection of its own.
+    let send = |parts: Vec<pb::UploadChunk>| -> Pending {
+        let mut client = FederationClient::new(srv.channel());
+        Box::pin(async move {
+            client
+                .upload_update(tokio_stream::iter(parts))
+                .await
+                .map(|r| r.into_inner())
+        })
+    };
     // Four times the permits of streams that never send their header.
     let silent: Vec<_> = (0..8)
         .map(|_| {
@@ -694,28 +704,10 @@ fn stalled_uploads_do_not_hold_the_round() {
             .spawn(async move { client.upload_update(parts).await.map(|r| r.into_inner()) })
     };
     // Device a's honest upload goes through while they are all open.
-    let honest = {
-        let mut client = FederationClient::new(srv.channel());
-        let parts = whole(&a, ta.round);
-        Box::pin(async move {
-            client
-                .upload_update(tokio_stream::iter(parts))
-                .await
-                .map(|r| r.into_inner())
-        })
-    };
+    let honest = send(whole(&a, ta.round));
     assert_eq!(within("a's honest upload", 20, honest).unwrap().reports, 1);
     // While b's stalled upload is in flight, b's second one is refused.
-    let second = {
-        let mut client = FederationClient::new(srv.channel());
-        let parts = whole(&b, tb.round);
-        Box::pin(async move {
-            client
-                .upload_update(tokio_stream::iter(parts))
-                .await
-                .map(|r| r.into_inner())
-        })
-    };
+    let second = send(whole(&b, tb.round));
     let refused = within("b's second upload", 20, second);
     // (Unless b's stalled stream already timed out: then the second one is b's report.)
     match refused {
@@ -734,16 +726,7 @@ fn stalled_uploads_do_not_hold_the_round() {
     assert_eq!(h.coordinator.metrics().rejects("upload_timeout"), 9);
     // Its claim released, b uploads (if its second try was refused), and so does c.
     if h.coordinator.view().reports < 2 {
-        let b_upload = {
-            let mut client = FederationClient::new(srv.channel());
-            let parts = whole(&b, tb.round);
-            Box::pin(async move {
-                client
-                    .upload_update(tokio_stream::iter(parts))
-                    .await
-                    .map(|r| r.into_inner())
-            })
-        };
+        let b_upload = send(whole(&b, tb.round));
         assert_eq!(within("b's upload", 20, b_upload).unwrap().reports, 2);
     }
     assert_eq!(
