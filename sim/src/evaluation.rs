@@ -140,6 +140,7 @@ fn adaptive(
     support: &[fedpersona_model::train::Example],
     query: &[Window],
     base_scores: (EvalReport, KeyboardReport),
+    global_scores: (EvalReport, KeyboardReport),
     fs: &FewShot,
 ) -> anyhow::Result<(AdaptiveScores, AdaptiveRun)> {
     use device_agent::adapt::{adapt_on_interactions, RunLimits, Settings};
@@ -151,33 +152,24 @@ fn adaptive(
     let mut adapter = fresh()?;
     let items = replay(base, &adapter.frozen(), support, now_ms)?;
     // The trained adapter as it is, and what the check served in its place.
-    let mut global_scores = None;
-    let mut scores = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
+    let scores = |gate: Option<Gate>, trained: &LoraAdapter| -> anyhow::Result<_> {
         let gate = gate.unwrap_or_else(Gate::unchecked);
         let trained = (
             evaluate(&base.model, Some(trained), &base.tokenizer, query, 16)?,
             keyboard(base, Some(trained), query, fs)?,
         );
-        let mut pick = |served: Served| -> anyhow::Result<(EvalReport, KeyboardReport)> {
-            Ok(match served {
-                Served::Base => base_scores,
-                Served::Global => match global_scores {
-                    Some(r) => r,
-                    None => *global_scores.insert((
-                        evaluate(&base.model, Some(&global), &base.tokenizer, query, 16)?,
-                        keyboard(base, Some(&global), query, fs)?,
-                    )),
-                },
-                Served::Personal => trained,
-            })
+        let pick = |served: Served| match served {
+            Served::Base => base_scores,
+            Served::Global => global_scores,
+            Served::Personal => trained,
         };
-        let (report, keyboard) = pick(gate.served)?;
+        let (report, keyboard) = pick(gate.served);
         let checked = Checked {
             served: gate.served,
             report,
             keyboard,
             lowest_loss: gate.lowest_loss,
-            lowest_loss_report: pick(gate.lowest_loss)?.0,
+            lowest_loss_report: pick(gate.lowest_loss).0,
         };
         Ok((trained, checked))
     };
@@ -293,24 +285,40 @@ pub fn personalize(
         adaptive: None,
     };
     if fs.local_only {
+        // A fresh adapter (B = 0) is the base model: its keyboard figures are base's.
         let fresh = LoraAdapter::new(base.model.config(), fs.lora.clone(), &Device::Cpu)?;
-        let tuned = fine_tune(base, fresh, &train_w, &query_w, &held_w, fs)?;
+        let tuned = fine_tune(
+            base,
+            fresh,
+            Some(base_keyboard),
+            &train_w,
+            &query_w,
+            &held_w,
+            fs,
+        )?;
         scores.add(Curve::LocalOnly, tuned, &base_held, false, fs.steps);
     }
     for (&kind, theta) in starts {
         let adapter =
             LoraAdapter::from_tensors(base.model.config(), fs.lora.clone(), theta, &Device::Cpu)
                 .context("starting adapter")?;
-        let tuned = fine_tune(base, adapter, &train_w, &query_w, &held_w, fs)?;
+        let tuned = fine_tune(base, adapter, None, &train_w, &query_w, &held_w, fs)?;
         scores.add(Curve::From(kind), tuned, &base_held, true, fs.steps);
     }
     if let Some(theta) = starts.get(&FederationKind::Fedavg).filter(|_| fs.adaptive) {
+        // The FedAvg adapter as it is: its curve's start, scored above.
+        let fedavg = Curve::From(FederationKind::Fedavg);
+        let global_scores = (
+            scores.curves[&fedavg][0].1,
+            scores.keyboard[&Point::Start(fedavg)],
+        );
         let (arms, run) = adaptive(
             base,
             theta,
             &support,
             &query_w,
             (base_report, base_keyboard),
+            global_scores,
             fs,
         )?;
         for (curve, ((trained, trained_keyboard), checked)) in [
@@ -390,9 +398,11 @@ struct Tuned {
     held_budget: Vec<f64>,
 }
 
+/// `start_keyboard`: the start's keyboard figures where they are already known.
 fn fine_tune(
     base: &BaseModel,
     adapter: LoraAdapter,
+    start_keyboard: Option<KeyboardReport>,
     train: &[Window],
     query: &[Window],
     held: &[Window],
@@ -402,7 +412,10 @@ fn fine_tune(
     let score = |a: &LoraAdapter| evaluate(&base.model, Some(a), &base.tokenizer, query, 16);
     let mut curve = vec![(0, score(&adapter)?)];
     let held_start = window_losses(base, Some(&adapter), held)?;
-    let keyboard_start = keyboard(base, Some(&adapter), query, fs)?;
+    let keyboard_start = match start_keyboard {
+        Some(k) => k,
+        None => keyboard(base, Some(&adapter), query, fs)?,
+    };
     let (mut held_budget, mut keyboard_budget) = if fs.steps == 0 {
         (held_start.clone(), keyboard_start)
     } else {
@@ -607,7 +620,23 @@ mod tests {
             evaluate(&base.model, None, &base.tokenizer, &query, 16).unwrap(),
             keyboard(&base, None, &query, &fs).unwrap(),
         );
-        let (arms, run) = adaptive(&base, &start, &support, &query, base_scores, &fs).unwrap();
+        let as_started =
+            LoraAdapter::from_tensors(base.model.config(), lora.clone(), &start, &Device::Cpu)
+                .unwrap();
+        let global_scores = (
+            evaluate(&base.model, Some(&as_started), &base.tokenizer, &query, 16).unwrap(),
+            keyboard(&base, Some(&as_started), &query, &fs).unwrap(),
+        );
+        let (arms, run) = adaptive(
+            &base,
+            &start,
+            &support,
+            &query,
+            base_scores,
+            global_scores,
+            &fs,
+        )
+        .unwrap();
         let report = arms.plain.1.report;
 
         // What the local API would run on the same interactions, with the same seed.
